@@ -142,6 +142,8 @@ def build_extensions():
                 cxx += ["-idirafter", d]
                 nvcc += ["-isystem", d]
         extra["nvcc"] = nvcc
+        define_macros.append(("MVFAST_CUDA_ARCHS", '"' + os.environ["TORCH_CUDA_ARCH_LIST"].replace(" ", ",").replace(";", ",") + '"'))
+        define_macros.append(("MVFAST_CUDA_VERSION", f'"{torch.version.cuda}"'))
         log(
             f"building CPU and CUDA kernels: CUDA_HOME={cuda_home}, torch CUDA {torch.version.cuda}, "
             f"archs {os.environ['TORCH_CUDA_ARCH_LIST']}"

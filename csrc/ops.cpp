@@ -1,0 +1,40 @@
+// Schemas of every compiled mvfast op, in one place. The CPU kernels (csrc/cpu/) and the CUDA kernels
+// (csrc/cuda/) each add their implementations with TORCH_LIBRARY_IMPL; autograd and fake (meta)
+// kernels are registered from Python (mvfast/ops/), as in pytorch/extension-cpp.
+//
+// These are the raw kernels without autograd. The public ops (mvfast::netvlad, ...) are Python custom
+// ops that pick a backend and call these.
+#include <Python.h>
+#include <torch/library.h>
+
+TORCH_LIBRARY(mvfast, m) {
+  // netvlad (see mvfast/ops/netvlad.py). Returns (out, assign, vlad):
+  //   out    (B, K*D) normalised or (B, K, D), in x's dtype
+  //   assign (B, M, K+G) float32 soft assignment (0 on masked rows), saved for backward
+  //   vlad   (B, K, D) float32 aggregated residuals before normalisation, saved for backward
+  m.def(
+      "netvlad_fwd(Tensor x, Tensor weight, Tensor? bias, Tensor centroids, Tensor? mask, "
+      "int ghost_clusters, bool normalize) -> (Tensor, Tensor, Tensor)");
+  // Returns (grad_x, grad_weight, grad_bias, grad_centroids); grad_bias has shape (K+G,).
+  m.def(
+      "netvlad_bwd(Tensor grad_out, Tensor x, Tensor weight, Tensor centroids, Tensor assign, "
+      "Tensor vlad, int ghost_clusters, bool normalize) -> (Tensor, Tensor, Tensor, Tensor)");
+}
+
+#ifndef MVFAST_CUDA_VERSION
+#define MVFAST_CUDA_VERSION ""
+#endif
+#ifndef MVFAST_CUDA_ARCHS
+#define MVFAST_CUDA_ARCHS ""
+#endif
+
+// `import mvfast._C` loads this library, which runs the registrations above. No Python bindings: the
+// module only carries what the build compiled.
+PyMODINIT_FUNC PyInit__C(void) {
+  static struct PyModuleDef module = {PyModuleDef_HEAD_INIT, "_C", nullptr, -1, nullptr};
+  PyObject* m = PyModule_Create(&module);
+  if (m == nullptr) return nullptr;
+  PyModule_AddStringConstant(m, "CUDA_VERSION", MVFAST_CUDA_VERSION);
+  PyModule_AddStringConstant(m, "CUDA_ARCHS", MVFAST_CUDA_ARCHS);
+  return m;
+}

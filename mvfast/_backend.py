@@ -1,0 +1,167 @@
+"""Backend choice: which implementation of an op runs.
+
+Backends:
+- ``triton``: Triton kernels, on CUDA tensors (or on CPU tensors when ``TRITON_INTERPRET=1`` was set in
+  the environment before import, which is how they are tested without a GPU);
+- ``cuda``: the compiled CUDA kernels of ``mvfast._C``;
+- ``cpu``: the compiled C++ kernels of ``mvfast._C``;
+- ``reference``: pure PyTorch, always available;
+- ``auto`` (the default): the fastest available for the tensors' device, falling back (and saying so
+  once through ``logging``) when a kernel does not apply.
+
+Choose with ``mvfast.set_backend(name)``, the context manager ``with mvfast.backend(name):``, or the
+environment variable ``MVFAST_BACKEND``. A backend that is asked for by name and cannot run the call is an
+error that lists why, never a silent fallback.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import importlib.util
+import logging
+import os
+from collections.abc import Callable, Iterator
+
+import torch
+
+from mvfast import _ext
+
+logger = logging.getLogger("mvfast")
+
+BACKENDS = ("auto", "triton", "cuda", "cpu", "reference")
+KERNEL_BACKENDS = ("triton", "cuda", "cpu")
+# auto's order of preference per device type
+_AUTO_ORDER = {"cuda": ("triton", "cuda", "reference"), "cpu": ("cpu", "reference")}
+
+
+def _check_name(name: str, what: str = "backend") -> str:
+    if not isinstance(name, str) or name not in BACKENDS:
+        raise ValueError(f"{what} must be one of {', '.join(BACKENDS)}; got {name!r}")
+    return name
+
+
+_current = _check_name(os.environ.get("MVFAST_BACKEND", "auto") or "auto", "MVFAST_BACKEND")
+
+
+def set_backend(name: str) -> None:
+    """Use backend ``name`` for every op from now on (``"auto"`` restores the default)."""
+    global _current
+    _current = _check_name(name)
+
+
+def get_backend() -> str:
+    """The backend currently asked for (``"auto"`` unless set)."""
+    return _current
+
+
+@contextlib.contextmanager
+def backend(name: str) -> Iterator[None]:
+    """Context manager: ``with mvfast.backend("reference"): ...`` runs the block on that backend."""
+    global _current
+    previous, _current = _current, _check_name(name)
+    try:
+        yield
+    finally:
+        _current = previous
+
+
+# ---------------------------------------------------------------------------------------------------
+# What is installed, computed once: these facts do not change while the process runs.
+
+
+def _triton_status() -> tuple[bool, bool, str | None]:
+    """(importable, interpreter on, reason it is unusable or None)."""
+    if importlib.util.find_spec("triton") is None:
+        return False, False, "Triton is not installed (pip install triton)"
+    interpret = os.environ.get("TRITON_INTERPRET", "0") == "1"
+    return True, interpret, None
+
+
+TRITON_AVAILABLE, TRITON_INTERPRET, _TRITON_REASON = _triton_status()
+_GPU = torch.cuda.is_available()
+
+
+def _device_reasons(name: str, device: torch.device) -> list[str]:
+    """Why backend ``name`` cannot run on tensors of ``device`` (empty when it can)."""
+    reasons = []
+    if name == "reference":
+        return reasons
+    if name == "triton":
+        if not TRITON_AVAILABLE:
+            reasons.append(_TRITON_REASON)
+        elif device.type == "cpu" and not TRITON_INTERPRET:
+            reasons.append("the tensors are on the CPU; Triton runs them only with TRITON_INTERPRET=1 set "
+                           "before mvfast is imported")
+        elif device.type not in ("cpu", "cuda"):
+            reasons.append(f"Triton kernels run on CUDA tensors, not {device.type}")
+        return reasons
+    if not _ext.LOADED:
+        return [_ext.ERROR]
+    if name == "cpu":
+        if device.type != "cpu":
+            reasons.append(f"the cpu backend runs on CPU tensors; these are on {device}")
+    elif name == "cuda":
+        if not _ext.BUILD["cuda"]:
+            reasons.append("mvfast._C was built without CUDA kernels (no nvcc or a CPU build of torch at "
+                           "build time; FORCE_CUDA=1 forces them)")
+        elif device.type != "cuda":
+            reasons.append(f"the cuda backend runs on CUDA tensors; these are on {device}")
+    return reasons
+
+
+def backends(device: str | torch.device | None = None) -> dict[str, dict]:
+    """What each backend can do here: ``{name: {"available": bool, "reason": str | None}}``.
+
+    ``device`` defaults to the GPU when one is visible, else the CPU.
+    """
+    if device is None:
+        device = "cuda" if _GPU else "cpu"
+    device = torch.device(device)
+    out = {}
+    for name in BACKENDS[1:]:
+        reasons = _device_reasons(name, device)
+        if name == "cuda" and not reasons and not _GPU:
+            reasons = ["no CUDA GPU is visible"]
+        out[name] = {"available": not reasons, "reason": "; ".join(reasons) or None}
+    return out
+
+
+# ---------------------------------------------------------------------------------------------------
+# Per-call resolution, used by every op.
+
+_logged: set = set()
+
+
+def resolve(op: str, device: torch.device, op_reasons: Callable[[str], list[str]]) -> str:
+    """The backend that runs ``op`` on tensors of ``device``.
+
+    ``op_reasons(name)`` gives the op's own reasons why kernel backend ``name`` cannot take this call
+    (a dtype it lacks, a size it does not handle), on top of the device checks here.
+    """
+    asked = _current
+    if asked == "reference":
+        return "reference"
+    if asked != "auto":
+        reasons = _device_reasons(asked, device) or op_reasons(asked)
+        if reasons:
+            raise RuntimeError(f"mvfast.{op}: backend {asked!r} cannot run this call: " + "; ".join(reasons))
+        return asked
+    skipped = []
+    for name in _AUTO_ORDER.get(device.type, ("reference",)):
+        if name == "reference":
+            break
+        reasons = _device_reasons(name, device) or op_reasons(name)
+        if not reasons:
+            return name
+        skipped.append((name, reasons))
+    if skipped and not torch.compiler.is_compiling():
+        key = (op, device.type, tuple((n, tuple(r)) for n, r in skipped))
+        if key not in _logged:
+            _logged.add(key)
+            logger.warning(
+                "mvfast.%s on %s: using the reference backend (%s)",
+                op,
+                device.type,
+                "; ".join(f"{n}: {', '.join(r)}" for n, r in skipped),
+            )
+    return "reference"

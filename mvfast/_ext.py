@@ -1,0 +1,43 @@
+"""Loading of the compiled extension ``mvfast._C`` and what it was built with.
+
+Importing ``mvfast._C`` registers the C++/CUDA kernels as ``torch.ops.mvfast.*`` ops. mvfast works
+without it (the reference and Triton backends need no compiled code); the first use then says once how to
+build it.
+"""
+
+from __future__ import annotations
+
+import logging
+
+logger = logging.getLogger("mvfast")
+
+BUILD_HINT = "build it with `pip install -e .` in the mvfast checkout (it needs a C++ compiler)"
+
+try:
+    from mvfast import _C  # noqa: F401  (registers the ops)
+
+    ERROR: str | None = None
+except (ImportError, OSError) as e:  # not built, or built against another torch
+    _C = None
+    ERROR = f"the compiled extension mvfast._C could not be loaded ({e}); {BUILD_HINT}"
+
+LOADED = _C is not None
+
+
+def build_info() -> dict:
+    """What the extension was compiled with: ``{"loaded", "cpu", "cuda", "cuda_version", "archs",
+    "error"}``."""
+    if not LOADED:
+        return {"loaded": False, "cpu": False, "cuda": False, "cuda_version": None, "archs": [], "error": ERROR}
+    cuda_version, archs = _C.CUDA_VERSION, _C.CUDA_ARCHS
+    return {
+        "loaded": True,
+        "cpu": True,
+        "cuda": bool(cuda_version),
+        "cuda_version": cuda_version or None,
+        "archs": [a for a in archs.split(",") if a],
+        "error": None,
+    }
+
+
+BUILD = build_info()
