@@ -131,7 +131,7 @@ def build_extensions():
                 os.environ["TORCH_CUDA_ARCH_LIST"] = ";".join(f"{a}.{b}" for a, b in caps)
             else:
                 os.environ["TORCH_CUDA_ARCH_LIST"] = DEFAULT_CUDA_ARCHS
-        nvcc = ["-O3", "-std=c++17", "--expt-relaxed-constexpr"]
+        nvcc = ["-O3", "--expt-relaxed-constexpr"]
         if cuda_home and missing_headers(cuda_home):
             wheel_dirs = wheel_cuda_include_dirs()
             if wheel_dirs:

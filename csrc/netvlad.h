@@ -48,15 +48,20 @@ MVFAST_HD void masked_softmax_row(acc_t* row, const acc_t* bias, int64_t n, bool
   for (int64_t k = 0; k < n; ++k) row[k] = softmax_prob(row[k], m, inv);
 }
 
-// Gradient of the logits of one row: g_k = dA_k - (c_k . dV_k) for real clusters and 0 for ghosts (they
-// are dropped after the softmax), then the softmax backward. a: (KG), da: (K), cdv: (K), ds: (KG).
+// What flows into the softmax backward for column k of a row: dL/da_k = dA_k - (c_k . dV_k) for a real
+// cluster, 0 for a ghost (ghosts are dropped after the softmax). da: (K) row of x dV^T, cdv: (K).
+template <typename acc_t>
+MVFAST_HD acc_t assign_grad(const acc_t* da, const acc_t* cdv, int64_t k, int64_t K) {
+  return k < K ? da[k] - cdv[k] : acc_t(0);
+}
+
+// Gradient of the logits of one row: the softmax backward of assign_grad. a: (KG), ds: (KG).
 template <typename acc_t>
 MVFAST_HD void assign_backward_row(const acc_t* a, const acc_t* da, const acc_t* cdv, acc_t* ds, int64_t K,
                                    int64_t KG) {
   acc_t dot = 0;
-  for (int64_t k = 0; k < K; ++k) dot += a[k] * (da[k] - cdv[k]);
-  for (int64_t k = 0; k < K; ++k) ds[k] = softmax_backward(a[k], da[k] - cdv[k], dot);
-  for (int64_t k = K; k < KG; ++k) ds[k] = softmax_backward(a[k], acc_t(0), dot);
+  for (int64_t k = 0; k < K; ++k) dot += a[k] * assign_grad(da, cdv, k, K);
+  for (int64_t k = 0; k < KG; ++k) ds[k] = softmax_backward(a[k], assign_grad(da, cdv, k, K), dot);
 }
 
 // ---- Part 2: the flow, over a backend's kernels ------------------------------------------------------

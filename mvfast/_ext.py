@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import logging
 
+import torch  # noqa: F401  (loads libtorch and libc10, which _C links against)
+
 logger = logging.getLogger("mvfast")
 
 BUILD_HINT = "build it with `pip install -e .` in the mvfast checkout (it needs a C++ compiler)"
