@@ -19,6 +19,7 @@ from torch import Tensor
 
 from mvfast import _backend, _ext
 from mvfast.ops import _checks
+from mvfast.ops._triton import dot_precision, next_pow2, tl, triton
 
 OP = "netvlad"
 _LOW_PRECISION = (torch.float16, torch.bfloat16)
@@ -85,13 +86,325 @@ def netvlad_math(x, weight, bias, centroids, mask, ghost_clusters, normalize):
 
 
 # ---------------------------------------------------------------------------------------------------
-# Triton kernels (loaded lazily: importing triton is slow and it may be absent)
+# Triton kernels
+#
+# Forward: (1) logits over D chunks, bias, masked softmax -> assign (B, M, KG) float32; (2) a^T x and
+# sum_i a, the residual epilogue -> V (B, K, D) float32; (3) both normalisations -> out. Backward: (1) the
+# normalisation backward -> dV and c.dV; (2) x dV^T, softmax backward -> dS; (3) dx = a dV + dS W;
+# (4) dW = dS^T x and dbias. Matrix products accumulate in float32. The logits x W^T take 16-bit inputs
+# as they are; every product with a float32 intermediate (assign, dV, dS) runs in float32, 16-bit inputs
+# upcast (exact), so that no intermediate is rounded to 16 bits or overflows there (the gradient of an
+# all-masked sample passes through dy / eps before it is multiplied by zero).
+
+_EPS = 1e-12
 
 
-def _triton():
-    from mvfast.ops import _netvlad_triton
+@triton.jit
+def _nv_assign_kernel(
+    x_ptr, w_ptr, b_ptr, mask_ptr, a_ptr,
+    M, D, KG,
+    sxb, sxm, sxd, swk, swd,
+    HAS_BIAS: tl.constexpr, HAS_MASK: tl.constexpr, PREC: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_KG: tl.constexpr,
+):
+    pid_m = tl.program_id(0)
+    b = tl.program_id(1).to(tl.int64)
+    rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    cols = tl.arange(0, BLOCK_KG)
+    row_ok = rows < M
+    col_ok = cols < KG
+    logits = tl.zeros((BLOCK_M, BLOCK_KG), dtype=tl.float32)
+    for d0 in range(0, D, BLOCK_D):
+        d = d0 + tl.arange(0, BLOCK_D)
+        d_ok = d < D
+        xt = tl.load(x_ptr + b * sxb + rows[:, None] * sxm + d[None, :] * sxd,
+                     mask=row_ok[:, None] & d_ok[None, :], other=0.0)
+        wt = tl.load(w_ptr + cols[None, :] * swk + d[:, None] * swd,
+                     mask=col_ok[None, :] & d_ok[:, None], other=0.0)  # (BLOCK_D, BLOCK_KG)
+        logits = tl.dot(xt, wt, logits, input_precision=PREC)
+    if HAS_BIAS:
+        logits += tl.load(b_ptr + cols, mask=col_ok, other=0.0).to(tl.float32)[None, :]
+    logits = tl.where(col_ok[None, :], logits, float("-inf"))
+    e = tl.exp(logits - tl.max(logits, axis=1)[:, None])
+    p = e / tl.sum(e, axis=1)[:, None]
+    if HAS_MASK:
+        valid = tl.load(mask_ptr + b * M + rows, mask=row_ok, other=0) != 0
+        p = tl.where(valid[:, None], p, 0.0)
+    tl.store(a_ptr + (b * M + rows[:, None]) * KG + cols[None, :], p, mask=row_ok[:, None] & col_ok[None, :])
 
-    return _netvlad_triton
+
+@triton.jit
+def _nv_aggregate_kernel(
+    x_ptr, a_ptr, c_ptr, v_ptr,
+    M, D, K, KG,
+    sxb, sxm, sxd,
+    PREC: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr,
+):
+    pid_k = tl.program_id(0)
+    pid_d = tl.program_id(1)
+    b = tl.program_id(2).to(tl.int64)
+    ks = pid_k * BLOCK_K + tl.arange(0, BLOCK_K)
+    d = pid_d * BLOCK_D + tl.arange(0, BLOCK_D)
+    k_ok = ks < K
+    d_ok = d < D
+    acc = tl.zeros((BLOCK_K, BLOCK_D), dtype=tl.float32)
+    asum = tl.zeros((BLOCK_K,), dtype=tl.float32)
+    for m0 in range(0, M, BLOCK_M):
+        rows = m0 + tl.arange(0, BLOCK_M)
+        r_ok = rows < M
+        at = tl.load(a_ptr + (b * M + rows[None, :]) * KG + ks[:, None],
+                     mask=k_ok[:, None] & r_ok[None, :], other=0.0)  # (BLOCK_K, BLOCK_M) float32
+        xt = tl.load(x_ptr + b * sxb + rows[:, None] * sxm + d[None, :] * sxd,
+                     mask=r_ok[:, None] & d_ok[None, :], other=0.0)
+        asum += tl.sum(at, axis=1)
+        acc = tl.dot(at, xt.to(tl.float32), acc, input_precision=PREC)
+    c = tl.load(c_ptr + ks[:, None] * D + d[None, :], mask=k_ok[:, None] & d_ok[None, :], other=0.0)
+    v = acc - asum[:, None] * c.to(tl.float32)
+    tl.store(v_ptr + (b * K + ks[:, None]) * D + d[None, :], v, mask=k_ok[:, None] & d_ok[None, :])
+
+
+@triton.jit
+def _nv_norms(v_base, g_base, K, D, BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr):
+    """Per cluster |V_k|^2 and V_k . g_k over D (g_base may equal v_base)."""
+    ks = tl.arange(0, BLOCK_K)
+    sq = tl.zeros((BLOCK_K,), dtype=tl.float32)
+    vg = tl.zeros((BLOCK_K,), dtype=tl.float32)
+    for d0 in range(0, D, BLOCK_D):
+        d = d0 + tl.arange(0, BLOCK_D)
+        m = (ks < K)[:, None] & (d < D)[None, :]
+        off = ks[:, None] * D + d[None, :]
+        v = tl.load(v_base + off, mask=m, other=0.0)
+        g = tl.load(g_base + off, mask=m, other=0.0)
+        sq += tl.sum(v * v, axis=1)
+        vg += tl.sum(v * g, axis=1)
+    return sq, vg
+
+
+@triton.jit
+def _nv_normalize_kernel(v_ptr, out_ptr, K, D, NORMALIZE: tl.constexpr, BLOCK_K: tl.constexpr,
+                         BLOCK_D: tl.constexpr):
+    b = tl.program_id(0).to(tl.int64)
+    ks = tl.arange(0, BLOCK_K)
+    base = b * K * D
+    scale = tl.full((BLOCK_K,), 1.0, dtype=tl.float32)
+    if NORMALIZE:
+        sq, _ = _nv_norms(v_ptr + base, v_ptr + base, K, D, BLOCK_K, BLOCK_D)
+        inv1 = 1.0 / tl.maximum(tl.sqrt(sq), _EPS)
+        total = tl.sum(sq * inv1 * inv1, axis=0)
+        scale = inv1 / tl.maximum(tl.sqrt(total), _EPS)
+    for d0 in range(0, D, BLOCK_D):
+        d = d0 + tl.arange(0, BLOCK_D)
+        m = (ks < K)[:, None] & (d < D)[None, :]
+        off = base + ks[:, None] * D + d[None, :]
+        v = tl.load(v_ptr + off, mask=m, other=0.0)
+        tl.store(out_ptr + off, (v * scale[:, None]).to(out_ptr.dtype.element_ty), mask=m)
+
+
+@triton.jit
+def _nv_norm_backward_kernel(
+    g_ptr, v_ptr, c_ptr, dv_ptr, cdv_ptr,
+    K, D,
+    NORMALIZE: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr,
+):
+    # dV = d(unnormalised V) from dy through F.normalize twice: (dy - y (y.dy)) / |.|, or dy / eps where a
+    # norm was clamped. du (the gradient of the intra-normalised V) is recomputed, not stored, between
+    # the two passes that need it.
+    b = tl.program_id(0).to(tl.int64)
+    ks = tl.arange(0, BLOCK_K)
+    k_ok = ks < K
+    base = b * K * D
+    inv1 = tl.full((BLOCK_K,), 1.0, dtype=tl.float32)
+    clamp1 = ks < 0
+    inv2 = 1.0
+    clamp2 = False
+    ydy = 0.0
+    udu = tl.zeros((BLOCK_K,), dtype=tl.float32)
+    if NORMALIZE:
+        sq, vdy = _nv_norms(v_ptr + base, g_ptr + base, K, D, BLOCK_K, BLOCK_D)
+        n1 = tl.sqrt(sq)
+        clamp1 = n1 <= _EPS
+        inv1 = 1.0 / tl.maximum(n1, _EPS)
+        n2 = tl.sqrt(tl.sum(sq * inv1 * inv1, axis=0))
+        clamp2 = n2 <= _EPS
+        inv2 = 1.0 / tl.maximum(n2, _EPS)
+        ydy = tl.sum(vdy * inv1, axis=0) * inv2
+        for d0 in range(0, D, BLOCK_D):
+            d = d0 + tl.arange(0, BLOCK_D)
+            m = k_ok[:, None] & (d < D)[None, :]
+            off = base + ks[:, None] * D + d[None, :]
+            u = tl.load(v_ptr + off, mask=m, other=0.0) * inv1[:, None]
+            g = tl.load(g_ptr + off, mask=m, other=0.0)
+            du = tl.where(clamp2, g * inv2, (g - u * inv2 * ydy) * inv2)
+            udu += tl.sum(u * du, axis=1)
+    cdv = tl.zeros((BLOCK_K,), dtype=tl.float32)
+    for d0 in range(0, D, BLOCK_D):
+        d = d0 + tl.arange(0, BLOCK_D)
+        m = k_ok[:, None] & (d < D)[None, :]
+        off = base + ks[:, None] * D + d[None, :]
+        g = tl.load(g_ptr + off, mask=m, other=0.0)
+        if NORMALIZE:
+            u = tl.load(v_ptr + off, mask=m, other=0.0) * inv1[:, None]
+            du = tl.where(clamp2, g * inv2, (g - u * inv2 * ydy) * inv2)
+            g = tl.where(clamp1[:, None], du * inv1[:, None], (du - u * udu[:, None]) * inv1[:, None])
+        c = tl.load(c_ptr + ks[:, None] * D + d[None, :], mask=m, other=0.0).to(tl.float32)
+        cdv += tl.sum(c * g, axis=1)
+        tl.store(dv_ptr + off, g, mask=m)
+    tl.store(cdv_ptr + b * K + ks, cdv, mask=k_ok)
+
+
+@triton.jit
+def _nv_assign_backward_kernel(
+    x_ptr, dv_ptr, cdv_ptr, a_ptr, ds_ptr,
+    M, D, K, KG,
+    sxb, sxm, sxd,
+    PREC: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_KG: tl.constexpr,
+):
+    pid_m = tl.program_id(0)
+    b = tl.program_id(1).to(tl.int64)
+    rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    cols = tl.arange(0, BLOCK_KG)
+    row_ok = rows < M
+    real = cols < K
+    da = tl.zeros((BLOCK_M, BLOCK_KG), dtype=tl.float32)
+    for d0 in range(0, D, BLOCK_D):
+        d = d0 + tl.arange(0, BLOCK_D)
+        d_ok = d < D
+        xt = tl.load(x_ptr + b * sxb + rows[:, None] * sxm + d[None, :] * sxd,
+                     mask=row_ok[:, None] & d_ok[None, :], other=0.0)
+        dvt = tl.load(dv_ptr + (b * K + cols[None, :]) * D + d[:, None],
+                      mask=real[None, :] & d_ok[:, None], other=0.0)  # (BLOCK_D, BLOCK_KG)
+        da = tl.dot(xt.to(tl.float32), dvt, da, input_precision=PREC)
+    cdv = tl.load(cdv_ptr + b * K + cols, mask=real, other=0.0)
+    g = tl.where(real[None, :], da - cdv[None, :], 0.0)  # ghosts are dropped after the softmax
+    m = row_ok[:, None] & (cols < KG)[None, :]
+    a = tl.load(a_ptr + (b * M + rows[:, None]) * KG + cols[None, :], mask=m, other=0.0)
+    dot = tl.sum(a * g, axis=1)
+    tl.store(ds_ptr + (b * M + rows[:, None]) * KG + cols[None, :], a * (g - dot[:, None]), mask=m)
+
+
+@triton.jit
+def _nv_dx_kernel(
+    a_ptr, ds_ptr, dv_ptr, w_ptr, dx_ptr,
+    M, D, K, KG,
+    swk, swd, sdxb, sdxm, sdxd,
+    PREC: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_KG: tl.constexpr,
+):
+    pid_m = tl.program_id(0)
+    pid_d = tl.program_id(1)
+    b = tl.program_id(2).to(tl.int64)
+    rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    cols = tl.arange(0, BLOCK_KG)
+    d = pid_d * BLOCK_D + tl.arange(0, BLOCK_D)
+    row_ok = rows < M
+    d_ok = d < D
+    arow = (b * M + rows[:, None]) * KG + cols[None, :]
+    a = tl.load(a_ptr + arow, mask=row_ok[:, None] & (cols < K)[None, :], other=0.0)
+    s = tl.load(ds_ptr + arow, mask=row_ok[:, None] & (cols < KG)[None, :], other=0.0)
+    dvt = tl.load(dv_ptr + (b * K + cols[:, None]) * D + d[None, :], mask=(cols < K)[:, None] & d_ok[None, :],
+                  other=0.0)
+    wt = tl.load(w_ptr + cols[:, None] * swk + d[None, :] * swd, mask=(cols < KG)[:, None] & d_ok[None, :],
+                 other=0.0)
+    dx = tl.dot(a, dvt, input_precision=PREC)
+    dx = tl.dot(s, wt.to(tl.float32), dx, input_precision=PREC)
+    tl.store(dx_ptr + b * sdxb + rows[:, None] * sdxm + d[None, :] * sdxd, dx.to(dx_ptr.dtype.element_ty),
+             mask=row_ok[:, None] & d_ok[None, :])
+
+
+@triton.jit
+def _nv_dw_kernel(
+    ds_ptr, x_ptr, dw_ptr, db_ptr,
+    M, D, KG, ROWS,
+    sxb, sxm, sxd,
+    PREC: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_KG: tl.constexpr,
+):
+    pid_d = tl.program_id(0)
+    cols = tl.arange(0, BLOCK_KG)
+    d = pid_d * BLOCK_D + tl.arange(0, BLOCK_D)
+    col_ok = cols < KG
+    d_ok = d < D
+    acc = tl.zeros((BLOCK_KG, BLOCK_D), dtype=tl.float32)
+    db = tl.zeros((BLOCK_KG,), dtype=tl.float32)
+    for r0 in range(0, ROWS, BLOCK_M):
+        r = (r0 + tl.arange(0, BLOCK_M)).to(tl.int64)
+        r_ok = r < ROWS
+        st = tl.load(ds_ptr + r[None, :] * KG + cols[:, None], mask=col_ok[:, None] & r_ok[None, :],
+                     other=0.0)  # (BLOCK_KG, BLOCK_M)
+        xt = tl.load(x_ptr + (r // M)[:, None] * sxb + (r % M)[:, None] * sxm + d[None, :] * sxd,
+                     mask=r_ok[:, None] & d_ok[None, :], other=0.0)
+        acc = tl.dot(st, xt.to(tl.float32), acc, input_precision=PREC)
+        db += tl.sum(st, axis=1)
+    tl.store(dw_ptr + cols[:, None] * D + d[None, :], acc, mask=col_ok[:, None] & d_ok[None, :])
+    if pid_d == 0:
+        tl.store(db_ptr + cols, db, mask=col_ok)
+
+
+def _blocks(K: int, KG: int, D: int) -> tuple[int, int, int]:
+    block_kg = next_pow2(KG)
+    block_k = min(next_pow2(K), 64)
+    block_d = max(16, min(64, 4096 // next_pow2(K)))  # the (K, BLOCK_D) tiles of the per-item kernels
+    return block_kg, block_k, block_d
+
+
+def _triton_forward(x, weight, bias, centroids, mask, ghost_clusters, normalize):
+    B, M, D = x.shape
+    K, KG = centroids.shape[0], weight.shape[0]
+    block_kg, block_k, block_d = _blocks(K, KG, D)
+    block_m = 32
+    prec = dot_precision(x.dtype)
+    c = centroids.contiguous()
+    assign = x.new_empty((B, M, KG), dtype=torch.float32)
+    vlad = x.new_empty((B, K, D), dtype=torch.float32)
+    out = x.new_empty((B, K, D))
+    mask_u8 = mask.contiguous().view(torch.uint8) if mask is not None else assign
+    _nv_assign_kernel[(triton.cdiv(M, block_m), B)](
+        x, weight, bias if bias is not None else weight, mask_u8, assign,
+        M, D, KG, *x.stride(), *weight.stride(),
+        HAS_BIAS=bias is not None, HAS_MASK=mask is not None, PREC=prec,
+        BLOCK_M=block_m, BLOCK_D=min(block_d, 64), BLOCK_KG=block_kg,
+    )
+    _nv_aggregate_kernel[(triton.cdiv(K, block_k), triton.cdiv(D, 64), B)](
+        x, assign, c, vlad, M, D, K, KG, *x.stride(),
+        PREC=prec, BLOCK_M=block_m, BLOCK_K=block_k, BLOCK_D=64,
+    )
+    _nv_normalize_kernel[(B,)](vlad, out, K, D, NORMALIZE=normalize, BLOCK_K=next_pow2(K), BLOCK_D=block_d)
+    if normalize:
+        return out.view(B, K * D), assign, vlad
+    return out, assign, vlad.new_empty((0,))
+
+
+def _triton_backward(grad_out, x, weight, centroids, assign, vlad, ghost_clusters, normalize):
+    B, M, D = x.shape
+    K, KG = centroids.shape[0], weight.shape[0]
+    block_kg, _, block_d = _blocks(K, KG, D)
+    block_m = 32
+    prec = dot_precision(x.dtype)
+    c = centroids.contiguous()
+    g = grad_out.reshape(B, K, D).float().contiguous()
+    dv = torch.empty_like(g)
+    cdv = g.new_empty((B, K))
+    _nv_norm_backward_kernel[(B,)](
+        g, vlad if normalize else g, c, dv, cdv, K, D,
+        NORMALIZE=normalize, BLOCK_K=next_pow2(K), BLOCK_D=block_d,
+    )
+    ds = torch.empty_like(assign)
+    _nv_assign_backward_kernel[(triton.cdiv(M, block_m), B)](
+        x, dv, cdv, assign, ds, M, D, K, KG, *x.stride(),
+        PREC=prec, BLOCK_M=block_m, BLOCK_D=64, BLOCK_KG=block_kg,
+    )
+    grad_x = torch.empty_like(x)
+    _nv_dx_kernel[(triton.cdiv(M, block_m), triton.cdiv(D, 64), B)](
+        assign, ds, dv, weight, grad_x, M, D, K, KG, *weight.stride(), *grad_x.stride(),
+        PREC=prec, BLOCK_M=block_m, BLOCK_D=64, BLOCK_KG=block_kg,
+    )
+    grad_w = torch.empty((KG, D), device=x.device, dtype=torch.float32)
+    grad_b = torch.empty((KG,), device=x.device, dtype=torch.float32)
+    _nv_dw_kernel[(triton.cdiv(D, 64),)](
+        ds, x, grad_w, grad_b, M, D, KG, B * M, *x.stride(),
+        PREC=prec, BLOCK_M=block_m, BLOCK_D=64, BLOCK_KG=block_kg,
+    )
+    # dC_k = -sum_b (sum_i a_bik) dV_bk: (B, K) x (B, K, D), small next to the rest
+    grad_c = -torch.einsum("bk,bkd->kd", assign[:, :, :K].sum(1), dv)
+    return grad_x, grad_w.to(weight.dtype), grad_b.to(weight.dtype), grad_c.to(centroids.dtype)
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -114,7 +427,7 @@ def _netvlad_op(
     backend: str,
 ) -> tuple[Tensor, Tensor, Tensor]:
     if backend == "triton":
-        return _triton().forward(x, weight, bias, centroids, mask, ghost_clusters, normalize)
+        return _triton_forward(x, weight, bias, centroids, mask, ghost_clusters, normalize)
     return torch.ops.mvfast.netvlad_fwd(x, weight, bias, centroids, mask, ghost_clusters, normalize)
 
 
@@ -142,7 +455,7 @@ def _netvlad_backward_op(
     backend: str,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     if backend == "triton":
-        return _triton().backward(grad_out, x, weight, centroids, assign, vlad, ghost_clusters, normalize)
+        return _triton_backward(grad_out, x, weight, centroids, assign, vlad, ghost_clusters, normalize)
     return torch.ops.mvfast.netvlad_bwd(grad_out, x, weight, centroids, assign, vlad, ghost_clusters, normalize)
 
 
@@ -227,10 +540,3 @@ def netvlad(
         return netvlad_reference(x, weight, bias, centroids, mask, ghost_clusters, normalize)
     out, _, _ = torch.ops.mvfast.netvlad(x, weight, bias, centroids, mask, ghost_clusters, normalize, name)
     return out
-
-
-def kernel_available(backend: str) -> bool:
-    """Whether this op has a compiled kernel for ``backend`` in this build (used by mvfast.info)."""
-    if backend in ("cpu", "cuda"):
-        return _ext.LOADED and hasattr(torch.ops.mvfast, "netvlad_fwd")
-    return True
