@@ -11,6 +11,6 @@ __version__ = "0.1.0"
 
 from mvfast import _ext  # noqa: E402  (loads mvfast._C when built)
 from mvfast._backend import BACKENDS, backend, backends, get_backend, set_backend  # noqa: E402
-from mvfast import ops  # noqa: E402
+from mvfast import nn, ops  # noqa: E402
 
-__all__ = ["BACKENDS", "backend", "backends", "get_backend", "set_backend", "ops", "__version__"]
+__all__ = ["BACKENDS", "backend", "backends", "get_backend", "set_backend", "nn", "ops", "__version__"]

@@ -3,4 +3,7 @@ kernel and registered autograd, so ``torch.compile(fullgraph=True)`` traces it w
 
 from mvfast.ops.netvlad import netvlad, netvlad_reference
 
-__all__ = ["netvlad", "netvlad_reference"]
+# Each public op and the compiled kernel op that carries its CPU/CUDA kernels.
+OPS = {"netvlad": "netvlad_fwd"}
+
+__all__ = ["OPS", "netvlad", "netvlad_reference"]

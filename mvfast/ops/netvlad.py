@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from mvfast import _backend, _ext
+from mvfast import _backend
 from mvfast.ops import _checks
 from mvfast.ops._triton import dot_precision, next_pow2, tl, triton
 
@@ -432,7 +432,7 @@ def _netvlad_op(
 
 
 @_netvlad_op.register_fake
-def _(x, weight, bias, centroids, mask, ghost_clusters, normalize, backend):
+def _netvlad_fake(x, weight, bias, centroids, mask, ghost_clusters, normalize, backend=None):
     B, M, D = x.shape
     K, KG = centroids.shape[0], weight.shape[0]
     out = x.new_empty((B, K * D) if normalize else (B, K, D))
@@ -460,13 +460,18 @@ def _netvlad_backward_op(
 
 
 @_netvlad_backward_op.register_fake
-def _(grad_out, x, weight, centroids, assign, vlad, ghost_clusters, normalize, backend):
+def _netvlad_backward_fake(grad_out, x, weight, centroids, assign, vlad, ghost_clusters, normalize, backend=None):
     return (
         torch.empty_like(x),
         torch.empty_like(weight),
         weight.new_empty((weight.shape[0],)),
         torch.empty_like(centroids),
     )
+
+
+if hasattr(torch.ops.mvfast, "netvlad_fwd"):  # the compiled kernel ops, when mvfast._C is loaded
+    torch.library.register_fake("mvfast::netvlad_fwd", _netvlad_fake)
+    torch.library.register_fake("mvfast::netvlad_bwd", _netvlad_backward_fake)
 
 
 def _setup_context(ctx, inputs, output):

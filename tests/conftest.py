@@ -1,0 +1,42 @@
+"""Shared test setup.
+
+Without a GPU the Triton kernels are tested through Triton's interpreter on CPU tensors. Triton reads
+TRITON_INTERPRET when a kernel is defined, so it is set here, before any test module imports mvfast.
+"""
+
+import os
+
+import torch
+
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import pytest  # noqa: E402
+
+import mvfast  # noqa: E402
+from mvfast import _backend  # noqa: E402
+
+GPU = torch.cuda.is_available()
+
+
+def kernel_backends() -> list:
+    """pytest params ``(backend, device)`` for every kernel backend: those that cannot run here are
+    skipped with mvfast's own reason, so a missing build or GPU shows in the test report. Triton runs on
+    the GPU when there is one, else through its interpreter on CPU tensors."""
+    params = []
+    for name, dev in (("cpu", "cpu"), ("triton", "cuda" if GPU else "cpu"), ("cuda", "cuda")):
+        if dev == "cuda" and not GPU:
+            reason = "no CUDA GPU is visible"
+        else:
+            st = _backend.backends(dev)[name]
+            reason = None if st["available"] else st["reason"]
+        marks = [pytest.mark.skip(reason=f"{name}: {reason}")] if reason else []
+        params.append(pytest.param((name, dev), id=name, marks=marks))
+    return params
+
+
+@pytest.fixture(autouse=True)
+def _restore_backend():
+    previous = mvfast.get_backend()
+    yield
+    mvfast.set_backend(previous)

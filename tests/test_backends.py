@@ -1,0 +1,146 @@
+"""Backend choice: set_backend, the context manager, MVFAST_BACKEND, auto's fallback, errors for
+backends that cannot run, mvfast without its extension, and python -m mvfast.info."""
+
+import importlib
+import logging
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import mvfast
+from mvfast import _backend, _ext
+
+# the module, not the function of the same name that mvfast.ops exports
+netvlad_module = importlib.import_module("mvfast.ops.netvlad")
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def _inputs():
+    g = torch.Generator().manual_seed(0)
+    return (torch.randn(2, 5, 8, generator=g), torch.randn(3, 8, generator=g), None,
+            torch.randn(3, 8, generator=g))
+
+
+def python(code, **env):
+    """Run code in a fresh interpreter (so import-time settings apply) and return the completed process."""
+    full_env = {**os.environ, "PYTHONPATH": ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""), **env}
+    return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=full_env, timeout=300)
+
+
+def test_set_backend_and_context_manager():
+    assert mvfast.get_backend() == "auto"
+    mvfast.set_backend("reference")
+    assert mvfast.get_backend() == "reference"
+    with mvfast.backend("cpu"):
+        assert mvfast.get_backend() == "cpu"
+        with mvfast.backend("auto"):
+            assert mvfast.get_backend() == "auto"
+        assert mvfast.get_backend() == "cpu"
+    assert mvfast.get_backend() == "reference"
+
+
+def test_context_manager_restores_after_an_error():
+    with pytest.raises(KeyError):
+        with mvfast.backend("reference"):
+            raise KeyError
+    assert mvfast.get_backend() == "auto"
+
+
+@pytest.mark.parametrize("bad", ["gpu", "", None, 3])
+def test_unknown_backend_is_an_error(bad):
+    with pytest.raises(ValueError, match="backend must be one of auto, triton, cuda, cpu, reference"):
+        mvfast.set_backend(bad)
+
+
+def test_backend_that_cannot_run_the_call_says_why():
+    with mvfast.backend("cuda"):
+        with pytest.raises(RuntimeError, match=r"netvlad: backend 'cuda' cannot run this call: .*cuda"):
+            mvfast.ops.netvlad(*_inputs())
+
+
+def test_triton_on_cpu_needs_the_interpreter(monkeypatch):
+    monkeypatch.setattr(_backend, "TRITON_INTERPRET", False)
+    with mvfast.backend("triton"):
+        with pytest.raises(RuntimeError, match="TRITON_INTERPRET=1"):
+            mvfast.ops.netvlad(*_inputs())
+
+
+def test_op_specific_reason_float64_on_triton():
+    x, w, b, c = (t.double() if t is not None else None for t in _inputs())
+    with mvfast.backend("triton"):
+        with pytest.raises(RuntimeError, match="not float64"):
+            mvfast.ops.netvlad(x, w, b, c)
+
+
+@pytest.mark.skipif(not _ext.LOADED, reason=f"mvfast._C not loaded: {_ext.ERROR}")
+def test_auto_uses_the_cpu_kernel_when_built(monkeypatch):
+    def boom(*a, **k):
+        raise AssertionError("auto ran the reference")
+
+    monkeypatch.setattr(netvlad_module, "netvlad_reference", boom)
+    out = mvfast.ops.netvlad(*_inputs())
+    assert out.shape == (2, 24)
+
+
+def test_auto_falls_back_and_logs_once(monkeypatch, caplog):
+    monkeypatch.setattr(_ext, "LOADED", False)
+    monkeypatch.setattr(_ext, "ERROR", "pretend mvfast._C is missing")
+    monkeypatch.setattr(_backend, "_logged", set())
+    with caplog.at_level(logging.WARNING, logger="mvfast"):
+        a = mvfast.ops.netvlad(*_inputs())
+        b = mvfast.ops.netvlad(*_inputs())
+    fallbacks = [r for r in caplog.records if "using the reference backend" in r.getMessage()]
+    assert len(fallbacks) == 1
+    assert "pretend mvfast._C is missing" in fallbacks[0].getMessage()
+    torch.testing.assert_close(a, b)
+    with mvfast.backend("cpu"), pytest.raises(RuntimeError, match="pretend mvfast._C is missing"):
+        mvfast.ops.netvlad(*_inputs())
+
+
+def test_backends_report():
+    table = mvfast.backends("cpu")
+    assert set(table) == {"triton", "cuda", "cpu", "reference"}
+    assert table["reference"] == {"available": True, "reason": None}
+    assert table["cuda"]["available"] is False and table["cuda"]["reason"]
+    assert table["cpu"]["available"] == _ext.LOADED
+
+
+def test_environment_variable_sets_the_backend():
+    p = python("import mvfast; print(mvfast.get_backend())", MVFAST_BACKEND="reference")
+    assert p.returncode == 0, p.stderr
+    assert p.stdout.strip() == "reference"
+    p = python("import mvfast", MVFAST_BACKEND="fastest")
+    assert p.returncode != 0
+    assert "MVFAST_BACKEND must be one of auto, triton, cuda, cpu, reference; got 'fastest'" in p.stderr
+
+
+def test_import_without_the_extension_runs_the_reference():
+    code = (
+        "import sys, logging; sys.modules['mvfast._C'] = None\n"
+        "logging.basicConfig()\n"
+        "import torch, mvfast\n"
+        "print(mvfast._ext.LOADED, mvfast.backends('cpu')['cpu']['reason'])\n"
+        "y = mvfast.ops.netvlad(torch.randn(2, 5, 8), torch.randn(3, 8), None, torch.randn(3, 8))\n"
+        "print(tuple(y.shape))\n"
+    )
+    p = python(code)
+    assert p.returncode == 0, p.stderr
+    first, second = p.stdout.strip().splitlines()
+    assert first.startswith("False") and "pip install -e ." in first
+    assert second == "(2, 24)"
+    assert "using the reference backend" in p.stderr
+
+
+def test_info_command():
+    p = subprocess.run([sys.executable, "-m", "mvfast.info"], capture_output=True, text=True, timeout=300,
+                       cwd=ROOT)
+    assert p.returncode == 0, p.stderr
+    out = p.stdout
+    assert f"torch {torch.__version__}" in out
+    assert "mvfast._C:" in out and "op netvlad:" in out
+    assert "cpu  reference available" in out
+    if _ext.LOADED:
+        assert "cpu  cpu       available" in out
