@@ -4,7 +4,7 @@ all four gradients), gradcheck, opcheck, torch.compile, memory saved for backwar
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import kernel_backends
+from backend_params import kernel_backends
 
 import mvfast
 from mvfast.ops.netvlad import netvlad_math, netvlad_reference

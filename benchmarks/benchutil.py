@@ -1,0 +1,41 @@
+"""Helpers for the benchmark suites: timing that waits for the GPU, bytes saved for backward, and the
+performance bars each suite declares."""
+
+from __future__ import annotations
+
+import torch
+
+GPU = torch.cuda.is_available()
+
+# Bars the issues require, declared by the suites: dicts of op, case, device, mode, impl, base, at_least.
+BARS: list[dict] = []
+
+
+def sync(device: str) -> None:
+    if device == "cuda":
+        torch.cuda.synchronize()
+
+
+def saved_bytes(fn) -> int:
+    """Bytes of the distinct storages autograd saves for backward while fn() runs."""
+    storages = {}
+
+    def pack(t):
+        s = t.untyped_storage()
+        storages[s.data_ptr()] = s.nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        fn()
+    return sum(storages.values())
+
+
+def measure(benchmark, fn, device: str, *, rounds: int, info: dict) -> None:
+    """Time fn() (synchronised on the GPU) with warm-up, and record what the report needs."""
+
+    def target():
+        fn()
+        sync(device)
+
+    benchmark.extra_info.update(info)
+    benchmark.pedantic(target, rounds=rounds, warmup_rounds=2, iterations=1)

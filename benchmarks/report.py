@@ -1,0 +1,74 @@
+"""Turn pytest-benchmark results into a markdown table of ratios.
+
+    pytest benchmarks --benchmark-only --benchmark-json=bench.json
+    python benchmarks/report.py bench.json
+
+Each benchmark carries ``extra_info`` = {op, case, device, mode, impl, saved_bytes}; rows are grouped by
+(op, case, device, mode), and every implementation is compared with the eager PyTorch reference and
+torch.compile of it measured in the same run. A ratio above 1 means faster than that baseline.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from collections import defaultdict
+
+BASELINES = ("eager", "compile")
+
+
+def _mib(n):
+    return "" if n is None else f"{n / 2**20:.1f}"
+
+
+def table(benchmarks: list[dict]) -> str:
+    """Markdown from benchmark dicts, each with ``extra_info`` and ``stats`` (``median`` in seconds)."""
+    groups: dict[tuple, dict[str, dict]] = defaultdict(dict)
+    for b in benchmarks:
+        info = b.get("extra_info") or {}
+        if "impl" not in info or not b.get("stats"):
+            continue
+        key = (info["op"], info["case"], info["device"], info["mode"])
+        groups[key][info["impl"]] = {"median": b["stats"]["median"], "saved": info.get("saved_bytes")}
+    lines = [
+        "| op | case | device | mode | impl | median ms | vs eager | vs compile | saved for backward MiB |",
+        "|---|---|---|---|---|---:|---:|---:|---:|",
+    ]
+    for key in sorted(groups):
+        impls = groups[key]
+        for impl in sorted(impls, key=lambda i: (i not in BASELINES, BASELINES.index(i) if i in BASELINES else 0, i)):
+            r = impls[impl]
+            ratios = []
+            for base in BASELINES:
+                ratios.append(f"{impls[base]['median'] / r['median']:.2f}x" if base in impls else "")
+            lines.append(f"| {' | '.join(key)} | {impl} | {r['median'] * 1e3:.2f} | {' | '.join(ratios)} | "
+                         f"{_mib(r['saved'])} |")
+    return "\n".join(lines)
+
+
+def ratio(benchmarks: list[dict], op: str, case: str, device: str, mode: str, impl: str, base: str):
+    """median(base) / median(impl) for one group, or None when either is missing."""
+    med = {}
+    for b in benchmarks:
+        info = b.get("extra_info") or {}
+        if (info.get("op"), info.get("case"), info.get("device"), info.get("mode")) == (op, case, device, mode):
+            med[info.get("impl")] = b["stats"]["median"]
+    if impl in med and base in med:
+        return med[base] / med[impl]
+    return None
+
+
+def main(argv: list[str]) -> int:
+    if len(argv) != 1:
+        print(__doc__.strip(), file=sys.stderr)
+        return 2
+    with open(argv[0]) as f:
+        data = json.load(f)
+    machine = data.get("machine_info", {})
+    print(f"Machine: {machine.get('cpu', {}).get('brand_raw', '?')}, {machine.get('node', '')}\n")
+    print(table(data["benchmarks"]))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))
