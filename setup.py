@@ -81,7 +81,9 @@ def missing_headers(cuda_home):
 
 
 def cpu_flags():
-    flags = ["-O3", "-fvisibility=hidden"]
+    # -fopenmp: at::parallel_for is a header template over OpenMP; without the flag it runs serially. At run
+    # time libgomp resolves to the copy torch has already loaded.
+    flags = ["-O3", "-fvisibility=hidden", "-fopenmp"]
     if platform.machine() in ("x86_64", "AMD64") and not _truthy("MVFAST_PORTABLE"):
         # at::vec picks its implementation from CPU_CAPABILITY_* macros; AVX2+FMA is on every x86 CPU of
         # the last decade. MVFAST_PORTABLE=1 builds the generic version instead.
@@ -155,6 +157,7 @@ def build_extensions():
         include_dirs=include_dirs,
         define_macros=define_macros,
         extra_compile_args=extra,
+        extra_link_args=["-fopenmp"],
         py_limited_api=False,
     )
     return [ext], {"build_ext": cpp_extension.BuildExtension.with_options(use_ninja=True)}

@@ -69,8 +69,8 @@ MVFAST_HD void assign_backward_row(const acc_t* a, const acc_t* da, const acc_t*
 // Kernels provides, each on contiguous tensors of the accumulation type:
 //   softmax(logits (B,M,KG) in place, bias or undefined, mask (B,M) bool or undefined)
 //   epilogue(vlad (B,K,D) in place: V -= (sum_i a_ik) c_k; assign; centroids; normalize; out)
-//   norm_backward(grad (B,K,D) -> dV in place; vlad; centroids; normalize; cdv (B,K) = c_k . dV_k)
-//   assign_backward(assign; dA (B,M,K); cdv; dS (B,M,KG))
+//   norm_backward(grad (B,K,D); vlad; centroids; normalize; dv (B,K,D) out; cdv (B,K) = c_k . dV_k out)
+//   assign_backward(assign; dA (B,M,K); cdv; lhs (B,M,KG+K) out = [dS | a[:, :, :K]])
 //   centroid_grad(assign; dV) -> (K, D) = -sum_b (sum_i a_bik) dV_bk
 
 inline at::ScalarType acc_type(at::ScalarType t) {
@@ -88,28 +88,47 @@ inline void check_shapes(const at::Tensor& x, const at::Tensor& weight, const at
               centroids.size(0) + ghost_clusters, " rows, got ", weight.size(0));
 }
 
+// The inputs in the accumulation type. Low-precision inputs are upcast once so that logits, softmax and
+// sums are float32 (a no-op for float32 and float64); ATen's GEMMs read x through its strides.
+struct Inputs {
+  at::Tensor x, weight, centroids, bias, mask;
+  int64_t B, M, D, K, KG;
+};
+
+inline Inputs prepare(const at::Tensor& x, const at::Tensor& weight, const at::Tensor& centroids,
+                      const std::optional<at::Tensor>& bias, const std::optional<at::Tensor>& mask,
+                      int64_t ghost_clusters) {
+  check_shapes(x, weight, centroids, ghost_clusters);
+  const auto acc = acc_type(x.scalar_type());
+  Inputs in;
+  in.x = x.to(acc);
+  in.weight = weight.to(acc).contiguous();
+  in.centroids = centroids.to(acc).contiguous();
+  in.bias = bias.has_value() ? bias->to(acc).contiguous() : at::Tensor();
+  in.mask = mask.has_value() ? mask->contiguous() : at::Tensor();
+  in.B = x.size(0), in.M = x.size(1), in.D = x.size(2), in.K = centroids.size(0), in.KG = weight.size(0);
+  return in;
+}
+
+inline void check_saved(const Inputs& in, const at::Tensor& assign) {
+  TORCH_CHECK(assign.scalar_type() == in.x.scalar_type() && assign.is_contiguous() &&
+                  assign.sizes() == at::IntArrayRef({in.B, in.M, in.KG}),
+              "netvlad backward: assign must be a contiguous (B, M, K+G) tensor of the accumulation type");
+}
+
 template <class Kernels>
 std::tuple<at::Tensor, at::Tensor, at::Tensor> forward(const at::Tensor& x, const at::Tensor& weight,
                                                        const std::optional<at::Tensor>& bias,
                                                        const at::Tensor& centroids,
                                                        const std::optional<at::Tensor>& mask,
                                                        int64_t ghost_clusters, bool normalize) {
-  check_shapes(x, weight, centroids, ghost_clusters);
-  const auto acc = acc_type(x.scalar_type());
-  const int64_t B = x.size(0), D = x.size(2), K = centroids.size(0);
-  // Low-precision inputs are upcast once so that logits, softmax and sums are float32 (a no-op for
-  // float32 and float64). ATen's GEMMs read x through its strides.
-  const at::Tensor xa = x.to(acc);
-  const at::Tensor wa = weight.to(acc).contiguous();
-  const at::Tensor ca = centroids.to(acc).contiguous();
-  const at::Tensor ba = bias.has_value() ? bias->to(acc).contiguous() : at::Tensor();
-  const at::Tensor ma = mask.has_value() ? mask->contiguous() : at::Tensor();
-
-  at::Tensor assign = at::matmul(xa, wa.t()).contiguous();  // (B, M, KG) logits
-  Kernels::softmax(assign, ba, ma);                          // now probabilities
-  at::Tensor vlad = at::bmm(assign.narrow(2, 0, K).transpose(1, 2), xa).contiguous();  // (B, K, D)
+  const Inputs in = prepare(x, weight, centroids, bias, mask, ghost_clusters);
+  const int64_t B = in.B, D = in.D, K = in.K;
+  at::Tensor assign = at::matmul(in.x, in.weight.t()).contiguous();  // (B, M, KG) logits
+  Kernels::softmax(assign, in.bias, in.mask);                         // now probabilities
+  at::Tensor vlad = at::bmm(assign.narrow(2, 0, K).transpose(1, 2), in.x).contiguous();  // (B, K, D)
   at::Tensor out = normalize ? at::empty({B, K * D}, x.options()) : at::empty({B, K, D}, x.options());
-  Kernels::epilogue(vlad, assign, ca, normalize, out);
+  Kernels::epilogue(vlad, assign, in.centroids, normalize, out);
   // Without normalisation the backward needs no descriptor: save nothing for it.
   if (!normalize) vlad = at::empty({0}, vlad.options());
   return {out, assign, vlad};
@@ -119,28 +138,22 @@ template <class Kernels>
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> backward(
     const at::Tensor& grad_out, const at::Tensor& x, const at::Tensor& weight, const at::Tensor& centroids,
     const at::Tensor& assign, const at::Tensor& vlad, int64_t ghost_clusters, bool normalize) {
-  check_shapes(x, weight, centroids, ghost_clusters);
-  const auto acc = acc_type(x.scalar_type());
-  const int64_t B = x.size(0), M = x.size(1), D = x.size(2), K = centroids.size(0);
-  const int64_t KG = weight.size(0);
-  TORCH_CHECK(assign.scalar_type() == acc && assign.is_contiguous() &&
-                  assign.sizes() == at::IntArrayRef({B, M, KG}),
-              "netvlad backward: assign must be a contiguous (B, M, K+G) tensor of the accumulation type");
-  const at::Tensor xa = x.to(acc);
-  const at::Tensor wa = weight.to(acc).contiguous();
-  const at::Tensor ca = centroids.to(acc).contiguous();
-
-  // dV starts as the incoming gradient (a fresh buffer) and becomes d(unnormalised descriptor) in place.
-  at::Tensor dv = grad_out.reshape({B, K, D}).to(acc, /*non_blocking=*/false, /*copy=*/true).contiguous();
-  at::Tensor cdv = at::empty({B, K}, dv.options());
-  Kernels::norm_backward(dv, vlad, ca, normalize, cdv);
-  at::Tensor grad_c = Kernels::centroid_grad(assign, dv);                   // (K, D)
-  at::Tensor da = at::bmm(xa, dv.transpose(1, 2)).contiguous();              // (B, M, K)
-  at::Tensor ds = at::empty({B, M, KG}, assign.options());
-  Kernels::assign_backward(assign, da, cdv, ds);                            // (B, M, KG)
-  at::Tensor grad_x = at::matmul(ds, wa);                                    // (B, M, D)
-  grad_x.baddbmm_(assign.narrow(2, 0, K), dv);                              // + a dV
-  at::Tensor grad_w = at::mm(ds.view({B * M, KG}).t(), xa.reshape({B * M, D}));  // (KG, D)
+  const Inputs in = prepare(x, weight, centroids, std::nullopt, std::nullopt, ghost_clusters);
+  check_saved(in, assign);
+  const int64_t B = in.B, M = in.M, D = in.D, K = in.K, KG = in.KG;
+  const at::Tensor grad = grad_out.reshape({B, K, D}).to(in.x.scalar_type()).contiguous();
+  at::Tensor dv = at::empty({B, K, D}, grad.options());
+  at::Tensor cdv = at::empty({B, K}, grad.options());
+  Kernels::norm_backward(grad, vlad, in.centroids, normalize, dv, cdv);
+  at::Tensor grad_c = Kernels::centroid_grad(assign, dv);                  // (K, D)
+  at::Tensor da = at::bmm(in.x, dv.transpose(1, 2)).contiguous();          // (B, M, K)
+  at::Tensor lhs = at::empty({B, M, KG + K}, assign.options());
+  Kernels::assign_backward(assign, da, cdv, lhs);                          // [dS | a]
+  // dx = dS W + a dV as one product over KG + K: the (B, M, D) output is written once.
+  const at::Tensor rhs = at::cat({in.weight.unsqueeze(0).expand({B, KG, D}), dv}, 1);  // (B, KG+K, D)
+  at::Tensor grad_x = at::bmm(lhs, rhs);
+  const at::Tensor ds = lhs.narrow(2, 0, KG);
+  at::Tensor grad_w = at::mm(ds.reshape({B * M, KG}).t(), in.x.reshape({B * M, D}));  // (KG, D)
   at::Tensor grad_b = ds.sum(at::IntArrayRef({0, 1}));
   return {grad_x.to(x.scalar_type()), grad_w.to(weight.scalar_type()), grad_b.to(weight.scalar_type()),
           grad_c.to(centroids.scalar_type())};

@@ -136,8 +136,9 @@ def check_close(got, ref64, lowp, dtype, what):
         dict(G=1, normalize=True, noncontig=True),
         dict(G=0, normalize=True, B=2, M=1, D=7, K=1),
         dict(G=3, normalize=True, B=2, M=70, D=67, K=17),
+        dict(G=1, normalize=True, B=9, M=131, D=40, K=6),
     ],
-    ids=["plain", "ghost", "raw", "nomask", "nobias", "noncontig", "tiny", "odd"],
+    ids=["plain", "ghost", "raw", "nomask", "nobias", "noncontig", "tiny", "odd", "batch"],
 )
 def test_backend_matches_reference(backend, dtype, case):
     name, device = backend
@@ -169,6 +170,26 @@ def test_all_masked_sample_gives_zeros(backend, dtype, normalize):
     for g in (gx, gw, gb, gc):
         assert torch.isfinite(g).all()
     assert (gx[1] == 0).all()
+
+
+@pytest.mark.parametrize("backend", [p for p in kernel_backends() if p.id == "cpu"])
+@pytest.mark.parametrize("normalize", [True, False])
+def test_cpu_flows_agree(backend, normalize):
+    """The CPU kernel streams each batch item through cache when there are at least two items per thread
+    and runs the batched flow otherwise: both against float64, with M across several tiles."""
+    x, w, b, c, m = sample_inputs(torch.float32, B=4, M=150, D=24, K=4, G=1, mask="empty")
+    ref64 = run("reference", *upcast((x, w, b, c, m)), 1, normalize)
+    threads = torch.get_num_threads()
+    try:
+        results = {}
+        for n in (1, 4):  # 4 items: per item with one thread, batched with four
+            torch.set_num_threads(n)
+            results[n] = run("cpu", x, w, b, c, m, 1, normalize)
+    finally:
+        torch.set_num_threads(threads)
+    for got in results.values():
+        for g, r in zip(got, ref64):
+            torch.testing.assert_close(g.double(), r, rtol=1e-4, atol=1e-5)
 
 
 def test_backend_bfloat16_on_reference_runs_in_float32():

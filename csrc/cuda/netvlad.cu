@@ -113,16 +113,19 @@ __global__ void norm_stats_kernel(const acc_t* __restrict__ vlad, const acc_t* _
   }
 }
 
-// Block per (b, k): grad (dy in, dV out) through both normalisations, then cdv[b,k] = c_k . dV_k.
+// Block per (b, k): dV from dy through both normalisations, then cdv[b,k] = c_k . dV_k.
 template <typename acc_t>
-__global__ void norm_backward_kernel(acc_t* __restrict__ grad, const acc_t* __restrict__ vlad,
+__global__ void norm_backward_kernel(const acc_t* __restrict__ grad, const acc_t* __restrict__ vlad,
                                      const acc_t* __restrict__ centroids, const acc_t* __restrict__ sumsq,
-                                     const acc_t* __restrict__ vdy, acc_t* __restrict__ cdv, int64_t K,
-                                     int64_t D, bool normalize) {
+                                     const acc_t* __restrict__ vdy, acc_t* __restrict__ dv,
+                                     acc_t* __restrict__ cdv, int64_t K, int64_t D, bool normalize) {
   const int64_t b = blockIdx.x / K, k = blockIdx.x % K;
-  acc_t* g = grad + (b * K + k) * D;
+  const acc_t* gin = grad + (b * K + k) * D;
+  acc_t* g = dv + (b * K + k) * D;
   const acc_t* c = centroids + k * D;
-  if (normalize) {
+  if (!normalize) {
+    for (int64_t d = threadIdx.x; d < D; d += blockDim.x) g[d] = gin[d];
+  } else {
     const acc_t* v = vlad + (b * K + k) * D;
     const acc_t total = total_sumsq(sumsq + b * K, K);
     const acc_t inv_total = inv_clamped_norm(total);
@@ -134,7 +137,7 @@ __global__ void norm_backward_kernel(acc_t* __restrict__ grad, const acc_t* __re
     acc_t udu = 0;
     for (int64_t d = threadIdx.x; d < D; d += blockDim.x) {
       const acc_t un = v[d] * inv;
-      const acc_t du = normalize_backward(g[d], un * inv_total, ydy, inv_total, total_clamped);
+      const acc_t du = normalize_backward(gin[d], un * inv_total, ydy, inv_total, total_clamped);
       g[d] = du;
       udu += un * du;
     }
@@ -149,10 +152,10 @@ __global__ void norm_backward_kernel(acc_t* __restrict__ grad, const acc_t* __re
   if (threadIdx.x == 0) cdv[b * K + k] = cd;
 }
 
-// Warp per row of the soft assignment: ds = softmax backward of assign_grad.
+// Warp per row of the soft assignment: lhs row = [dS | a], dS the softmax backward of assign_grad.
 template <typename acc_t>
 __global__ void assign_backward_kernel(const acc_t* __restrict__ assign, const acc_t* __restrict__ da,
-                                       const acc_t* __restrict__ cdv, acc_t* __restrict__ ds, int64_t rows,
+                                       const acc_t* __restrict__ cdv, acc_t* __restrict__ lhs, int64_t rows,
                                        int64_t M, int64_t K, int64_t KG) {
   const int64_t row = static_cast<int64_t>(blockIdx.x) * (blockDim.x / kWarp) + threadIdx.x / kWarp;
   const int lane = threadIdx.x % kWarp;
@@ -163,7 +166,9 @@ __global__ void assign_backward_kernel(const acc_t* __restrict__ assign, const a
   acc_t dot = 0;
   for (int64_t k = lane; k < K; k += kWarp) dot += a[k] * assign_grad(g, cd, k, K);
   dot = warp_sum(dot);
-  for (int64_t k = lane; k < KG; k += kWarp) ds[row * KG + k] = softmax_backward(a[k], assign_grad(g, cd, k, K), dot);
+  acc_t* out = lhs + row * (KG + K);
+  for (int64_t k = lane; k < KG; k += kWarp) out[k] = softmax_backward(a[k], assign_grad(g, cd, k, K), dot);
+  for (int64_t k = lane; k < K; k += kWarp) out[KG + k] = a[k];
 }
 
 // Thread per (k, d): grad_c[k,d] = -sum_b asum[b,k] dV[b,k,d].
@@ -213,8 +218,8 @@ struct CudaKernels {
     });
   }
 
-  static void norm_backward(at::Tensor& dv, const at::Tensor& vlad, const at::Tensor& centroids, bool normalize,
-                            at::Tensor& cdv) {
+  static void norm_backward(const at::Tensor& grad, const at::Tensor& vlad, const at::Tensor& centroids,
+                            bool normalize, at::Tensor& dv, at::Tensor& cdv) {
     const int64_t B = dv.size(0), K = dv.size(1), D = dv.size(2);
     if (B == 0) return;
     at::Tensor sumsq = at::empty({B, K}, dv.options()), vdy = at::empty({B, K}, dv.options());
@@ -222,27 +227,28 @@ struct CudaKernels {
     AT_DISPATCH_FLOATING_TYPES(dv.scalar_type(), "netvlad_norm_backward_cuda", [&] {
       if (normalize) {
         norm_stats_kernel<scalar_t><<<B * K, kVecThreads, 0, stream>>>(
-            vlad.data_ptr<scalar_t>(), dv.data_ptr<scalar_t>(), sumsq.data_ptr<scalar_t>(), vdy.data_ptr<scalar_t>(),
-            D);
+            vlad.data_ptr<scalar_t>(), grad.data_ptr<scalar_t>(), sumsq.data_ptr<scalar_t>(),
+            vdy.data_ptr<scalar_t>(), D);
         C10_CUDA_KERNEL_LAUNCH_CHECK();
       }
       norm_backward_kernel<scalar_t><<<B * K, kVecThreads, 0, stream>>>(
-          dv.data_ptr<scalar_t>(), normalize ? vlad.data_ptr<scalar_t>() : nullptr, centroids.data_ptr<scalar_t>(),
-          sumsq.data_ptr<scalar_t>(), vdy.data_ptr<scalar_t>(), cdv.data_ptr<scalar_t>(), K, D, normalize);
+          grad.data_ptr<scalar_t>(), normalize ? vlad.data_ptr<scalar_t>() : nullptr,
+          centroids.data_ptr<scalar_t>(), sumsq.data_ptr<scalar_t>(), vdy.data_ptr<scalar_t>(),
+          dv.data_ptr<scalar_t>(), cdv.data_ptr<scalar_t>(), K, D, normalize);
       C10_CUDA_KERNEL_LAUNCH_CHECK();
     });
   }
 
   static void assign_backward(const at::Tensor& assign, const at::Tensor& da, const at::Tensor& cdv,
-                              at::Tensor& ds) {
+                              at::Tensor& lhs) {
     const int64_t B = assign.size(0), M = assign.size(1), KG = assign.size(2), K = da.size(2);
     const int64_t rows = B * M;
     if (rows == 0) return;
     auto stream = at::cuda::getCurrentCUDAStream();
     AT_DISPATCH_FLOATING_TYPES(assign.scalar_type(), "netvlad_assign_backward_cuda", [&] {
       assign_backward_kernel<scalar_t><<<ceil_div(rows, kRowThreads / kWarp), kRowThreads, 0, stream>>>(
-          assign.data_ptr<scalar_t>(), da.data_ptr<scalar_t>(), cdv.data_ptr<scalar_t>(), ds.data_ptr<scalar_t>(),
-          rows, M, K, KG);
+          assign.data_ptr<scalar_t>(), da.data_ptr<scalar_t>(), cdv.data_ptr<scalar_t>(),
+          lhs.data_ptr<scalar_t>(), rows, M, K, KG);
       C10_CUDA_KERNEL_LAUNCH_CHECK();
     });
   }
