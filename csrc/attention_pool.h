@@ -37,42 +37,45 @@ MVFAST_HD acc_t neg_inf() {
 }
 
 // Running state of an online softmax over a stream of scores: m is the largest score seen (-inf before
-// the first) and s = sum exp(score - m). Adding one score returns p = exp(score - m_new) and the factor
-// by which the weighted sum kept so far must be rescaled (1 unless the maximum moved).
+// the first valid one) and s = sum exp(score - m). A block of scores (one row on the CPU, a tile of rows
+// on the GPU) with maximum block_max is added in three steps:
+//   rescale = online_rescale(m, block_max)   m becomes the new maximum
+//   p_i     = online_prob(score_i, m)        for each score of the block (-inf for a masked one)
+//   s       = s * rescale + sum_i p_i        and the running weighted sum: acc * rescale + sum_i p_i x_i
 template <typename acc_t>
-MVFAST_HD void online_add(acc_t& m, acc_t& s, acc_t score, acc_t& p, acc_t& rescale) {
-  if (score > m) {
-    rescale = exp_(m - score);  // exp(-inf) = 0 for the first score
-    p = acc_t(1);
-    m = score;
-  } else {
-    rescale = acc_t(1);
-    p = exp_(score - m);
-  }
-  s = s * rescale + p;
+MVFAST_HD acc_t online_rescale(acc_t& m, acc_t block_max) {
+  const acc_t mn = block_max > m ? block_max : m;
+  // Nothing valid seen yet (both -inf): the running sums are 0, keep them so instead of exp(NaN).
+  const acc_t r = mn == neg_inf<acc_t>() ? acc_t(1) : exp_(m - mn);
+  m = mn;
+  return r;
 }
 
-// Merges a finished split (m_part, s_part) into the running (m, s) and returns the factors for the
-// running weighted sum and for the split's. An empty split (s_part = 0, m_part = -inf) changes nothing.
 template <typename acc_t>
-MVFAST_HD void online_merge(acc_t& m, acc_t& s, acc_t m_part, acc_t s_part, acc_t& scale, acc_t& scale_part) {
-  if (!(s_part > acc_t(0))) {
-    scale = acc_t(1);
-    scale_part = acc_t(0);
-    return;
-  }
+MVFAST_HD acc_t online_prob(acc_t score, acc_t m) {
+  return score == neg_inf<acc_t>() ? acc_t(0) : exp_(score - m);
+}
+
+// Merges a finished split (m_part, s_part) into the running (m, s). An empty split (s_part = 0,
+// m_part = -inf) changes nothing.
+template <typename acc_t>
+MVFAST_HD void online_merge(acc_t& m, acc_t& s, acc_t m_part, acc_t s_part) {
+  if (!(s_part > acc_t(0))) return;
   if (!(s > acc_t(0))) {
     m = m_part;
     s = s_part;
-    scale = acc_t(0);
-    scale_part = acc_t(1);
     return;
   }
   const acc_t mn = m > m_part ? m : m_part;
-  scale = exp_(m - mn);
-  scale_part = exp_(m_part - mn);
-  s = s * scale + s_part * scale_part;
+  s = s * exp_(m - mn) + s_part * exp_(m_part - mn);
   m = mn;
+}
+
+// The factor of a split's weighted sum in the merged one, once every split is merged into the maximum m:
+// exp(m_part - m), 0 for an empty split.
+template <typename acc_t>
+MVFAST_HD acc_t split_factor(acc_t m_part, acc_t s_part, acc_t m) {
+  return s_part > acc_t(0) ? exp_(m_part - m) : acc_t(0);
 }
 
 // Log-sum-exp of a finished softmax. A sample with no valid position gets +inf, so that every weight

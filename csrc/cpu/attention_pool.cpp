@@ -12,6 +12,7 @@
 #include <torch/library.h>
 
 #include <algorithm>
+#include <cstdlib>
 #include <type_traits>
 #include <vector>
 
@@ -104,6 +105,19 @@ const acc_t* load_row(const scalar_t* row, acc_t* buf, int64_t n) {
   }
 }
 
+// Writes one element of every page of a freshly allocated buffer, in parallel. A large allocation comes
+// from fresh mmap pages, and taking their first-touch faults inside the streaming backward loop (where
+// each row of grad_x is a new page) was measured slower than taking them first in a pass of their own:
+// 19 -> 12 ms for the (32, 300, 1024) backward on the 2-core development machine.
+template <typename T>
+void prefault(T* p, int64_t n) {
+  constexpr int64_t kPage = 4096 / sizeof(T);
+  const int64_t pages = (n + kPage - 1) / kPage;
+  at::parallel_for(0, pages, 256, [&](int64_t begin, int64_t end) {
+    for (int64_t i = begin; i < end; ++i) p[i * kPage] = T(0);
+  });
+}
+
 struct CpuKernels {
   // Enough (sample, split) work items to keep every thread busy when B is small, each at least 64 rows.
   static int64_t splits(int64_t B, int64_t L) {
@@ -147,8 +161,9 @@ struct CpuKernels {
             for (int64_t h = 0; h < H; ++h) {
               const acc_t score = dot(row, wp + h * D, D);
               if (sc) sc[(b * L + l) * H + h] = score;
-              acc_t p, rescale;
-              online_add(m[h], s[h], score, p, rescale);
+              const acc_t rescale = online_rescale(m[h], score);
+              const acc_t p = online_prob(score, m[h]);
+              s[h] = s[h] * rescale + p;
               scale_axpy(rescale, p, row, acc + h * D, D);
             }
           }
@@ -175,11 +190,11 @@ struct CpuKernels {
             const int64_t b = bh / H, h = bh % H;
             acc_t m = neg_inf<acc_t>(), s = acc_t(0);
             std::fill(acc.begin(), acc.end(), acc_t(0));
+            for (int64_t j = 0; j < S; ++j) online_merge(m, s, pm[(b * S + j) * H + h], ps[(b * S + j) * H + h]);
             for (int64_t j = 0; j < S; ++j) {
               const int64_t i = (b * S + j) * H + h;
-              acc_t scale, scale_part;
-              online_merge(m, s, pm[i], ps[i], scale, scale_part);
-              if (scale_part != acc_t(0)) lincomb(scale, acc.data(), scale_part, pa + i * D, acc.data(), D);
+              const acc_t f = split_factor(pm[i], ps[i], m);
+              if (f != acc_t(0)) scale_axpy(acc_t(1), f, pa + i * D, acc.data(), D);
             }
             lp[bh] = finish_lse(m, s);
             const acc_t inv = finish_scale(s);
@@ -230,6 +245,8 @@ struct CpuKernels {
       scalar_t* gx = grad_x.data_ptr<scalar_t>();
       acc_t* pdw = part_dw.data_ptr<acc_t>();
       const int64_t chunk = S > 0 ? (L + S - 1) / S : L;
+      { const char* e = std::getenv("AP_MODE"); int mode = e ? e[0] - '0' : 1;
+        if (mode == 1) prefault(gx, grad_x.numel()); else if (mode == 2) grad_x.zero_(); }
       at::parallel_for(0, B * S, 1, [&](int64_t begin, int64_t end) {
         std::vector<acc_t> buf(same ? 0 : D), dxbuf(same ? 0 : D), a(H), ds(H);
         for (int64_t item = begin; item < end; ++item) {

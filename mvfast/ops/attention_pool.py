@@ -175,8 +175,9 @@ def _ap_combine_kernel(
     m_ref = tl.where(m == float("-inf"), 0.0, m)
     scale = tl.where(sj > 0, tl.exp(mj - m_ref), 0.0)  # an empty split weighs nothing
     s = tl.sum(sj * scale, axis=0)
-    inv = tl.where(s > 0, 1.0 / s, 0.0)
-    lse = tl.where(s > 0, m_ref + tl.log(s), float("inf"))  # +inf: every weight exp(s - lse) is 0
+    s_safe = tl.where(s > 0, s, 1.0)
+    inv = tl.where(s > 0, 1.0 / s_safe, 0.0)
+    lse = tl.where(s > 0, m_ref + tl.log(s_safe), float("inf"))  # +inf: every weight exp(s - lse) is 0
     tl.store(lse_ptr + b * H + h, lse)
     for d0 in range(0, D, BLOCK_D):
         d = d0 + tl.arange(0, BLOCK_D)
@@ -255,6 +256,7 @@ def _ap_backward_kernel(
 
 
 _TRITON_MAX_HEADS = 16
+_CUDA_MAX_HEADS = 512  # kMaxHeads in csrc/cuda/attention_pool.cu
 
 
 def _triton_blocks(D: int, H: int) -> tuple[int, int, int]:
@@ -409,6 +411,8 @@ _attention_pool_op.register_autograd(_backward, setup_context=_setup_context)
 
 def _op_reasons(backend: str, x: Tensor, weight: Tensor) -> list[str]:
     """This op's own limits per kernel backend, beyond the device checks of mvfast._backend."""
+    if backend == "cuda" and weight.shape[0] > _CUDA_MAX_HEADS:
+        return [f"the cuda kernels hold up to {_CUDA_MAX_HEADS} heads in shared memory; H is {weight.shape[0]}"]
     if backend != "triton":
         return []
     reasons = []
