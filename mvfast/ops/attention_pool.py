@@ -20,7 +20,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from mvfast import _backend, _ext  # noqa: F401  (_ext registers the compiled ops)
+from mvfast import _backend
 from mvfast.ops import _checks
 from mvfast.ops._triton import dot_precision, next_pow2, tl, triton
 
@@ -182,7 +182,8 @@ def _ap_combine_kernel(
     for d0 in range(0, D, BLOCK_D):
         d = d0 + tl.arange(0, BLOCK_D)
         d_ok = d < D
-        accs = tl.load(pacc_ptr + part[:, None] * D + d[None, :], mask=j_ok[:, None] & d_ok[None, :], other=0.0)
+        accs = tl.load(pacc_ptr + part[:, None] * D + d[None, :], mask=j_ok[:, None] & d_ok[None, :],
+                       other=0.0)
         o = tl.sum(accs * scale[:, None], axis=0) * inv
         tl.store(out_ptr + (b * H + h) * D + d, o.to(out_ptr.dtype.element_ty), mask=d_ok)
     if WRITE_WEIGHTS:
@@ -248,8 +249,8 @@ def _ap_backward_kernel(
             dvt = tl.load(dv_base + off, mask=hd_ok, other=0.0)
             dx = tl.dot(a, dvt, input_precision=PREC)
             dx = tl.dot(ds, wt.to(tl.float32), dx, input_precision=PREC)
-            tl.store(dx_ptr + b * sdxb + rows[:, None] * sdxl + d[None, :] * sdxd, dx.to(dx_ptr.dtype.element_ty),
-                     mask=r_ok[:, None] & d_ok[None, :])
+            tl.store(dx_ptr + b * sdxb + rows[:, None] * sdxl + d[None, :] * sdxd,
+                     dx.to(dx_ptr.dtype.element_ty), mask=r_ok[:, None] & d_ok[None, :])
             dw = tl.load(dw_base + off, mask=hd_ok, other=0.0)
             dw = tl.dot(dst, xt.to(tl.float32), dw, input_precision=PREC)
             tl.store(dw_base + off, dw, mask=hd_ok)
@@ -266,7 +267,9 @@ def _triton_blocks(D: int, H: int) -> tuple[int, int, int]:
 def _triton_splits(B: int, L: int, block_l: int, device: torch.device) -> tuple[int, int]:
     """(S, CHUNK): the rows of a sample cut into S splits of CHUNK rows (a multiple of the tile), enough
     programs to fill the GPU when B is small."""
-    target = 2 * torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 4
+    target = 4
+    if device.type == "cuda":
+        target = 2 * torch.cuda.get_device_properties(device).multi_processor_count
     s = max(1, min(triton.cdiv(target, max(B, 1)), triton.cdiv(L, block_l)))
     chunk = triton.cdiv(triton.cdiv(max(L, 1), s), block_l) * block_l
     return triton.cdiv(max(L, 1), chunk), chunk
@@ -350,7 +353,7 @@ def _attention_pool_op(
 
 
 @_attention_pool_op.register_fake
-def _(x, weight, bias, mask, return_weights, backend):
+def _attention_pool_fake(x, weight, bias, mask, return_weights, backend=None):
     B, L, D = x.shape
     H = weight.shape[0]
     out = x.new_empty((B, H, D))
@@ -377,8 +380,16 @@ def _attention_pool_backward_op(
 
 
 @_attention_pool_backward_op.register_fake
-def _(grad_out, grad_weights, x, weight, mask, out, lse, weights, backend):
+def _attention_pool_backward_fake(grad_out, grad_weights, x, weight, mask, out, lse, weights, backend=None):
     return x.new_empty(x.shape), torch.empty_like(weight)
+
+
+if hasattr(torch.ops.mvfast, "attention_pool_fwd"):  # the compiled kernel ops, when mvfast._C is loaded
+    torch.library.register_fake(
+        "mvfast::attention_pool_fwd",
+        lambda x, weight, mask, return_weights: _attention_pool_fake(x, weight, None, mask, return_weights),
+    )
+    torch.library.register_fake("mvfast::attention_pool_bwd", _attention_pool_backward_fake)
 
 
 def _setup_context(ctx, inputs, output):
@@ -395,7 +406,8 @@ def _setup_context(ctx, inputs, output):
 def _backward(ctx, grad_out, grad_weights, _grad_lse):
     x, weight, mask, out, lse, weights = ctx.saved_tensors
     grad_x, grad_w = torch.ops.mvfast.attention_pool_backward(
-        grad_out, grad_weights if ctx.return_weights else None, x, weight, mask, out, lse, weights, ctx.backend
+        grad_out, grad_weights if ctx.return_weights else None, x, weight, mask, out, lse, weights,
+        ctx.backend,
     )
     # The bias cancels in the softmax over l: its gradient is exactly zero.
     grad_b = weight.new_zeros((weight.shape[0],)) if ctx.has_bias else None
@@ -411,15 +423,16 @@ _attention_pool_op.register_autograd(_backward, setup_context=_setup_context)
 
 def _op_reasons(backend: str, x: Tensor, weight: Tensor) -> list[str]:
     """This op's own limits per kernel backend, beyond the device checks of mvfast._backend."""
-    if backend == "cuda" and weight.shape[0] > _CUDA_MAX_HEADS:
-        return [f"the cuda kernels hold up to {_CUDA_MAX_HEADS} heads in shared memory; H is {weight.shape[0]}"]
+    H = weight.shape[0]
+    if backend == "cuda" and H > _CUDA_MAX_HEADS:
+        return [f"the cuda kernels hold up to {_CUDA_MAX_HEADS} heads in shared memory; H is {H}"]
     if backend != "triton":
         return []
     reasons = []
     if x.dtype == torch.float64:
         reasons.append("the triton kernels take float32, float16 and bfloat16, not float64")
-    if weight.shape[0] > _TRITON_MAX_HEADS:
-        reasons.append(f"the triton kernels hold up to {_TRITON_MAX_HEADS} heads in a tile; H is {weight.shape[0]}")
+    if H > _TRITON_MAX_HEADS:
+        reasons.append(f"the triton kernels hold up to {_TRITON_MAX_HEADS} heads in a tile; H is {H}")
     return reasons
 
 
