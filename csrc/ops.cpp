@@ -19,6 +19,16 @@ TORCH_LIBRARY(mvfast, m) {
   m.def(
       "netvlad_bwd(Tensor grad_out, Tensor x, Tensor weight, Tensor centroids, Tensor assign, "
       "Tensor vlad, int ghost_clusters, bool normalize) -> (Tensor, Tensor, Tensor, Tensor)");
+
+  // attention_pool (see mvfast/ops/attention_pool.py). Returns (out, weights, lse):
+  //   out     (B, H, D) in x's dtype
+  //   weights (B, L, H) in x's dtype when return_weights, else an empty tensor
+  //   lse     (B, H) float32 log-sum-exp of the valid scores (+inf where none is), saved for backward
+  m.def("attention_pool_fwd(Tensor x, Tensor weight, Tensor? mask, bool return_weights) -> (Tensor, Tensor, Tensor)");
+  // Returns (grad_x, grad_weight). grad_weights and weights are given when the weights were an output.
+  m.def(
+      "attention_pool_bwd(Tensor grad_out, Tensor? grad_weights, Tensor x, Tensor weight, Tensor? mask, "
+      "Tensor out, Tensor lse, Tensor? weights) -> (Tensor, Tensor)");
 }
 
 #ifndef MVFAST_CUDA_VERSION

@@ -1,0 +1,467 @@
+"""Attention pooling: a softmax over the local features of a set, per head (paper eq. 10-13).
+
+    s[b,l,h] = x[b,l] . weight[h] + bias[h]          positions where mask is False are excluded
+    a[b,:,h] = softmax over l of s[b,:,h]             (a sample with no valid position gets a = 0)
+    out[b,h] = sum_l a[b,l,h] x[b,l]                  (B, H, D); with return_weights also a (B, L, H)
+
+The bias is constant over l for each head, so it cancels in the softmax: the kernels leave it out (their
+results are the same, their scores are not rounded to the bias's magnitude) and its gradient is exactly
+zero. Every kernel reads x once in forward with an online softmax (running max, running sum, running
+weighted sum) and saves only the log-sum-exp (B, H) besides x, weight, mask and out; backward
+recomputes a from it in one more pass over x that also writes grad_x.
+
+This module holds the pure PyTorch reference (ground truth and fallback), the Triton kernels, and the
+registration of the custom op ``mvfast::attention_pool`` with its fake kernel and autograd; the CPU and
+CUDA kernels are in ``csrc/cpu/attention_pool.cpp`` and ``csrc/cuda/attention_pool.cu``.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from mvfast import _backend
+from mvfast.ops import _checks
+from mvfast.ops._triton import dot_precision, next_pow2, tl, triton
+
+OP = "attention_pool"
+_LOW_PRECISION = (torch.float16, torch.bfloat16)
+
+
+def _validate(x, weight, bias, mask) -> None:
+    _checks.tensor(OP, "x", x, ndim=3)
+    B, L, D = x.shape
+    _checks.tensor(OP, "weight", weight, ndim=2)
+    if weight.shape[0] < 1:
+        raise ValueError(f"{OP}: weight must hold at least one head, got shape {tuple(weight.shape)}")
+    H = weight.shape[0]
+    _checks.tensor(OP, "weight", weight, shape=(H, D))
+    if bias is not None:
+        _checks.tensor(OP, "bias", bias, ndim=1, shape=(H,))
+    if mask is not None:
+        _checks.tensor(OP, "mask", mask, dtypes=(torch.bool,), shape=(B, L))
+    _checks.same_dtype(OP, "x", x, weight=weight, bias=bias)
+    _checks.same_device(OP, "x", x, weight=weight, bias=bias, mask=mask)
+
+
+# ---------------------------------------------------------------------------------------------------
+# Reference
+
+
+def attention_pool_reference(
+    x: Tensor,
+    weight: Tensor,
+    bias: Tensor | None = None,
+    mask: Tensor | None = None,
+    return_weights: bool = False,
+) -> Tensor | tuple[Tensor, Tensor]:
+    """Pure PyTorch attention pooling, written from the formulas; differentiable by autograd.
+
+    float16 / bfloat16 inputs are computed in float32 and the results cast back, as the kernels do.
+    """
+    dtype = x.dtype
+    if dtype in _LOW_PRECISION:
+        x, weight = x.float(), weight.float()
+        bias = None if bias is None else bias.float()
+    out, a = attention_pool_math(x, weight, bias, mask)
+    if return_weights:
+        return out.to(dtype), a.to(dtype)
+    return out.to(dtype)
+
+
+def attention_pool_math(x, weight, bias, mask):
+    """The formulas in the dtype of the inputs; returns (out (B, H, D), a (B, L, H)). The reference
+    upcasts first; tests also run this in low precision to measure the error PyTorch itself makes there."""
+    s = x @ weight.t()  # (B, L, H)
+    if bias is not None:
+        s = s + bias
+    if mask is not None:
+        s = s.masked_fill(~mask.unsqueeze(-1), float("-inf"))
+    # A softmax that gives 0, not NaN, over a sample with no valid position (and no NaN in its gradient).
+    m = s.detach().amax(dim=1, keepdim=True)
+    m = torch.where(torch.isfinite(m), m, torch.zeros_like(m))
+    e = torch.exp(s - m)  # exp(-inf) = 0 at masked positions
+    den = e.sum(dim=1, keepdim=True)  # (B, 1, H), >= 1 unless the sample has no valid position
+    a = e / torch.where(den > 0, den, torch.ones_like(den))
+    out = a.transpose(1, 2) @ x  # (B, H, D)
+    return out, a
+
+
+# ---------------------------------------------------------------------------------------------------
+# Triton kernels
+#
+# Forward: (1) a program per (sample, split of its rows) streams its rows in tiles of BLOCK_L: the scores
+# of a tile over D chunks, then the online-softmax update of the running weighted sum over D chunks again
+# (the second read of the tile comes from cache); it leaves (max, sum, weighted sum) per head; (2) a
+# program per (sample, head) merges the splits into out and lse, and writes the weights when asked.
+# Backward: a program per (sample, split) recomputes the scores, a = exp(s - lse) and x . dv for a tile,
+# then writes grad_x = a dv + ds w and adds ds^T x to its own slice of the weight-gradient partials; the
+# partials are summed at the end. Products with a float32 intermediate (p, a, ds, dv) run in float32,
+# 16-bit x upcast (exact); the scores take 16-bit x and weight as they are, accumulating in float32.
+
+
+@triton.jit
+def _ap_forward_kernel(
+    x_ptr, w_ptr, mask_ptr, scores_ptr, pm_ptr, ps_ptr, pacc_ptr,
+    L, D, H, S, CHUNK,
+    sxb, sxl, sxd, swh, swd,
+    HAS_MASK: tl.constexpr, WRITE_SCORES: tl.constexpr, PREC: tl.constexpr,
+    BLOCK_L: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_H: tl.constexpr,
+):
+    b = tl.program_id(0).to(tl.int64)
+    split = tl.program_id(1)
+    item = b * S + split
+    hs = tl.arange(0, BLOCK_H)
+    h_ok = hs < H
+    m = tl.full((BLOCK_H,), float("-inf"), dtype=tl.float32)
+    s = tl.zeros((BLOCK_H,), dtype=tl.float32)
+    acc_base = pacc_ptr + item * H * D
+    l_start = split * CHUNK
+    l_end = tl.minimum(L, l_start + CHUNK)
+    for l0 in range(l_start, l_end, BLOCK_L):
+        rows = l0 + tl.arange(0, BLOCK_L)
+        valid = rows < l_end
+        if HAS_MASK:
+            valid = valid & (tl.load(mask_ptr + b * L + rows, mask=valid, other=0) != 0)
+        sc = tl.zeros((BLOCK_L, BLOCK_H), dtype=tl.float32)
+        for d0 in range(0, D, BLOCK_D):
+            d = d0 + tl.arange(0, BLOCK_D)
+            d_ok = d < D
+            xt = tl.load(x_ptr + b * sxb + rows[:, None] * sxl + d[None, :] * sxd,
+                         mask=valid[:, None] & d_ok[None, :], other=0.0)
+            wt = tl.load(w_ptr + hs[None, :] * swh + d[:, None] * swd,
+                         mask=h_ok[None, :] & d_ok[:, None], other=0.0)  # (BLOCK_D, BLOCK_H)
+            sc = tl.dot(xt, wt, sc, input_precision=PREC)
+        sc = tl.where(valid[:, None], sc, float("-inf"))
+        if WRITE_SCORES:
+            tl.store(scores_ptr + (b * L + rows[:, None]) * H + hs[None, :], sc,
+                     mask=(rows < l_end)[:, None] & h_ok[None, :])
+        m_new = tl.maximum(m, tl.max(sc, axis=0))
+        # Until a head has seen a valid score its max is -inf; subtract 0 then, so that p = 0, not NaN.
+        m_ref = tl.where(m_new == float("-inf"), 0.0, m_new)
+        alpha = tl.exp(m - m_ref)
+        p = tl.exp(sc - m_ref[None, :])  # (BLOCK_L, BLOCK_H), 0 at masked rows
+        s = s * alpha + tl.sum(p, axis=0)
+        m = m_new
+        pt = tl.trans(p)
+        for d0 in range(0, D, BLOCK_D):
+            d = d0 + tl.arange(0, BLOCK_D)
+            d_ok = d < D
+            xt = tl.load(x_ptr + b * sxb + rows[:, None] * sxl + d[None, :] * sxd,
+                         mask=valid[:, None] & d_ok[None, :], other=0.0)
+            off = hs[:, None] * D + d[None, :]
+            hd_ok = h_ok[:, None] & d_ok[None, :]
+            acc = tl.load(acc_base + off, mask=hd_ok, other=0.0)
+            acc = tl.dot(pt, xt.to(tl.float32), acc * alpha[:, None], input_precision=PREC)
+            tl.store(acc_base + off, acc, mask=hd_ok)
+    tl.store(pm_ptr + item * H + hs, m, mask=h_ok)
+    tl.store(ps_ptr + item * H + hs, s, mask=h_ok)
+
+
+@triton.jit
+def _ap_combine_kernel(
+    pm_ptr, ps_ptr, pacc_ptr, out_ptr, lse_ptr, scores_ptr, weights_ptr,
+    L, D, H, S,
+    WRITE_WEIGHTS: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_L: tl.constexpr,
+):
+    b = tl.program_id(0).to(tl.int64)
+    h = tl.program_id(1)
+    js = tl.arange(0, BLOCK_S)
+    j_ok = js < S
+    part = (b * S + js) * H + h
+    mj = tl.load(pm_ptr + part, mask=j_ok, other=float("-inf"))
+    sj = tl.load(ps_ptr + part, mask=j_ok, other=0.0)
+    m = tl.max(mj, axis=0)
+    m_ref = tl.where(m == float("-inf"), 0.0, m)
+    scale = tl.where(sj > 0, tl.exp(mj - m_ref), 0.0)  # an empty split weighs nothing
+    s = tl.sum(sj * scale, axis=0)
+    s_safe = tl.where(s > 0, s, 1.0)
+    inv = tl.where(s > 0, 1.0 / s_safe, 0.0)
+    lse = tl.where(s > 0, m_ref + tl.log(s_safe), float("inf"))  # +inf: every weight exp(s - lse) is 0
+    tl.store(lse_ptr + b * H + h, lse)
+    for d0 in range(0, D, BLOCK_D):
+        d = d0 + tl.arange(0, BLOCK_D)
+        d_ok = d < D
+        accs = tl.load(pacc_ptr + part[:, None] * D + d[None, :], mask=j_ok[:, None] & d_ok[None, :],
+                       other=0.0)
+        o = tl.sum(accs * scale[:, None], axis=0) * inv
+        tl.store(out_ptr + (b * H + h) * D + d, o.to(out_ptr.dtype.element_ty), mask=d_ok)
+    if WRITE_WEIGHTS:
+        for l0 in range(0, L, BLOCK_L):
+            rows = l0 + tl.arange(0, BLOCK_L)
+            r_ok = rows < L
+            sc = tl.load(scores_ptr + (b * L + rows) * H + h, mask=r_ok, other=float("-inf"))
+            a = tl.exp(sc - lse)  # masked rows hold -inf
+            tl.store(weights_ptr + (b * L + rows) * H + h, a.to(weights_ptr.dtype.element_ty), mask=r_ok)
+
+
+@triton.jit
+def _ap_backward_kernel(
+    x_ptr, w_ptr, dv_ptr, lse_ptr, c_ptr, ga_ptr, mask_ptr, dx_ptr, pdw_ptr,
+    L, D, H, S, CHUNK,
+    sxb, sxl, sxd, swh, swd, sdxb, sdxl, sdxd,
+    HAS_MASK: tl.constexpr, HAS_GA: tl.constexpr, PREC: tl.constexpr,
+    BLOCK_L: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_H: tl.constexpr,
+):
+    b = tl.program_id(0).to(tl.int64)
+    split = tl.program_id(1)
+    item = b * S + split
+    hs = tl.arange(0, BLOCK_H)
+    h_ok = hs < H
+    lse = tl.load(lse_ptr + b * H + hs, mask=h_ok, other=float("inf"))
+    c = tl.load(c_ptr + b * H + hs, mask=h_ok, other=0.0)
+    dv_base = dv_ptr + b * H * D
+    dw_base = pdw_ptr + item * H * D
+    l_start = split * CHUNK
+    l_end = tl.minimum(L, l_start + CHUNK)
+    for l0 in range(l_start, l_end, BLOCK_L):
+        rows = l0 + tl.arange(0, BLOCK_L)
+        r_ok = rows < l_end
+        valid = r_ok
+        if HAS_MASK:
+            valid = valid & (tl.load(mask_ptr + b * L + rows, mask=r_ok, other=0) != 0)
+        sc = tl.zeros((BLOCK_L, BLOCK_H), dtype=tl.float32)
+        da = tl.zeros((BLOCK_L, BLOCK_H), dtype=tl.float32)
+        for d0 in range(0, D, BLOCK_D):
+            d = d0 + tl.arange(0, BLOCK_D)
+            d_ok = d < D
+            xt = tl.load(x_ptr + b * sxb + rows[:, None] * sxl + d[None, :] * sxd,
+                         mask=valid[:, None] & d_ok[None, :], other=0.0)
+            dh_ok = h_ok[None, :] & d_ok[:, None]
+            wt = tl.load(w_ptr + hs[None, :] * swh + d[:, None] * swd, mask=dh_ok, other=0.0)
+            dvt = tl.load(dv_base + hs[None, :] * D + d[:, None], mask=dh_ok, other=0.0)
+            sc = tl.dot(xt, wt, sc, input_precision=PREC)
+            da = tl.dot(xt.to(tl.float32), dvt, da, input_precision=PREC)
+        ok = valid[:, None] & h_ok[None, :]
+        a = tl.where(ok, tl.exp(sc - lse[None, :]), 0.0)
+        if HAS_GA:
+            da += tl.load(ga_ptr + (b * L + rows[:, None]) * H + hs[None, :], mask=ok, other=0.0)
+        ds = tl.where(ok, a * (da - c[None, :]), 0.0)
+        dst = tl.trans(ds)
+        for d0 in range(0, D, BLOCK_D):
+            d = d0 + tl.arange(0, BLOCK_D)
+            d_ok = d < D
+            xt = tl.load(x_ptr + b * sxb + rows[:, None] * sxl + d[None, :] * sxd,
+                         mask=valid[:, None] & d_ok[None, :], other=0.0)
+            hd_ok = h_ok[:, None] & d_ok[None, :]
+            off = hs[:, None] * D + d[None, :]
+            wt = tl.load(w_ptr + hs[:, None] * swh + d[None, :] * swd, mask=hd_ok, other=0.0)
+            dvt = tl.load(dv_base + off, mask=hd_ok, other=0.0)
+            dx = tl.dot(a, dvt, input_precision=PREC)
+            dx = tl.dot(ds, wt.to(tl.float32), dx, input_precision=PREC)
+            tl.store(dx_ptr + b * sdxb + rows[:, None] * sdxl + d[None, :] * sdxd,
+                     dx.to(dx_ptr.dtype.element_ty), mask=r_ok[:, None] & d_ok[None, :])
+            dw = tl.load(dw_base + off, mask=hd_ok, other=0.0)
+            dw = tl.dot(dst, xt.to(tl.float32), dw, input_precision=PREC)
+            tl.store(dw_base + off, dw, mask=hd_ok)
+
+
+_TRITON_MAX_HEADS = 16
+_CUDA_MAX_HEADS = 512  # kMaxHeads in csrc/cuda/attention_pool.cu
+
+
+def _triton_blocks(D: int, H: int) -> tuple[int, int, int]:
+    return 32, min(128, next_pow2(D)), next_pow2(H)
+
+
+def _triton_splits(B: int, L: int, block_l: int, device: torch.device) -> tuple[int, int]:
+    """(S, CHUNK): the rows of a sample cut into S splits of CHUNK rows (a multiple of the tile), enough
+    programs to fill the GPU when B is small."""
+    target = 4
+    if device.type == "cuda":
+        target = 2 * torch.cuda.get_device_properties(device).multi_processor_count
+    s = max(1, min(triton.cdiv(target, max(B, 1)), triton.cdiv(L, block_l)))
+    chunk = triton.cdiv(triton.cdiv(max(L, 1), s), block_l) * block_l
+    return triton.cdiv(max(L, 1), chunk), chunk
+
+
+def _triton_forward(x, weight, mask, return_weights):
+    B, L, D = x.shape
+    H = weight.shape[0]
+    block_l, block_d, block_h = _triton_blocks(D, H)
+    S, chunk = _triton_splits(B, L, block_l, x.device)
+    out = x.new_empty((B, H, D))
+    lse = x.new_empty((B, H), dtype=torch.float32)
+    weights = x.new_empty((B, L, H) if return_weights else (0,))
+    if B == 0:
+        return out, weights, lse
+    part_m = x.new_empty((B, S, H), dtype=torch.float32)
+    part_s = torch.empty_like(part_m)
+    part_acc = x.new_zeros((B, S, H, D), dtype=torch.float32)
+    scores = x.new_empty((B, L, H), dtype=torch.float32) if return_weights else part_m
+    mask_u8 = mask.contiguous().view(torch.uint8) if mask is not None else part_m
+    _ap_forward_kernel[(B, S)](
+        x, weight, mask_u8, scores, part_m, part_s, part_acc,
+        L, D, H, S, chunk, *x.stride(), *weight.stride(),
+        HAS_MASK=mask is not None, WRITE_SCORES=return_weights, PREC=dot_precision(x.dtype),
+        BLOCK_L=block_l, BLOCK_D=block_d, BLOCK_H=block_h,
+    )
+    _ap_combine_kernel[(B, H)](
+        part_m, part_s, part_acc, out, lse, scores, weights if return_weights else out,
+        L, D, H, S,
+        WRITE_WEIGHTS=return_weights, BLOCK_S=next_pow2(S, 2), BLOCK_D=block_d, BLOCK_L=128,
+    )
+    return out, weights, lse
+
+
+def _triton_backward(grad_out, grad_weights, x, weight, mask, out, lse, weights):
+    B, L, D = x.shape
+    H = weight.shape[0]
+    block_l, block_d, block_h = _triton_blocks(D, H)
+    S, chunk = _triton_splits(B, L, block_l, x.device)
+    grad_x = torch.empty_like(x, memory_format=torch.contiguous_format)
+    if B == 0:
+        return grad_x, torch.zeros_like(weight)
+    dv = grad_out.float().contiguous()
+    c = (out.float() * dv).sum(-1)  # (B, H): sum_l a (x . dv) = out . dv
+    has_ga = grad_weights is not None and weights is not None and weights.numel() > 0
+    ga = grad_weights.float().contiguous() if has_ga else dv
+    if has_ga:
+        c = c + (weights.float() * ga).sum(1)
+    part_dw = x.new_zeros((B * S, H, D), dtype=torch.float32)
+    mask_u8 = mask.contiguous().view(torch.uint8) if mask is not None else dv
+    _ap_backward_kernel[(B, S)](
+        x, weight, dv, lse.contiguous(), c.contiguous(), ga, mask_u8, grad_x, part_dw,
+        L, D, H, S, chunk, *x.stride(), *weight.stride(), *grad_x.stride(),
+        HAS_MASK=mask is not None, HAS_GA=has_ga, PREC=dot_precision(x.dtype),
+        BLOCK_L=block_l, BLOCK_D=block_d, BLOCK_H=block_h,
+    )
+    return grad_x, part_dw.sum(0).to(weight.dtype)
+
+
+# ---------------------------------------------------------------------------------------------------
+# Custom ops: forward returns (out, weights, lse); lse (and weights, when asked for) is saved for
+# backward. bias is an input only so that autograd gives it its (zero) gradient.
+
+
+def _lse_dtype(x: Tensor) -> torch.dtype:
+    return torch.float64 if x.dtype == torch.float64 else torch.float32
+
+
+@torch.library.custom_op("mvfast::attention_pool", mutates_args=())
+def _attention_pool_op(
+    x: Tensor,
+    weight: Tensor,
+    bias: Tensor | None,
+    mask: Tensor | None,
+    return_weights: bool,
+    backend: str,
+) -> tuple[Tensor, Tensor, Tensor]:
+    if backend == "triton":
+        return _triton_forward(x, weight, mask, return_weights)
+    return torch.ops.mvfast.attention_pool_fwd(x, weight, mask, return_weights)
+
+
+@_attention_pool_op.register_fake
+def _attention_pool_fake(x, weight, bias, mask, return_weights, backend=None):
+    B, L, D = x.shape
+    H = weight.shape[0]
+    out = x.new_empty((B, H, D))
+    weights = x.new_empty((B, L, H) if return_weights else (0,))
+    lse = x.new_empty((B, H), dtype=_lse_dtype(x))
+    return out, weights, lse
+
+
+@torch.library.custom_op("mvfast::attention_pool_backward", mutates_args=())
+def _attention_pool_backward_op(
+    grad_out: Tensor,
+    grad_weights: Tensor | None,
+    x: Tensor,
+    weight: Tensor,
+    mask: Tensor | None,
+    out: Tensor,
+    lse: Tensor,
+    weights: Tensor | None,
+    backend: str,
+) -> tuple[Tensor, Tensor]:
+    if backend == "triton":
+        return _triton_backward(grad_out, grad_weights, x, weight, mask, out, lse, weights)
+    return torch.ops.mvfast.attention_pool_bwd(grad_out, grad_weights, x, weight, mask, out, lse, weights)
+
+
+@_attention_pool_backward_op.register_fake
+def _attention_pool_backward_fake(grad_out, grad_weights, x, weight, mask, out, lse, weights, backend=None):
+    return x.new_empty(x.shape), torch.empty_like(weight)
+
+
+if hasattr(torch.ops.mvfast, "attention_pool_fwd"):  # the compiled kernel ops, when mvfast._C is loaded
+    torch.library.register_fake(
+        "mvfast::attention_pool_fwd",
+        lambda x, weight, mask, return_weights: _attention_pool_fake(x, weight, None, mask, return_weights),
+    )
+    torch.library.register_fake("mvfast::attention_pool_bwd", _attention_pool_backward_fake)
+
+
+def _setup_context(ctx, inputs, output):
+    x, weight, bias, mask, return_weights, backend = inputs
+    out, weights, lse = output
+    ctx.save_for_backward(x, weight, mask, out, lse, weights if return_weights else None)
+    ctx.return_weights, ctx.backend = return_weights, backend
+    ctx.has_bias = bias is not None
+    ctx.mark_non_differentiable(lse)
+    if not return_weights:
+        ctx.mark_non_differentiable(weights)
+
+
+def _backward(ctx, grad_out, grad_weights, _grad_lse):
+    x, weight, mask, out, lse, weights = ctx.saved_tensors
+    grad_x, grad_w = torch.ops.mvfast.attention_pool_backward(
+        grad_out, grad_weights if ctx.return_weights else None, x, weight, mask, out, lse, weights,
+        ctx.backend,
+    )
+    # The bias cancels in the softmax over l: its gradient is exactly zero.
+    grad_b = weight.new_zeros((weight.shape[0],)) if ctx.has_bias else None
+    return grad_x, grad_w, grad_b, None, None, None
+
+
+_attention_pool_op.register_autograd(_backward, setup_context=_setup_context)
+
+
+# ---------------------------------------------------------------------------------------------------
+# Public function
+
+
+def _op_reasons(backend: str, x: Tensor, weight: Tensor) -> list[str]:
+    """This op's own limits per kernel backend, beyond the device checks of mvfast._backend."""
+    H = weight.shape[0]
+    if backend == "cuda" and H > _CUDA_MAX_HEADS:
+        return [f"the cuda kernels hold up to {_CUDA_MAX_HEADS} heads in shared memory; H is {H}"]
+    if backend != "triton":
+        return []
+    reasons = []
+    if x.dtype == torch.float64:
+        reasons.append("the triton kernels take float32, float16 and bfloat16, not float64")
+    if H > _TRITON_MAX_HEADS:
+        reasons.append(f"the triton kernels hold up to {_TRITON_MAX_HEADS} heads in a tile; H is {H}")
+    return reasons
+
+
+def attention_pool(
+    x: Tensor,
+    weight: Tensor,
+    bias: Tensor | None = None,
+    mask: Tensor | None = None,
+    *,
+    return_weights: bool = False,
+) -> Tensor | tuple[Tensor, Tensor]:
+    """Attention pooling of a set of local features, one softmax over the set per head.
+
+    Args:
+        x (Tensor[B, L, D]): local features (frames, segments, tokens).
+        weight (Tensor[H, D]): one scoring vector per head.
+        bias (Tensor[H] or None): score bias per head. It cancels in the softmax, so it changes nothing
+            and its gradient is zero; accepted so that models with one load and train unchanged.
+        mask (Tensor[B, L], bool, optional): True where a feature is valid. Masked features get weight 0
+            (their values must be finite); a sample with none yields zeros.
+        return_weights (bool): also return the attention weights, which show the key frames.
+
+    Returns:
+        Tensor[B, H, D] in x's dtype (accumulation in float32); with ``return_weights`` a tuple
+        ``(out, weights)`` with weights Tensor[B, L, H], summing to 1 over L (0 for an all-masked sample).
+    """
+    _validate(x, weight, bias, mask)
+    name = _backend.resolve(OP, x.device, lambda b: _op_reasons(b, x, weight))
+    if name == "reference":
+        return attention_pool_reference(x, weight, bias, mask, return_weights)
+    out, weights, _ = torch.ops.mvfast.attention_pool(x, weight, bias, mask, return_weights, name)
+    return (out, weights) if return_weights else out

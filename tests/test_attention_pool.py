@@ -1,0 +1,351 @@
+"""Attention pooling: the reference against the formulas, every backend against the float64 reference
+(forward, weights and gradients), gradcheck, opcheck, torch.compile, memory saved for backward, and bad
+input."""
+
+import pytest
+import torch
+from backend_params import kernel_backends
+
+import mvfast
+from mvfast.ops.attention_pool import attention_pool_math, attention_pool_reference
+
+
+def sample_inputs(dtype=torch.float32, device="cpu", *, B=3, L=13, D=20, H=1, mask="some", bias=True,
+                  noncontig=False, seed=0):
+    """(x, weight, bias, mask) with leaf tensors that require grad.
+
+    mask: None, "some" (random gaps, every sample keeps at least one position), "empty" (sample 1 has
+    no valid position). noncontig: x and weight as transposed views.
+    """
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(B, L, D, generator=g)
+    w = torch.randn(H, D, generator=g) * 0.3
+    b = torch.randn(H, generator=g) * 0.5 if bias else None
+    m = None
+    if mask is not None:
+        m = torch.rand(B, L, generator=g) > 0.3
+        m[:, 0] = True
+        if mask == "empty":
+            m[1] = False
+        m = m.to(device)
+    x, w = (t.to(device=device, dtype=dtype) for t in (x, w))
+    b = b.to(device=device, dtype=dtype) if b is not None else None
+    if noncontig:  # same values, as views with the last dimension strided
+        x = x.transpose(1, 2).contiguous().transpose(1, 2)
+        w = w.t().contiguous().t()
+    return (*(t.requires_grad_() if t is not None else None for t in (x, w, b)), m)
+
+
+def _grads(out, a, leaves, grad_seed):
+    """Gradients of a fixed random linear function of out (and of the weights a when given)."""
+    g = torch.Generator().manual_seed(grad_seed)
+    loss = (out * torch.randn(out.shape, generator=g).to(out)).sum()
+    if a is not None:
+        loss = loss + (a * torch.randn(a.shape, generator=g).to(a)).sum()
+    return list(torch.autograd.grad(loss, leaves))
+
+
+def run(backend, x, w, b, m, return_weights=False, grad_seed=1):
+    """[out, (weights,) grad_x, grad_weight, (grad_bias)]."""
+    with mvfast.backend(backend):
+        y = mvfast.ops.attention_pool(x, w, b, m, return_weights=return_weights)
+    out, a = y if return_weights else (y, None)
+    leaves = [t for t in (x, w, b) if t is not None]
+    return [out] + ([a] if return_weights else []) + _grads(out, a, leaves, grad_seed)
+
+
+def upcast(ts):
+    """float64 copies on the CPU, leaves of their own."""
+    return [t.detach().double().cpu().requires_grad_() if t is not None and t.is_floating_point() else
+            (t.cpu() if t is not None else None) for t in ts]
+
+
+def math_in_dtype(x, w, b, m, return_weights=False, grad_seed=1):
+    """The formulas run by PyTorch in the inputs' own dtype: the error it makes sets the tolerance."""
+    out, a = attention_pool_math(x, w, b, m)
+    leaves = [t for t in (x, w, b) if t is not None]
+    a = a if return_weights else None
+    return [out] + ([a] if return_weights else []) + _grads(out, a, leaves, grad_seed)
+
+
+def names_for(return_weights, bias):
+    return ["out"] + (["weights"] if return_weights else []) + ["grad_x", "grad_weight"] + (
+        ["grad_bias"] if bias else [])
+
+
+# ---------------------------------------------------------------------------------------------------
+# The reference itself
+
+
+def test_reference_equals_explicit_softmax():
+    x, w, b, m = sample_inputs(torch.float64, H=3)
+    out, a = attention_pool_reference(x, w, b, m, return_weights=True)
+    for i in range(x.shape[0]):
+        xi = x[i][m[i]]  # (valid, D)
+        ai = torch.softmax(xi @ w.t() + b, dim=0)  # (valid, H)
+        torch.testing.assert_close(out[i], ai.t() @ xi, rtol=1e-12, atol=1e-12)
+        torch.testing.assert_close(a[i][m[i]], ai, rtol=1e-12, atol=1e-12)
+        assert (a[i][~m[i]] == 0).all()
+    torch.testing.assert_close(a.sum(1), torch.ones(3, 3, dtype=torch.float64))
+
+
+def test_mask_equals_truncation_and_bias_cancels():
+    x, w, b, _ = sample_inputs(torch.float64, B=1, L=11, H=2, mask=None)
+    m = torch.zeros(1, 11, dtype=torch.bool)
+    m[0, :6] = True
+    garbage = x.detach().clone()
+    garbage[0, 6:] = 1e3  # masked values do not matter
+    full = attention_pool_reference(garbage, w, b, m)
+    short = attention_pool_reference(x[:, :6], w, None)
+    torch.testing.assert_close(full, short)
+
+
+def test_reference_all_masked_gives_zeros_and_finite_gradients():
+    x, w, b, m = sample_inputs(torch.float64, mask="empty", H=2)
+    out, a, gx, gw, gb = run("reference", x, w, b, m, return_weights=True)
+    assert (out[1] == 0).all() and (a[1] == 0).all() and (gx[1] == 0).all()
+    assert all(torch.isfinite(t).all() for t in (out, a, gx, gw, gb))
+    assert gb.abs().max() < 1e-12  # the bias cancels
+
+
+# ---------------------------------------------------------------------------------------------------
+# Every backend against the float64 reference
+
+
+def check_close(got, ref64, lowp, dtype, what):
+    """flash-attention style: the kernel's error against float64 is at most about twice PyTorch's own
+    error in that dtype, plus a small floor relative to the values' scale (at least 1, the inputs' scale:
+    a gradient that is zero analytically, as grad_weight at L = 1, is only zero up to rounding)."""
+    floor = {torch.float32: 2e-6, torch.float16: 2e-3, torch.bfloat16: 1e-2}[dtype]
+    assert len(got) == len(ref64) == len(lowp) == len(what)
+    for name, g, r, l in zip(what, got, ref64, lowp, strict=True):
+        assert g.dtype == dtype, f"{name}: dtype {g.dtype}, expected {dtype}"
+        assert g.shape == r.shape, f"{name}: shape {tuple(g.shape)}, expected {tuple(r.shape)}"
+        assert torch.isfinite(g).all(), f"{name}: non-finite values"
+        err = (g.double() - r).abs().max().item()
+        base = (l.double() - r).abs().max().item()
+        scale = r.abs().max().item()
+        assert err <= 2 * base + floor * max(scale, 1.0), (
+            f"{name}: error {err:.3g} vs PyTorch's own {base:.3g} in {dtype} (scale {scale:.3g})"
+        )
+
+
+CASES = {
+    "plain": dict(),
+    "heads": dict(H=3, return_weights=True),
+    "nomask": dict(mask=None, H=2),
+    "nobias": dict(bias=False, return_weights=True),
+    "noncontig": dict(noncontig=True, H=2),
+    "single": dict(B=2, L=1, D=7, H=2, return_weights=True),  # L = 1: the weight is 1
+    "odd": dict(B=2, L=70, D=67, H=5, return_weights=True),
+    "long": dict(B=1, L=700, D=9, H=2),  # several splits of the rows per sample
+}
+
+
+@pytest.mark.parametrize("backend", kernel_backends())
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("case", list(CASES))
+def test_backend_matches_reference(backend, dtype, case):
+    name, device = backend
+    if name == "triton" and device == "cpu" and dtype == torch.bfloat16:
+        pytest.skip("the Triton interpreter does not support bfloat16 (triton-lang/triton#11584)")
+    kw = dict(CASES[case])
+    rw = kw.pop("return_weights", False)
+    inputs = sample_inputs(dtype, device, **kw)
+    if kw.get("noncontig"):
+        assert not inputs[0].is_contiguous() and not inputs[1].is_contiguous()
+    got = run(name, *inputs, return_weights=rw)
+    ref64 = run("reference", *upcast(inputs), return_weights=rw)
+    lowp = math_in_dtype(*inputs, return_weights=rw)
+    check_close(got, [t.to(device) for t in ref64], lowp, dtype, names_for(rw, inputs[2] is not None))
+
+
+@pytest.mark.parametrize("backend", kernel_backends())
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=str)
+def test_all_masked_sample_gives_zeros(backend, dtype):
+    name, device = backend
+    x, w, b, m = sample_inputs(dtype, device, mask="empty", H=2)
+    out, a, gx, gw, gb = run(name, x, w, b, m, return_weights=True)
+    assert (out[1] == 0).all() and (a[1] == 0).all() and (gx[1] == 0).all()
+    assert (out[0] != 0).any()
+    assert all(torch.isfinite(t).all() for t in (out, a, gx, gw))
+    assert (gb == 0).all()  # exactly: the bias cancels in the softmax
+
+
+@pytest.mark.parametrize("backend", kernel_backends())
+def test_weights_sum_to_one_and_masked_are_zero(backend):
+    name, device = backend
+    x, w, b, m = sample_inputs(torch.float32, device, H=3)
+    with mvfast.backend(name):
+        _, a = mvfast.ops.attention_pool(x, w, b, m, return_weights=True)
+    torch.testing.assert_close(a.sum(1), torch.ones(3, 3, device=device))
+    assert (a[~m] == 0).all()
+
+
+def test_long_set_on_the_cpu_kernel():
+    """L in the thousands, cut into several splits per sample."""
+    if not mvfast.backends("cpu")["cpu"]["available"]:
+        pytest.skip(mvfast.backends("cpu")["cpu"]["reason"])
+    x, w, b, m = sample_inputs(torch.float32, B=2, L=3000, D=24, H=2)
+    got = run("cpu", x, w, b, m, return_weights=True)
+    ref64 = run("reference", *upcast((x, w, b, m)), return_weights=True)
+    lowp = math_in_dtype(x, w, b, m, return_weights=True)
+    check_close(got, ref64, lowp, torch.float32, names_for(True, True))
+
+
+# ---------------------------------------------------------------------------------------------------
+# gradcheck, opcheck, compile
+
+
+def _gradcheck_backends():
+    return ["reference"] + [p for p in kernel_backends() if p.id == "cpu"]
+
+
+@pytest.mark.parametrize("backend", _gradcheck_backends(), ids=lambda p: p if isinstance(p, str) else p[0])
+@pytest.mark.parametrize("seed", [0, 1, 2])
+@pytest.mark.parametrize("H,mask,return_weights", [(1, "some", False), (2, "empty", True), (3, None, True)])
+def test_gradcheck_float64(backend, seed, H, mask, return_weights):
+    name = backend if isinstance(backend, str) else backend[0]
+    x, w, b, m = sample_inputs(torch.float64, B=2, L=5, D=4, H=H, mask=mask, seed=seed)
+
+    def f(x, w, b):
+        with mvfast.backend(name):
+            return mvfast.ops.attention_pool(x, w, b, m, return_weights=return_weights)
+
+    assert torch.autograd.gradcheck(f, (x, w, b), eps=1e-6, atol=1e-5, rtol=1e-4)
+
+
+@pytest.mark.parametrize("backend", kernel_backends())
+@pytest.mark.parametrize("return_weights", [False, True])
+def test_opcheck(backend, return_weights):
+    name, device = backend
+    x, w, b, m = sample_inputs(torch.float32, device, H=2)
+    torch.library.opcheck(torch.ops.mvfast.attention_pool.default, (x, w, b, m, return_weights, name))
+    torch.library.opcheck(torch.ops.mvfast.attention_pool.default, (x, w, None, None, return_weights, name))
+
+
+@pytest.mark.parametrize("backend", kernel_backends())
+def test_opcheck_backward_and_compiled_kernels(backend):
+    name, device = backend
+    x, w, b, m = sample_inputs(torch.float32, device, H=2)
+    x, w = x.detach(), w.detach()
+    out, a, lse = torch.ops.mvfast.attention_pool(x, w, None, m, True, name)
+    gy, ga = torch.randn_like(out), torch.randn_like(a)
+    for args in ((gy, ga, x, w, m, out, lse, a), (gy, None, x, w, None, out, lse, None)):
+        torch.library.opcheck(torch.ops.mvfast.attention_pool_backward.default, (*args, name))
+        if name != "triton":
+            torch.library.opcheck(torch.ops.mvfast.attention_pool_bwd.default, args)
+    if name != "triton":
+        torch.library.opcheck(torch.ops.mvfast.attention_pool_fwd.default, (x, w, m, True))
+        torch.library.opcheck(torch.ops.mvfast.attention_pool_fwd.default, (x, w, None, False))
+
+
+@pytest.mark.parametrize("backend", ["reference"] + kernel_backends(),
+                         ids=lambda p: p if isinstance(p, str) else p[0])
+def test_compile_fullgraph_module(backend):
+    name, device = (backend, "cpu") if isinstance(backend, str) else backend
+    torch._dynamo.reset()
+    torch.manual_seed(0)
+    module = mvfast.nn.AttentionPool(20, heads=2).to(device)
+    with torch.no_grad():
+        module.weight.normal_(std=0.3)
+    x, _, _, m = sample_inputs(torch.float32, device)
+
+    def loss(y, a):
+        return y.square().sum() + (a * torch.arange(a.shape[1], device=device).view(1, -1, 1)).sum()
+
+    with mvfast.backend(name):
+        eager = module(x, m, return_weights=True)
+        (ge,) = torch.autograd.grad(loss(*eager), [module.weight])
+        compiled = torch.compile(module, fullgraph=True)
+        y = compiled(x, m, return_weights=True)
+        (gc,) = torch.autograd.grad(loss(*y), [module.weight])
+    torch.testing.assert_close(y, eager, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(gc, ge, rtol=1e-5, atol=1e-5)
+
+
+# ---------------------------------------------------------------------------------------------------
+# Memory: what is saved for backward
+
+
+def saved_bytes(fn):
+    """Bytes of the distinct storages autograd saves for backward while fn() runs."""
+    storages = {}
+
+    def pack(t):
+        s = t.untyped_storage()
+        storages[s.data_ptr()] = s.nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        fn()
+    return sum(storages.values())
+
+
+@pytest.mark.parametrize("backend", kernel_backends())
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=str)
+def test_saves_only_x_and_small_tensors_for_backward(backend, dtype):
+    name, device = backend
+    B, L, D, H = 4, 40, 64, 2
+    x, w, b, m = sample_inputs(dtype, device, B=B, L=L, D=D, H=H)
+
+    def call(be):
+        def f():
+            with mvfast.backend(be):
+                return mvfast.ops.attention_pool(x, w, b, m)
+        return f
+
+    ours, eager = saved_bytes(call(name)), saved_bytes(call("reference"))
+    x_bytes = x.numel() * x.element_size()
+    assert ours < eager, f"{name} saves {ours} bytes, eager {eager}"
+    # x, then weight (H, D), mask (B, L), out (B, H, D) and the float32 lse (B, H): nothing else of B*L*D
+    small = H * D * x.element_size() + B * L + B * H * D * x.element_size() + 4 * B * H
+    assert ours <= x_bytes + small, f"{name} saves {ours} bytes; x is {x_bytes}, the rest may be {small}"
+
+
+# ---------------------------------------------------------------------------------------------------
+# Module
+
+
+def test_module_starts_as_the_mean_of_the_valid_features():
+    pool = mvfast.nn.AttentionPool(16, heads=3)
+    assert set(pool.state_dict()) == {"weight"} and pool.weight.shape == (3, 16) and pool.output_dim == 48
+    x = torch.randn(2, 9, 16)
+    m = torch.ones(2, 9, dtype=torch.bool)
+    m[1, 4:] = False
+    y, a = pool(x, m, return_weights=True)
+    assert y.shape == (2, 3, 16) and a.shape == (2, 9, 3)
+    torch.testing.assert_close(y[1, 0], x[1, :4].mean(0))  # eq. 12, the uniform special case
+    assert "heads=3" in repr(pool)
+    with pytest.raises(ValueError, match="heads"):
+        mvfast.nn.AttentionPool(16, heads=0)
+
+
+# ---------------------------------------------------------------------------------------------------
+# Bad input
+
+
+@pytest.mark.parametrize(
+    "change,exc,pattern",
+    [
+        (lambda a: a.update(x=a["x"][0]), ValueError, r"x must have 3 dimensions, got shape \(13, 20\)"),
+        (lambda a: a.update(weight=a["weight"][:, :-1]), ValueError,
+         r"weight must have shape \(2, 20\), got \(2, 19\)"),
+        (lambda a: a.update(weight=a["weight"][0]), ValueError, r"weight must have 2 dimensions"),
+        (lambda a: a.update(weight=a["weight"][:0]), ValueError, r"weight must hold at least one head"),
+        (lambda a: a.update(bias=a["bias"][:-1]), ValueError, r"bias must have shape \(2\), got \(1\)"),
+        (lambda a: a.update(mask=a["mask"][:, :-1]), ValueError, r"mask must have shape \(3, 13\)"),
+        (lambda a: a.update(mask=a["mask"].float()), TypeError, r"mask must have dtype bool; got float32"),
+        (lambda a: a.update(x=a["x"].double()), TypeError, r"weight must have the dtype of x \(float64\)"),
+        (lambda a: a.update(x=a["x"].long()), TypeError, r"x must have dtype"),
+        (lambda a: a.update(weight=a["weight"].to("meta")), ValueError, r"weight is on meta but x is on cpu"),
+    ],
+    ids=["x-rank", "weight-D", "weight-rank", "no-heads", "bias", "mask-shape", "mask-dtype", "dtype-mix",
+         "x-int", "device"],
+)
+def test_bad_input_names_the_argument(change, exc, pattern):
+    x, w, b, m = sample_inputs(torch.float32, H=2)
+    args = dict(x=x, weight=w, bias=b, mask=m)
+    change(args)
+    with pytest.raises(exc, match=pattern):
+        mvfast.ops.attention_pool(args.pop("x"), args.pop("weight"), args.pop("bias"), args.pop("mask"))
