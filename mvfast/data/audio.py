@@ -68,6 +68,35 @@ def mel_filterbank(
     return torch.from_numpy(weights.astype(np.float32))
 
 
+def to_mono_float(samples: np.ndarray, planar: bool, channels: int) -> np.ndarray:
+    """One decoded audio frame (``AudioFrame.to_ndarray()``) as float32 mono in [-1, 1]: (S,)."""
+    x = samples if planar else samples.reshape(-1, channels).T  # (channels, S)
+    if x.dtype == np.uint8:
+        x = (x.astype(np.float32) - 128.0) / 128.0
+    elif np.issubdtype(x.dtype, np.integer):
+        x = x.astype(np.float32) / float(np.iinfo(x.dtype).max + 1)
+    return x.astype(np.float32, copy=False).mean(axis=0)
+
+
+def resample(wave: np.ndarray, rate: int, target: int = SAMPLE_RATE) -> np.ndarray:
+    """Band-limited resampling of a mono waveform by its spectrum: (S,) -> (round(S * target / rate),).
+
+    Truncating the spectrum is an ideal low-pass below the new Nyquist frequency. Done with NumPy rather than
+    FFmpeg's resampler, which runs a filter graph with its own threads: a DataLoader worker forked while
+    such threads existed in its parent was seen to hang.
+    """
+    if rate == target or wave.size == 0:
+        return wave.astype(np.float32, copy=False)
+    n_out = max(1, round(wave.size * target / rate))
+    spectrum = np.fft.rfft(wave.astype(np.float64))
+    bins = n_out // 2 + 1
+    if spectrum.size >= bins:
+        spectrum = spectrum[:bins]
+    else:
+        spectrum = np.concatenate([spectrum, np.zeros(bins - spectrum.size, dtype=spectrum.dtype)])
+    return (np.fft.irfft(spectrum, n=n_out) * (n_out / wave.size)).astype(np.float32)
+
+
 _FILTERBANK: torch.Tensor | None = None
 _WINDOW: torch.Tensor | None = None
 

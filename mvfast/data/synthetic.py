@@ -163,32 +163,32 @@ def encode_video(
             astream = out.add_stream(audio_codec, rate=audio_rate)
             astream.layout = "mono"
             wave = _audio_array(np.asarray(audio, dtype=np.float64), astream.codec_context.format.name)
-        sent = 0
         chunk = 1024
         for i in range(n):
-            frame = av.VideoFrame.from_ndarray(frames[i], format="rgb24")
+            # Converted here with one thread: FFmpeg's sliced RGB->YUV conversion gave different bytes from
+            # run to run.
+            frame = av.VideoFrame.from_ndarray(frames[i], format="rgb24").reformat(
+                format="yuv420p", threads=1
+            )
             # Explicit timestamps: left to the encoder, some muxers (AVI with an audio track) skip one.
             frame.pts = int(pts_ms[i]) if pts_ms is not None else i
             frame.time_base = vs.codec_context.time_base
             for packet in vs.encode(frame):
                 out.mux(packet)
-            # Interleave the audio with the video, up to this frame's end.
-            if astream is not None:
-                t_end = (pts_ms[i] / 1000 if pts_ms is not None else i / fps) + 1 / fps
-                upto = len(wave) if i == n - 1 else min(len(wave), int(t_end * audio_rate))
-                while sent < upto:
-                    part = wave[sent : min(sent + chunk, upto)]
-                    af = av.AudioFrame.from_ndarray(
-                        part[None, :], format=astream.codec_context.format.name, layout="mono"
-                    )
-                    af.sample_rate = audio_rate
-                    af.pts = sent
-                    af.time_base = fractions.Fraction(1, audio_rate)
-                    sent += len(part)
-                    for packet in astream.encode(af):
-                        out.mux(packet)
         for packet in vs.encode():
             out.mux(packet)
+        if astream is not None:
+            # All video first, then all audio: the muxer interleaves by timestamp.
+            for start in range(0, len(wave), chunk):
+                part = wave[start : start + chunk]
+                af = av.AudioFrame.from_ndarray(
+                    part[None, :], format=astream.codec_context.format.name, layout="mono"
+                )
+                af.sample_rate = audio_rate
+                af.pts = start
+                af.time_base = fractions.Fraction(1, audio_rate)
+                for packet in astream.encode(af):
+                    out.mux(packet)
         if astream is not None:
             for packet in astream.encode():
                 out.mux(packet)

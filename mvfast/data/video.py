@@ -21,7 +21,7 @@ import av
 import numpy as np
 
 from . import motion as mo
-from .audio import SAMPLE_RATE, audio_features
+from .audio import SAMPLE_RATE, audio_features, resample, to_mono_float
 from .config import DataConfig
 
 log = logging.getLogger("mvfast.data")
@@ -228,14 +228,16 @@ def _decode(container, path: str, cfg: DataConfig) -> DecodedVideo:
     rotation = 0
     decoded_frames = 0
     truncated = None
-    audio_chunks: list[np.ndarray] = []
+    audio_chunks: list[tuple[int, np.ndarray]] = []  # (sample rate, mono samples)
     audio_error = None
-    resampler = av.AudioResampler(format="flt", layout="mono", rate=SAMPLE_RATE) if astream else None
 
     def square(frame, fmt: str) -> np.ndarray:
         # Geometry per frame: H.264 and VP9 allow the resolution to change mid-stream.
         rw, rh, x0, y0, _ = _crop_box(frame.width, frame.height, R)
-        img = frame.to_ndarray(width=rw, height=rh, format=fmt, interpolation="AREA")
+        # threads=1: no slice threads for frames this small, and none for a forked DataLoader worker to hang
+        # on when it garbage-collects a frame inherited from its parent (seen: pthread_cond_destroy in
+        # sws_freeContext).
+        img = frame.to_ndarray(width=rw, height=rh, format=fmt, interpolation="AREA", threads=1)
         return img[y0 : y0 + R, x0 : x0 + R]
 
     def emit(until: float, at_least_one: bool = False):
@@ -279,8 +281,8 @@ def _decode(container, path: str, cfg: DataConfig) -> DecodedVideo:
             return
         try:
             for af in packet.decode():
-                for out in resampler.resample(af):
-                    audio_chunks.append(out.to_ndarray().reshape(-1).copy())
+                mono = to_mono_float(af.to_ndarray(), af.format.is_planar, af.layout.nb_channels)
+                audio_chunks.append((af.sample_rate, mono))
         except (av.FFmpegError, ValueError) as e:
             # A damaged audio track does not make the video unusable: drop the audio, say so in meta.
             audio_error = str(e)
@@ -326,6 +328,12 @@ def _decode(container, path: str, cfg: DataConfig) -> DecodedVideo:
     # at_least_one: a single frame shorter than one target step still gives one frame.
     emit(state["last_t"] - state["t0"] + last_duration, at_least_one=True)
 
+    # No decoded frame may outlive this call: the closures above form reference cycles that would keep them
+    # (and their decoder's buffers) alive until the next garbage collection.
+    intervals = state["intervals"]
+    state.clear()
+    source_width, source_height = last.width, last.height
+    del last
     n = timeline.count
     frames = timeline.frames[:n]
     flow, sources = _motion_fields(n, R, mv_slots, rgb_slots, np.array(pict_types))
@@ -338,13 +346,14 @@ def _decode(container, path: str, cfg: DataConfig) -> DecodedVideo:
 
     audio = None
     if astream is not None and audio_error is None:
-        if resampler is not None:
-            try:
-                for out in resampler.resample(None):
-                    audio_chunks.append(out.to_ndarray().reshape(-1).copy())
-            except (av.FFmpegError, ValueError) as e:
-                audio_error = str(e)
-        wav = np.concatenate(audio_chunks) if audio_chunks else np.zeros(0, np.float32)
+        # Resampled per run of one rate (a stream may change its rate mid-way), then joined.
+        runs: list[tuple[int, list[np.ndarray]]] = []
+        for rate, mono in audio_chunks:
+            if not runs or runs[-1][0] != rate:
+                runs.append((rate, []))
+            runs[-1][1].append(mono)
+        parts = [resample(np.concatenate(chunks), rate, SAMPLE_RATE) for rate, chunks in runs]
+        wav = np.concatenate(parts) if parts else np.zeros(0, np.float32)
         if cfg.max_duration is not None:
             wav = wav[: int(cfg.max_duration * SAMPLE_RATE)]
         audio = audio_features(wav, cfg.audio_pool, cfg.max_audio_windows).numpy()
@@ -354,9 +363,9 @@ def _decode(container, path: str, cfg: DataConfig) -> DecodedVideo:
         "num_frames": n,
         "duration": n / cfg.fps,
         "source_frames": decoded_frames,
-        "source_fps": (1.0 / float(np.median(state["intervals"]))) if state["intervals"] else None,
-        "width": last.width,  # of the source, before rotation
-        "height": last.height,
+        "source_fps": (1.0 / float(np.median(intervals))) if intervals else None,
+        "width": source_width,  # of the source, before rotation
+        "height": source_height,
         "rotation": rotation,
         "video_codec": vs.codec_context.name,
         "audio_codec": astream.codec_context.name if astream is not None else None,
