@@ -98,10 +98,11 @@ def test_writes_are_atomic_and_leave_no_temporary_files(tmp_path, video, monkeyp
     assert seen == [(str(entry.parent), entry.name)]
     assert sorted(p.name for p in entry.parent.iterdir()) == [entry.name]
 
-    def failing_savez(*args, **kwargs):
+    def failing_write(f, arrays, header):
+        f.write(b"partial")
         raise OSError("disk full")
 
-    monkeypatch.setattr(cache_mod.np, "savez", failing_savez)
+    monkeypatch.setattr(cache_mod, "_write_entry", failing_write)
     other = CFG.replace(fps=5.0)
     cache.get_or_decode(video, other)  # the failed write is logged, the decode still returned
     assert not cache.entry_path(video, other).exists()

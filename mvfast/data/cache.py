@@ -1,7 +1,9 @@
 """On-disk cache of decoded videos, so that epochs after the first read arrays instead of decoding.
 
 One entry per (file, decode settings): the resized uint8 frames, the int8 motion field, the audio windows
-and the meta, in an uncompressed ``.npz`` (no pickle). The entry's name hashes the file's absolute path and
+and the meta, in one uncompressed file: a JSON header, then each array's raw bytes at an aligned offset.
+Arrays are memory-mapped on load, so cutting a clip reads only the frames and the crop it uses (an ``.npz``
+is read whole and CRC-checked on every load). The entry's name hashes the file's absolute path and
 :meth:`DataConfig.cache_key`, so a changed setting reads (and writes) another entry. The entry also records
 the file's size and mtime; when the file has changed since, the entry is stale and is replaced on the next
 decode. Entries are written to a temporary file in the same folder and moved into place with
@@ -24,8 +26,44 @@ from .video import DecodedVideo, decode_video
 
 log = logging.getLogger("mvfast.data")
 
-# Bumped whenever what decode_video produces changes, so old entries are not read as new ones.
-FORMAT_VERSION = 1
+# Bumped whenever what decode_video produces or the entry layout changes, so old entries are not misread.
+FORMAT_VERSION = 2
+_MAGIC = b"MVFASTC1"
+_ALIGN = 64
+
+
+def _write_entry(f, arrays: dict[str, np.ndarray], header: dict) -> None:
+    """magic, u64 header length, JSON header (with each array's dtype, shape, offset), aligned raw arrays."""
+    layout, offset = {}, 0
+    for name, a in arrays.items():
+        layout[name] = {"dtype": a.dtype.str, "shape": list(a.shape), "offset": offset}
+        offset += -(-a.nbytes // _ALIGN) * _ALIGN
+    blob = json.dumps(dict(header, arrays=layout)).encode()
+    start = -(-(len(_MAGIC) + 8 + len(blob)) // _ALIGN) * _ALIGN
+    f.write(_MAGIC + len(blob).to_bytes(8, "little") + blob)
+    f.write(b"\0" * (start - f.tell()))
+    for name, a in arrays.items():
+        f.seek(start + layout[name]["offset"])
+        f.write(np.ascontiguousarray(a).tobytes())
+
+
+def _read_entry(path: Path) -> tuple[dict, dict[str, np.ndarray]]:
+    with open(path, "rb") as f:
+        if f.read(len(_MAGIC)) != _MAGIC:
+            raise ValueError("not a cache entry (bad magic bytes)")
+        length = int.from_bytes(f.read(8), "little")
+        header = json.loads(f.read(length))
+    start = -(-(len(_MAGIC) + 8 + length) // _ALIGN) * _ALIGN
+    arrays = {}
+    for name, spec in header["arrays"].items():
+        shape = tuple(spec["shape"])
+        if int(np.prod(shape)) == 0:
+            arrays[name] = np.zeros(shape, dtype=np.dtype(spec["dtype"]))
+        else:
+            arrays[name] = np.memmap(
+                path, dtype=np.dtype(spec["dtype"]), mode="r", offset=start + spec["offset"], shape=shape
+            )
+    return header, arrays
 
 
 def default_cache_dir() -> Path:
@@ -59,7 +97,7 @@ class ClipCache:
             {"path": os.path.abspath(path), "config": config.cache_key(), "v": FORMAT_VERSION}, sort_keys=True
         )
         digest = hashlib.sha256(key.encode()).hexdigest()
-        return self.root / digest[:2] / f"{digest}.npz"
+        return self.root / digest[:2] / f"{digest}.clip"
 
     @staticmethod
     def _signature(path) -> tuple[int, int]:
@@ -70,19 +108,18 @@ class ClipCache:
         """The cached decode of `path`, or None on a miss (no entry, a stale one, or an unreadable one)."""
         entry = self.entry_path(path, config)
         try:
-            with np.load(entry, allow_pickle=False) as z:
-                signature = tuple(int(v) for v in z["signature"])
-                if signature != self._signature(path):
-                    self.stale += 1
-                    self.misses += 1
-                    return None
-                meta = json.loads(bytes(z["meta"]).decode())
-                audio = z["audio"] if meta.get("has_audio") else None
-                video = DecodedVideo(frames=z["frames"], motion=z["motion"], audio=audio, meta=meta)
+            header, arrays = _read_entry(entry)
+            if tuple(header["signature"]) != self._signature(path):
+                self.stale += 1
+                self.misses += 1
+                return None
+            meta = header["meta"]
+            audio = np.asarray(arrays["audio"]) if meta.get("has_audio") else None
+            video = DecodedVideo(frames=arrays["frames"], motion=arrays["motion"], audio=audio, meta=meta)
         except FileNotFoundError:
             self.misses += 1
             return None
-        except (OSError, ValueError, KeyError) as e:
+        except (OSError, ValueError, KeyError, TypeError) as e:
             # A damaged entry (disk full during an older write, a foreign file) is a miss, not a failure.
             log.warning("ignoring unreadable cache entry %s (%s)", entry, e)
             self.misses += 1
@@ -102,18 +139,12 @@ class ClipCache:
         entry.parent.mkdir(parents=True, exist_ok=True)
         signature = signature if signature is not None else self._signature(path)
         audio = video.audio if video.audio is not None else np.zeros((0, 64), np.float32)
-        meta = np.frombuffer(json.dumps(video.meta).encode(), dtype=np.uint8)
+        arrays = {"frames": video.frames, "motion": video.motion, "audio": np.asarray(audio, np.float32)}
+        header = {"signature": list(signature), "meta": video.meta}
         fd, tmp = tempfile.mkstemp(dir=entry.parent, prefix=f".{entry.stem}.", suffix=".tmp")
         try:
             with os.fdopen(fd, "wb") as f:
-                np.savez(
-                    f,
-                    frames=video.frames,
-                    motion=video.motion,
-                    audio=audio,
-                    meta=meta,
-                    signature=np.array(signature, dtype=np.int64),
-                )
+                _write_entry(f, arrays, header)
             os.replace(tmp, entry)
         except BaseException:
             try:

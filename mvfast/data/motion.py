@@ -91,7 +91,7 @@ def rasterize(
     Each box is snapped outwards to whole pixels (so a block smaller than a pixel after downscaling still
     lands somewhere) and clipped to the field. Where boxes overlap (bidirectional blocks, snapped edges)
     their vectors are averaged. A 2-D difference array per frame and channel takes +v / -v at the four
-    corners of every box (one ``np.bincount`` for all of them); two cumulative sums turn it into the
+    corners of every box (one scatter-add for all of them); two cumulative sums turn it into the
     painted field, so the cost is O(blocks + frames * H * W).
 
     Args:
@@ -134,12 +134,15 @@ def rasterize(
     size = num_frames * plane
     index = np.concatenate([corners, corners + size, corners + 2 * size])
     weights = np.concatenate([signs, signs * np.tile(flow[:, 0], 4), signs * np.tile(flow[:, 1], 4)])
-    diff = np.bincount(index, weights=weights, minlength=3 * size).reshape(3, num_frames, height + 1, row)
-    painted = diff.cumsum(axis=3).cumsum(axis=2)[:, :, :height, :width]  # (3, F, H, W)
+    # torch for the scatter and the cumulative sums: its cumsum is about 10x faster than NumPy's here, and
+    # float32 is exact for the counts and for the quarter-pel vectors of every codec.
+    diff = torch.zeros(3 * size, dtype=torch.float32)
+    diff.index_add_(0, torch.from_numpy(index), torch.from_numpy(weights.astype(np.float32)))
+    painted = diff.view(3, num_frames, height + 1, row).cumsum(3).cumsum(2)[:, :, :height, :width]
     # Counts are integers; rounding removes the float error of the cumulative sums.
-    coverage = np.rint(painted[0]).astype(np.int32)
-    field = painted[1:] / np.maximum(coverage, 1)  # (2, F, H, W)
-    return np.ascontiguousarray(field.transpose(1, 0, 2, 3), dtype=np.float32), coverage
+    coverage = painted[0].round().to(torch.int32)  # (F, H, W)
+    field = torch.where(coverage > 0, painted[1:] / coverage.clamp(min=1), 0.0)  # (2, F, H, W)
+    return field.permute(1, 0, 2, 3).contiguous().numpy(), coverage.numpy()
 
 
 def _gradients(img: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

@@ -35,12 +35,20 @@ def _clip_indices(n: int, start: int, clip_len: int, mode: str) -> tuple[np.ndar
 
 
 def _normalize(x: torch.Tensor, mean, std, channel_dim: int) -> torch.Tensor:
-    # x uint8; the result is float32 (x / 255 - mean) / std, computed in place on the float copy.
+    """uint8 -> float32 (x / 255 - mean) / std: one multiply and one subtract, in place on the float copy."""
     shape = [1] * x.dim()
     shape[channel_dim] = 3
-    out = x.float().div_(255.0)
-    out.sub_(torch.tensor(mean, dtype=torch.float32).view(shape))
-    return out.div_(torch.tensor(std, dtype=torch.float32).view(shape))
+    std_t = torch.tensor(std, dtype=torch.float32)
+    out = x.float().mul_((1.0 / (255.0 * std_t)).view(shape))
+    return out.sub_((torch.tensor(mean, dtype=torch.float32) / std_t).view(shape))
+
+
+def _take(array: np.ndarray, index, flip_axis: int | None) -> torch.Tensor:
+    # Cut out of the (memory-mapped) cache and, if flip_axis is given, mirrored along it, while still 8-bit.
+    out = array[index]
+    if flip_axis is not None:
+        out = np.flip(out, axis=flip_axis)
+    return torch.from_numpy(np.ascontiguousarray(out))
 
 
 def sample_clip(
@@ -97,28 +105,33 @@ def sample_clip(
         flip = False
     idx, short = _clip_indices(n, start, T, cfg.short_video)
 
-    frames = torch.from_numpy(video.frames[idx, crop_y : crop_y + S, crop_x : crop_x + S])  # (T, S, S, 3)
-    rgb = _normalize(frames.permute(3, 0, 1, 2), cfg.mean, cfg.std, 0)  # (3, T, S, S)
-    flow = mo.dequantize(video.motion[:, idx, crop_y : crop_y + S, crop_x : crop_x + S])  # (2, T, S, S)
+    rows, cols = slice(crop_y, crop_y + S), slice(crop_x, crop_x + S)
+    # Flips are applied to the 8-bit data while it is cut out, and channels moved first while 8-bit too,
+    # so that the float tensors are written once, contiguous.
+    frames = _take(video.frames, (idx, rows, cols), -2 if flip else None)  # (T, S, S, 3) uint8
+    rgb = _normalize(frames.permute(3, 0, 1, 2).contiguous(), cfg.mean, cfg.std, 0)  # (3, T, S, S)
+    flow = mo.dequantize(
+        _take(video.motion, (slice(None), idx, rows, cols), -1 if flip else None)
+    )  # (2, T, S, S)
+    if flip:
+        flow[0].neg_()
     if short == "padded":
         flow[:, n:] = 0  # a repeated frame does not move
     scene_idx = np.minimum(
         ((np.arange(cfg.scene_frames) + 0.5) * n / cfg.scene_frames).astype(np.int64), n - 1
     )
-    scene = torch.from_numpy(video.frames[scene_idx]).permute(0, 3, 1, 2)  # (F, 3, R, R)
-    scene = _normalize(scene, cfg.mean, cfg.std, 1)
+    scene = _take(video.frames, (scene_idx,), -2 if flip else None).permute(0, 3, 1, 2)  # (F, 3, R, R) uint8
     if cfg.scene_size != R:
+        # Resized while still uint8 (torch's fast channels-last path), then normalised at the smaller size.
         scene = F.interpolate(
             scene, size=(cfg.scene_size, cfg.scene_size), mode="bilinear", align_corners=False, antialias=True
         )
-    if flip:
-        rgb = rgb.flip(-1)
-        flow = flow.flip(-1)
-        flow[0].neg_()
-        scene = scene.flip(-1)
+    scene = _normalize(scene.contiguous(), cfg.mean, cfg.std, 1)  # (F, 3, h, w)
 
     if video.audio is not None and len(video.audio):
-        audio = torch.from_numpy(np.asarray(video.audio, dtype=np.float32))
+        audio = torch.from_numpy(
+            np.array(video.audio, dtype=np.float32)
+        )  # a copy: cached arrays are read-only
         audio_mask = torch.ones(audio.shape[0], dtype=torch.bool)
     else:
         # Masked, never zeros that a model would take for silence.

@@ -15,9 +15,10 @@ loudness jitter, audio noise; 15 % of the videos have no audio track and 15 % no
 replaced by another class's word 20 % of the time. Fusion is needed to classify all of it.
 
 Files are H.264 mp4 with an AAC track (mono, 22.05 kHz, so decoding exercises the resampler), 128x128 at
-25 fps, 2 s by default, listed in ``manifest.csv`` (path, label, title, split, class_name, has_audio) with
-``classes.txt``. Generation writes into a temporary sibling folder and renames it into place, so processes
-that generate concurrently never see a half-written set. Command line::
+25 fps, 4 s by default (room for random clip offsets and several test clips; about 50 s to generate the
+default 240 videos on 2 busy cores), listed in ``manifest.csv`` (path, label, title, split, class_name,
+has_audio) with ``classes.txt``. Generation writes into a temporary sibling folder and renames it into
+place, so processes that generate concurrently never see a half-written set. Command line::
 
     python -m mvfast.data.synthetic --out DIR [--classes 10] [--videos-per-class 24] [--seed 0]
 """
@@ -260,7 +261,7 @@ def render_video(
     rng: np.random.Generator,
     size: int = 128,
     fps: float = 25.0,
-    seconds: float = 2.0,
+    seconds: float = 4.0,
     audio_rate: int = 22050,
 ) -> tuple[np.ndarray, np.ndarray]:
     """Frames (uint8[N, size, size, 3]) and audio (float32[S]) of one video of a class with these factors
@@ -351,7 +352,7 @@ def generate(
     videos_per_class: int = 24,
     seed: int = 0,
     size: int = 128,
-    seconds: float = 2.0,
+    seconds: float = 4.0,
     fps: float = 25.0,
     train_fraction: float = 2 / 3,
     progress: bool = False,
@@ -467,7 +468,7 @@ class SyntheticMicroVideos(VideoCSV):
         config: DataConfig | None = None,
         cache=True,
         size: int = 128,
-        seconds: float = 2.0,
+        seconds: float = 4.0,
     ):
         root = Path(root) if root is not None else default_root()
         folder = (
@@ -506,7 +507,7 @@ def main(argv=None):
     parser.add_argument("--videos-per-class", type=int, default=24, help="videos per class (2/3 train)")
     parser.add_argument("--seed", type=int, default=0, help="seed of the whole set")
     parser.add_argument("--size", type=int, default=128, help="frame side in pixels (even)")
-    parser.add_argument("--seconds", type=float, default=2.0, help="length of each video")
+    parser.add_argument("--seconds", type=float, default=4.0, help="length of each video in seconds")
     args = parser.parse_args(argv)
     started = time.perf_counter()
     out = generate(
