@@ -30,8 +30,10 @@ def _truthy(name):
 
 
 def _toolkit_ok(path):
-    return bool(path) and os.path.isfile(os.path.join(path, "bin", "nvcc")) and os.path.isfile(
-        os.path.join(path, "include", "cuda_runtime.h")
+    return (
+        bool(path)
+        and os.path.isfile(os.path.join(path, "bin", "nvcc"))
+        and os.path.isfile(os.path.join(path, "include", "cuda_runtime.h"))
     )
 
 
@@ -47,9 +49,7 @@ def find_cuda_home():
         if _toolkit_ok(guess):
             return guess
         try:
-            out = subprocess.run(
-                [nvcc, "--dryrun", "--version"], capture_output=True, text=True, timeout=60
-            )
+            out = subprocess.run([nvcc, "--dryrun", "--version"], capture_output=True, text=True, timeout=60)
             m = re.search(r"_HERE_=(\S+)", out.stdout + out.stderr)
             if m and _toolkit_ok(os.path.dirname(m.group(1))):
                 return os.path.dirname(m.group(1))
@@ -137,14 +137,22 @@ def build_extensions():
         if cuda_home and missing_headers(cuda_home):
             wheel_dirs = wheel_cuda_include_dirs()
             if wheel_dirs:
-                log(f"{cuda_home} lacks {', '.join(missing_headers(cuda_home))}; using headers of the nvidia wheels")
+                log(
+                    f"{cuda_home} lacks {', '.join(missing_headers(cuda_home))}; "
+                    "using headers of the nvidia wheels"
+                )
             # Searched after the toolkit's -I folder, so its own headers win and the wheels only fill in
             # what it lacks (-idirafter for the host compiler, -isystem for nvcc, which has no -idirafter).
             for d in wheel_dirs:
                 cxx += ["-idirafter", d]
                 nvcc += ["-isystem", d]
         extra["nvcc"] = nvcc
-        define_macros.append(("MVFAST_CUDA_ARCHS", '"' + os.environ["TORCH_CUDA_ARCH_LIST"].replace(" ", ",").replace(";", ",") + '"'))
+        define_macros.append(
+            (
+                "MVFAST_CUDA_ARCHS",
+                '"' + os.environ["TORCH_CUDA_ARCH_LIST"].replace(" ", ",").replace(";", ",") + '"',
+            )
+        )
         define_macros.append(("MVFAST_CUDA_VERSION", f'"{torch.version.cuda}"'))
         log(
             f"building CPU and CUDA kernels: CUDA_HOME={cuda_home}, torch CUDA {torch.version.cuda}, "

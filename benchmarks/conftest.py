@@ -16,7 +16,9 @@ def pytest_terminal_summary(terminalreporter):
     if benchutil.BARS:
         tr.write_sep("-", "mvfast: performance bars")
         for bar in benchutil.BARS:
-            r = report.ratio(results, bar["op"], bar["case"], bar["device"], bar["mode"], bar["impl"], bar["base"])
+            r = report.ratio(
+                results, bar["op"], bar["case"], bar["device"], bar["mode"], bar["impl"], bar["base"]
+            )
             what = f"{bar['op']} {bar['case']} {bar['device']} {bar['mode']}: {bar['impl']} vs {bar['base']}"
             if r is None:
                 tr.write_line(f"not measured  {what} (needs {bar['at_least']:.2f}x)")

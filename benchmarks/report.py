@@ -36,13 +36,17 @@ def table(benchmarks: list[dict]) -> str:
     ]
     for key in sorted(groups):
         impls = groups[key]
-        for impl in sorted(impls, key=lambda i: (i not in BASELINES, BASELINES.index(i) if i in BASELINES else 0, i)):
+        for impl in sorted(
+            impls, key=lambda i: (i not in BASELINES, BASELINES.index(i) if i in BASELINES else 0, i)
+        ):
             r = impls[impl]
             ratios = []
             for base in BASELINES:
                 ratios.append(f"{impls[base]['median'] / r['median']:.2f}x" if base in impls else "")
-            lines.append(f"| {' | '.join(key)} | {impl} | {r['median'] * 1e3:.2f} | {' | '.join(ratios)} | "
-                         f"{_mib(r['saved'])} |")
+            lines.append(
+                f"| {' | '.join(key)} | {impl} | {r['median'] * 1e3:.2f} | {' | '.join(ratios)} | "
+                f"{_mib(r['saved'])} |"
+            )
     return "\n".join(lines)
 
 
@@ -51,7 +55,12 @@ def ratio(benchmarks: list[dict], op: str, case: str, device: str, mode: str, im
     med = {}
     for b in benchmarks:
         info = b.get("extra_info") or {}
-        if (info.get("op"), info.get("case"), info.get("device"), info.get("mode")) == (op, case, device, mode):
+        if (info.get("op"), info.get("case"), info.get("device"), info.get("mode")) == (
+            op,
+            case,
+            device,
+            mode,
+        ):
             med[info.get("impl")] = b["stats"]["median"]
     if impl in med and base in med:
         return med[base] / med[impl]

@@ -18,10 +18,12 @@ ROUNDS = {"cpu": 8, "cuda": 50}
 
 for _case in CASES:
     for _mode in ("fwd", "fwd+bwd"):
-        BARS.append(dict(op="netvlad", case=_case, device="cpu", mode=_mode, impl="cpu", base="compile",
-                         at_least=1.0))
-    BARS.append(dict(op="netvlad", case=_case, device="cpu", mode="fwd+bwd", impl="cpu", base="eager",
-                     at_least=1.4))
+        BARS.append(
+            dict(op="netvlad", case=_case, device="cpu", mode=_mode, impl="cpu", base="compile", at_least=1.0)
+        )
+    BARS.append(
+        dict(op="netvlad", case=_case, device="cpu", mode="fwd+bwd", impl="cpu", base="eager", at_least=1.4)
+    )
 
 _compiled = {}
 
@@ -68,6 +70,7 @@ def test_netvlad(benchmark, device, case, mode, impl):
     benchmark.group = f"netvlad {case} {device} {mode}"
     info = dict(op="netvlad", case=case, device=device, mode=mode, impl=impl)
     if mode == "fwd":
+
         def step():
             with torch.no_grad():
                 f(x, w, b, c, mask)

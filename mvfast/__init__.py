@@ -1,16 +1,16 @@
 """mvfast: multimodal micro-video classification built around fused kernels.
 
-    import mvfast
-    y = mvfast.ops.netvlad(x, weight, bias, centroids, mask)      # fused op
-    vlad = mvfast.nn.NetVLAD(dim=512, clusters=32)                   # module over it
-    with mvfast.backend("reference"): ...                            # choose the implementation
-    mvfast.backends()                                                # what can run here, and why not
+import mvfast
+y = mvfast.ops.netvlad(x, weight, bias, centroids, mask)      # fused op
+vlad = mvfast.nn.NetVLAD(dim=512, clusters=32)                   # module over it
+with mvfast.backend("reference"): ...                            # choose the implementation
+mvfast.backends()                                                # what can run here, and why not
 """
 
 __version__ = "0.1.0"
 
-from mvfast import _ext  # noqa: E402  (loads mvfast._C when built)
-from mvfast._backend import BACKENDS, backend, backends, get_backend, set_backend  # noqa: E402
+from mvfast import _ext  # noqa: E402, F401, I001  (first: loads mvfast._C, which registers the kernels)
 from mvfast import nn, ops  # noqa: E402
+from mvfast._backend import BACKENDS, backend, backends, get_backend, set_backend  # noqa: E402
 
 __all__ = ["BACKENDS", "backend", "backends", "get_backend", "set_backend", "nn", "ops", "__version__"]

@@ -90,8 +90,10 @@ def _device_reasons(name: str, device: torch.device) -> list[str]:
         if not TRITON_AVAILABLE:
             reasons.append(_TRITON_REASON)
         elif device.type == "cpu" and not TRITON_INTERPRET:
-            reasons.append("on CPU tensors Triton kernels run only under TRITON_INTERPRET=1, set before "
-                           "mvfast is imported")
+            reasons.append(
+                "on CPU tensors Triton kernels run only under TRITON_INTERPRET=1, set before "
+                "mvfast is imported"
+            )
         elif device.type not in ("cpu", "cuda"):
             reasons.append(f"Triton kernels run on CUDA tensors, not {device.type}")
         return reasons
@@ -102,8 +104,10 @@ def _device_reasons(name: str, device: torch.device) -> list[str]:
             reasons.append(f"the cpu backend runs on CPU tensors, not {device.type}")
     elif name == "cuda":
         if not _ext.BUILD["cuda"]:
-            reasons.append("mvfast._C was built without CUDA kernels (no nvcc or a CPU build of torch at "
-                           "build time; FORCE_CUDA=1 forces them)")
+            reasons.append(
+                "mvfast._C was built without CUDA kernels (no nvcc or a CPU build of torch at "
+                "build time; FORCE_CUDA=1 forces them)"
+            )
         elif device.type != "cuda":
             reasons.append(f"the cuda backend runs on CUDA tensors, not {device.type}")
     return reasons

@@ -30,7 +30,14 @@ def build_info() -> dict:
     """What the extension was compiled with: ``{"loaded", "cpu", "cuda", "cuda_version", "archs",
     "error"}``."""
     if not LOADED:
-        return {"loaded": False, "cpu": False, "cuda": False, "cuda_version": None, "archs": [], "error": ERROR}
+        return {
+            "loaded": False,
+            "cpu": False,
+            "cuda": False,
+            "cuda_version": None,
+            "archs": [],
+            "error": ERROR,
+        }
     cuda_version, archs = _C.CUDA_VERSION, _C.CUDA_ARCHS
     return {
         "loaded": True,

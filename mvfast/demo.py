@@ -53,7 +53,10 @@ def main(argv=None) -> int:
         attn.weight.normal_(std=D**-0.5, generator=None)
 
     print(f"{B} videos of {lengths.min().item()}-{M} frames, {D}-d features, on {device}")
-    print(f"NetVLAD K={args.clusters} -> {vlad.output_dim}-d descriptor; attention pooling -> {attn.output_dim}-d")
+    print(
+        f"NetVLAD K={args.clusters} -> {vlad.output_dim}-d descriptor; "
+        f"attention pooling -> {attn.output_dim}-d"
+    )
 
     def step(xx):
         v = vlad(xx, mask)
@@ -77,7 +80,7 @@ def main(argv=None) -> int:
         with mvfast.backend(name):
             xk = x.clone().requires_grad_()
             out = step(xk)
-            diff = max((o.float() - r.float()).abs().max().item() for o, r in zip(out, ref))
+            diff = max((o.float() - r.float()).abs().max().item() for o, r in zip(out, ref, strict=True))
             diff = max(diff, (xk.grad - ref_grad).abs().max().item())
             ms = _median_ms(lambda: step(x.clone().requires_grad_()), args.repeats)
         print(f"{name:<10} {diff:>24.2e} {ms:>11.2f} {ref_ms / ms:>8.2f}x")

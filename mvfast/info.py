@@ -35,8 +35,10 @@ def report() -> str:
     add = lines.append
     add(f"mvfast {mvfast.__version__} ({mvfast.__file__})")
     add(f"python {platform.python_version()} on {platform.platform()}")
-    add(f"torch {torch.__version__} (CUDA {torch.version.cuda or 'none'}), triton {_version('triton')}, "
-        f"numpy {_version('numpy')}, av {_version('av')}")
+    add(
+        f"torch {torch.__version__} (CUDA {torch.version.cuda or 'none'}), triton {_version('triton')}, "
+        f"numpy {_version('numpy')}, av {_version('av')}"
+    )
     b = _ext.BUILD
     if b["loaded"]:
         cuda = f"CUDA {b['cuda_version']} for sm {', '.join(b['archs'])}" if b["cuda"] else "no CUDA kernels"
@@ -48,8 +50,10 @@ def report() -> str:
         add(f"GPU: {gpus}")
     else:
         add("GPU: none visible")
-    add(f"Triton: {'installed' if _backend.TRITON_AVAILABLE else 'not installed'}"
-        f"{', interpreter on (TRITON_INTERPRET=1)' if _backend.TRITON_INTERPRET else ''}")
+    add(
+        f"Triton: {'installed' if _backend.TRITON_AVAILABLE else 'not installed'}"
+        f"{', interpreter on (TRITON_INTERPRET=1)' if _backend.TRITON_INTERPRET else ''}"
+    )
     add(f"backend asked for: {_backend.get_backend()} (MVFAST_BACKEND, mvfast.set_backend, mvfast.backend)")
     devices = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
     for op in OPS:

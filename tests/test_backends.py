@@ -20,14 +20,20 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 def _inputs():
     g = torch.Generator().manual_seed(0)
-    return (torch.randn(2, 5, 8, generator=g), torch.randn(3, 8, generator=g), None,
-            torch.randn(3, 8, generator=g))
+    return (
+        torch.randn(2, 5, 8, generator=g),
+        torch.randn(3, 8, generator=g),
+        None,
+        torch.randn(3, 8, generator=g),
+    )
 
 
 def python(code, **env):
     """Run code in a fresh interpreter (so import-time settings apply) and return the completed process."""
     full_env = {**os.environ, "PYTHONPATH": ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""), **env}
-    return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=full_env, timeout=300)
+    return subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, env=full_env, timeout=300
+    )
 
 
 def test_set_backend_and_context_manager():
@@ -135,8 +141,9 @@ def test_import_without_the_extension_runs_the_reference():
 
 
 def test_info_command():
-    p = subprocess.run([sys.executable, "-m", "mvfast.info"], capture_output=True, text=True, timeout=300,
-                       cwd=ROOT)
+    p = subprocess.run(
+        [sys.executable, "-m", "mvfast.info"], capture_output=True, text=True, timeout=300, cwd=ROOT
+    )
     assert p.returncode == 0, p.stderr
     out = p.stdout
     assert f"torch {torch.__version__}" in out

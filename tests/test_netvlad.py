@@ -12,8 +12,20 @@ from mvfast.ops.netvlad import netvlad_math, netvlad_reference
 LOW = (torch.float16, torch.bfloat16)
 
 
-def sample_inputs(dtype=torch.float32, device="cpu", *, B=3, M=13, D=20, K=5, G=0, mask="some", bias=True,
-                  noncontig=False, seed=0):
+def sample_inputs(
+    dtype=torch.float32,
+    device="cpu",
+    *,
+    B=3,
+    M=13,
+    D=20,
+    K=5,
+    G=0,
+    mask="some",
+    bias=True,
+    noncontig=False,
+    seed=0,
+):
     """(x, weight, bias, centroids, mask) with leaf tensors that require grad.
 
     mask: None, "some" (random gaps, every sample keeps at least one frame), "empty" (sample 1 has no
@@ -50,8 +62,12 @@ def run(backend, x, w, b, c, m, G, normalize, grad_seed=1):
 
 def upcast(ts):
     """float64 copies on the CPU, leaves of their own."""
-    return [t.detach().double().cpu().requires_grad_() if t is not None and t.is_floating_point() else
-            (t.cpu() if t is not None else None) for t in ts]
+    return [
+        t.detach().double().cpu().requires_grad_()
+        if t is not None and t.is_floating_point()
+        else (t.cpu() if t is not None else None)
+        for t in ts
+    ]
 
 
 def math_in_dtype(x, w, b, c, m, G, normalize, grad_seed=1):
@@ -111,7 +127,7 @@ def check_close(got, ref64, lowp, dtype, what):
     """flash-attention style: the kernel's error against float64 is at most about twice PyTorch's own
     error in that dtype, plus a small floor relative to the values' scale."""
     floor = {torch.float32: 2e-6, torch.float16: 2e-3, torch.bfloat16: 1e-2}[dtype]
-    for name, g, r, l in zip(what, got, ref64, lowp):
+    for name, g, r, l in zip(what, got, ref64, lowp, strict=True):
         assert g.dtype == dtype, f"{name}: dtype {g.dtype}, expected {dtype}"
         assert g.shape == r.shape, f"{name}: shape {tuple(g.shape)}, expected {tuple(r.shape)}"
         assert torch.isfinite(g).all(), f"{name}: non-finite values"
@@ -188,7 +204,7 @@ def test_cpu_flows_agree(backend, normalize):
     finally:
         torch.set_num_threads(threads)
     for got in results.values():
-        for g, r in zip(got, ref64):
+        for g, r in zip(got, ref64, strict=True):
             torch.testing.assert_close(g.double(), r, rtol=1e-4, atol=1e-5)
 
 
@@ -196,7 +212,9 @@ def test_backend_bfloat16_on_reference_runs_in_float32():
     x, w, b, c, m = sample_inputs(torch.bfloat16)
     y = mvfast.ops.netvlad(x, w, b, c, m)
     assert y.dtype == torch.bfloat16
-    y32 = netvlad_reference(*(t.float() if t is not None and t.is_floating_point() else t for t in (x, w, b, c)), m)
+    y32 = netvlad_reference(
+        *(t.float() if t is not None and t.is_floating_point() else t for t in (x, w, b, c)), m
+    )
     torch.testing.assert_close(y.float(), y32, rtol=1e-2, atol=1e-2)
 
 
@@ -240,13 +258,15 @@ def test_opcheck_backward_and_compiled_kernels(backend):
     args = (gy, x.detach(), w.detach(), c.detach(), assign, vlad, 1, True)
     torch.library.opcheck(torch.ops.mvfast.netvlad_backward.default, (*args, name))
     if name != "triton":
-        torch.library.opcheck(torch.ops.mvfast.netvlad_fwd.default, (x.detach(), w.detach(), b.detach(),
-                                                                     c.detach(), m, 1, True))
+        torch.library.opcheck(
+            torch.ops.mvfast.netvlad_fwd.default, (x.detach(), w.detach(), b.detach(), c.detach(), m, 1, True)
+        )
         torch.library.opcheck(torch.ops.mvfast.netvlad_bwd.default, args)
 
 
-@pytest.mark.parametrize("backend", ["reference"] + kernel_backends(),
-                         ids=lambda p: p if isinstance(p, str) else p[0])
+@pytest.mark.parametrize(
+    "backend", ["reference"] + kernel_backends(), ids=lambda p: p if isinstance(p, str) else p[0]
+)
 def test_compile_fullgraph_module(backend):
     name, device = (backend, "cpu") if isinstance(backend, str) else backend
     torch._dynamo.reset()
@@ -354,23 +374,52 @@ def _good():
     [
         (lambda a: a.update(x=a["x"][0]), ValueError, r"x must have 3 dimensions, got shape \(13, 20\)"),
         (lambda a: a.update(weight=a["weight"][:, :-1]), ValueError, r"weight must have shape \(6, 20\)"),
-        (lambda a: a.update(centroids=a["centroids"][:, :-1]), ValueError, r"centroids must have shape \(5, 20\)"),
-        (lambda a: a.update(weight=a["weight"][:-1]), ValueError, r"weight must have shape \(6, 20\), got \(5, 20\)"),
+        (
+            lambda a: a.update(centroids=a["centroids"][:, :-1]),
+            ValueError,
+            r"centroids must have shape \(5, 20\)",
+        ),
+        (
+            lambda a: a.update(weight=a["weight"][:-1]),
+            ValueError,
+            r"weight must have shape \(6, 20\), got \(5, 20\)",
+        ),
         (lambda a: a.update(bias=a["bias"][:-1]), ValueError, r"bias must have shape \(6\)"),
         (lambda a: a.update(mask=a["mask"][:, :-1]), ValueError, r"mask must have shape \(3, 13\)"),
         (lambda a: a.update(mask=a["mask"].float()), TypeError, r"mask must have dtype bool; got float32"),
         (lambda a: a.update(x=a["x"].double()), TypeError, r"weight must have the dtype of x \(float64\)"),
         (lambda a: a.update(x=a["x"].long()), TypeError, r"x must have dtype"),
-        (lambda a: a.update(centroids=a["centroids"].to("meta")), ValueError, r"centroids is on meta but x is on cpu"),
+        (
+            lambda a: a.update(centroids=a["centroids"].to("meta")),
+            ValueError,
+            r"centroids is on meta but x is on cpu",
+        ),
         (lambda a: a.update(ghost_clusters=-1), ValueError, r"ghost_clusters must be a non-negative int"),
     ],
-    ids=["x-rank", "weight-D", "centroids-D", "weight-K", "bias", "mask-shape", "mask-dtype", "dtype-mix",
-         "x-int", "device", "ghosts"],
+    ids=[
+        "x-rank",
+        "weight-D",
+        "centroids-D",
+        "weight-K",
+        "bias",
+        "mask-shape",
+        "mask-dtype",
+        "dtype-mix",
+        "x-int",
+        "device",
+        "ghosts",
+    ],
 )
 def test_bad_input_names_the_argument(change, exc, pattern):
     x, w, b, c, m = _good()
     args = dict(x=x, weight=w, bias=b, centroids=c, mask=m, ghost_clusters=1)
     change(args)
     with pytest.raises(exc, match=pattern):
-        mvfast.ops.netvlad(args.pop("x"), args.pop("weight"), args.pop("bias"), args.pop("centroids"),
-                           args.pop("mask"), **args)
+        mvfast.ops.netvlad(
+            args.pop("x"),
+            args.pop("weight"),
+            args.pop("bias"),
+            args.pop("centroids"),
+            args.pop("mask"),
+            **args,
+        )

@@ -29,14 +29,30 @@ class NetVLAD(nn.Module):
     :meth:`init_from_data` (k-means on a sample of local features, as in the NetVLAD paper).
     """
 
-    def __init__(self, dim: int, clusters: int, ghost_clusters: int = 0, normalize: bool = True,
-                 device=None, dtype=None):
+    def __init__(
+        self,
+        dim: int,
+        clusters: int,
+        ghost_clusters: int = 0,
+        normalize: bool = True,
+        device=None,
+        dtype=None,
+    ):
         super().__init__()
-        for name, v, least in (("dim", dim, 1), ("clusters", clusters, 1), ("ghost_clusters", ghost_clusters, 0)):
+        for name, v, least in (
+            ("dim", dim, 1),
+            ("clusters", clusters, 1),
+            ("ghost_clusters", ghost_clusters, 0),
+        ):
             if isinstance(v, bool) or not isinstance(v, int) or v < least:
                 raise ValueError(f"NetVLAD: {name} must be an int >= {least}, got {v!r}")
         factory = {"device": device, "dtype": dtype}
-        self.dim, self.clusters, self.ghost_clusters, self.normalize = dim, clusters, ghost_clusters, normalize
+        self.dim, self.clusters, self.ghost_clusters, self.normalize = (
+            dim,
+            clusters,
+            ghost_clusters,
+            normalize,
+        )
         self.weight = nn.Parameter(torch.empty(clusters + ghost_clusters, dim, **factory))
         self.bias = nn.Parameter(torch.empty(clusters + ghost_clusters, **factory))
         self.centroids = nn.Parameter(torch.empty(clusters, dim, **factory))
@@ -53,12 +69,26 @@ class NetVLAD(nn.Module):
         nn.init.normal_(self.centroids, std=bound)
 
     def forward(self, x: Tensor, mask: Tensor | None = None) -> Tensor:
-        return netvlad(x, self.weight, self.bias, self.centroids, mask,
-                       ghost_clusters=self.ghost_clusters, normalize=self.normalize)
+        return netvlad(
+            x,
+            self.weight,
+            self.bias,
+            self.centroids,
+            mask,
+            ghost_clusters=self.ghost_clusters,
+            normalize=self.normalize,
+        )
 
     @torch.no_grad()
-    def init_from_data(self, features: Tensor, mask: Tensor | None = None, *, iters: int = 25,
-                       max_samples: int = 20000, generator: torch.Generator | None = None) -> NetVLAD:
+    def init_from_data(
+        self,
+        features: Tensor,
+        mask: Tensor | None = None,
+        *,
+        iters: int = 25,
+        max_samples: int = 20000,
+        generator: torch.Generator | None = None,
+    ) -> NetVLAD:
         """Set centroids by k-means on local features and the assignment to match them.
 
         The assignment becomes the soft nearest-centroid rule of the NetVLAD paper: logits
@@ -78,16 +108,22 @@ class NetVLAD(nn.Module):
         if features.dim() == 3:
             if mask is not None:
                 if mask.shape != features.shape[:2]:
-                    raise ValueError(f"NetVLAD.init_from_data: mask must have shape {tuple(features.shape[:2])}, "
-                                     f"got {tuple(mask.shape)}")
+                    raise ValueError(
+                        f"NetVLAD.init_from_data: mask must have shape {tuple(features.shape[:2])}, "
+                        f"got {tuple(mask.shape)}"
+                    )
                 features = features[mask]
             else:
                 features = features.reshape(-1, features.shape[-1])
         if features.dim() != 2 or features.shape[1] != D:
-            raise ValueError(f"NetVLAD.init_from_data: features must be (N, {D}) or (B, M, {D}), "
-                             f"got {tuple(features.shape)}")
+            raise ValueError(
+                f"NetVLAD.init_from_data: features must be (N, {D}) or (B, M, {D}), "
+                f"got {tuple(features.shape)}"
+            )
         if features.shape[0] < K:
-            raise ValueError(f"NetVLAD.init_from_data: need at least clusters={K} features, got {features.shape[0]}")
+            raise ValueError(
+                f"NetVLAD.init_from_data: need at least clusters={K} features, got {features.shape[0]}"
+            )
         dev = features.device
         pts = features.double()
         if pts.shape[0] > max_samples:
@@ -117,8 +153,10 @@ class NetVLAD(nn.Module):
         return self
 
     def extra_repr(self) -> str:
-        return (f"dim={self.dim}, clusters={self.clusters}, ghost_clusters={self.ghost_clusters}, "
-                f"normalize={self.normalize}")
+        return (
+            f"dim={self.dim}, clusters={self.clusters}, ghost_clusters={self.ghost_clusters}, "
+            f"normalize={self.normalize}"
+        )
 
 
 def _kmeans_pp(pts: Tensor, k: int, generator: torch.Generator | None) -> Tensor:

@@ -24,7 +24,10 @@ def tensor(op: str, name: str, t, *, ndim: int | None = None, dtypes=FLOAT_DTYPE
         raise TypeError(f"{op}: {name} must have dtype {names}; got {str(t.dtype).replace('torch.', '')}")
     if shape is not None:
         want = "(" + ", ".join("*" if s is None else str(s) for s in shape) + ")"
-        if len(shape) != t.dim() or any(s is not None and s != a for s, a in zip(shape, t.shape)):
+        mismatch = len(shape) != t.dim() or any(
+            s is not None and s != a for s, a in zip(shape, t.shape, strict=True)
+        )
+        if mismatch:
             raise ValueError(f"{op}: {name} must have shape {want}, got {_shape(t)}")
 
 
@@ -40,8 +43,10 @@ def same_dtype(op: str, ref_name: str, ref: torch.Tensor, **others) -> None:
 def same_device(op: str, ref_name: str, ref: torch.Tensor, **others) -> None:
     for name, t in others.items():
         if t is not None and t.device != ref.device:
-            raise ValueError(f"{op}: {name} is on {t.device} but {ref_name} is on {ref.device}; "
-                             "all tensors must be on one device")
+            raise ValueError(
+                f"{op}: {name} is on {t.device} but {ref_name} is on {ref.device}; "
+                "all tensors must be on one device"
+            )
 
 
 def nonnegative_int(op: str, name: str, v) -> None:

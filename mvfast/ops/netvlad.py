@@ -32,7 +32,9 @@ def _validate(x, weight, bias, centroids, mask, ghost_clusters) -> None:
     _checks.tensor(OP, "centroids", centroids, ndim=2)
     K = centroids.shape[0]
     if K < 1:
-        raise ValueError(f"{OP}: centroids must hold at least one cluster, got shape {tuple(centroids.shape)}")
+        raise ValueError(
+            f"{OP}: centroids must hold at least one cluster, got shape {tuple(centroids.shape)}"
+        )
     _checks.tensor(OP, "centroids", centroids, shape=(K, D))
     _checks.tensor(OP, "weight", weight, ndim=2, shape=(K + ghost_clusters, D))
     if bias is not None:
@@ -101,11 +103,25 @@ _EPS = 1e-12
 
 @triton.jit
 def _nv_assign_kernel(
-    x_ptr, w_ptr, b_ptr, mask_ptr, a_ptr,
-    M, D, KG,
-    sxb, sxm, sxd, swk, swd,
-    HAS_BIAS: tl.constexpr, HAS_MASK: tl.constexpr, PREC: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_KG: tl.constexpr,
+    x_ptr,
+    w_ptr,
+    b_ptr,
+    mask_ptr,
+    a_ptr,
+    M,
+    D,
+    KG,
+    sxb,
+    sxm,
+    sxd,
+    swk,
+    swd,
+    HAS_BIAS: tl.constexpr,
+    HAS_MASK: tl.constexpr,
+    PREC: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    BLOCK_KG: tl.constexpr,
 ):
     pid_m = tl.program_id(0)
     b = tl.program_id(1).to(tl.int64)
@@ -117,10 +133,14 @@ def _nv_assign_kernel(
     for d0 in range(0, D, BLOCK_D):
         d = d0 + tl.arange(0, BLOCK_D)
         d_ok = d < D
-        xt = tl.load(x_ptr + b * sxb + rows[:, None] * sxm + d[None, :] * sxd,
-                     mask=row_ok[:, None] & d_ok[None, :], other=0.0)
-        wt = tl.load(w_ptr + cols[None, :] * swk + d[:, None] * swd,
-                     mask=col_ok[None, :] & d_ok[:, None], other=0.0)  # (BLOCK_D, BLOCK_KG)
+        xt = tl.load(
+            x_ptr + b * sxb + rows[:, None] * sxm + d[None, :] * sxd,
+            mask=row_ok[:, None] & d_ok[None, :],
+            other=0.0,
+        )
+        wt = tl.load(
+            w_ptr + cols[None, :] * swk + d[:, None] * swd, mask=col_ok[None, :] & d_ok[:, None], other=0.0
+        )  # (BLOCK_D, BLOCK_KG)
         logits = tl.dot(xt, wt, logits, input_precision=PREC)
     if HAS_BIAS:
         logits += tl.load(b_ptr + cols, mask=col_ok, other=0.0).to(tl.float32)[None, :]
@@ -135,10 +155,21 @@ def _nv_assign_kernel(
 
 @triton.jit
 def _nv_aggregate_kernel(
-    x_ptr, a_ptr, c_ptr, v_ptr,
-    M, D, K, KG,
-    sxb, sxm, sxd,
-    PREC: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr,
+    x_ptr,
+    a_ptr,
+    c_ptr,
+    v_ptr,
+    M,
+    D,
+    K,
+    KG,
+    sxb,
+    sxm,
+    sxd,
+    PREC: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+    BLOCK_D: tl.constexpr,
 ):
     pid_k = tl.program_id(0)
     pid_d = tl.program_id(1)
@@ -152,10 +183,14 @@ def _nv_aggregate_kernel(
     for m0 in range(0, M, BLOCK_M):
         rows = m0 + tl.arange(0, BLOCK_M)
         r_ok = rows < M
-        at = tl.load(a_ptr + (b * M + rows[None, :]) * KG + ks[:, None],
-                     mask=k_ok[:, None] & r_ok[None, :], other=0.0)  # (BLOCK_K, BLOCK_M) float32
-        xt = tl.load(x_ptr + b * sxb + rows[:, None] * sxm + d[None, :] * sxd,
-                     mask=r_ok[:, None] & d_ok[None, :], other=0.0)
+        at = tl.load(
+            a_ptr + (b * M + rows[None, :]) * KG + ks[:, None], mask=k_ok[:, None] & r_ok[None, :], other=0.0
+        )  # (BLOCK_K, BLOCK_M) float32
+        xt = tl.load(
+            x_ptr + b * sxb + rows[:, None] * sxm + d[None, :] * sxd,
+            mask=r_ok[:, None] & d_ok[None, :],
+            other=0.0,
+        )
         asum += tl.sum(at, axis=1)
         acc = tl.dot(at, xt.to(tl.float32), acc, input_precision=PREC)
     c = tl.load(c_ptr + ks[:, None] * D + d[None, :], mask=k_ok[:, None] & d_ok[None, :], other=0.0)
@@ -181,8 +216,9 @@ def _nv_norms(v_base, g_base, K, D, BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr
 
 
 @triton.jit
-def _nv_normalize_kernel(v_ptr, out_ptr, K, D, NORMALIZE: tl.constexpr, BLOCK_K: tl.constexpr,
-                         BLOCK_D: tl.constexpr):
+def _nv_normalize_kernel(
+    v_ptr, out_ptr, K, D, NORMALIZE: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr
+):
     b = tl.program_id(0).to(tl.int64)
     ks = tl.arange(0, BLOCK_K)
     base = b * K * D
@@ -202,9 +238,16 @@ def _nv_normalize_kernel(v_ptr, out_ptr, K, D, NORMALIZE: tl.constexpr, BLOCK_K:
 
 @triton.jit
 def _nv_norm_backward_kernel(
-    g_ptr, v_ptr, c_ptr, dv_ptr, cdv_ptr,
-    K, D,
-    NORMALIZE: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr,
+    g_ptr,
+    v_ptr,
+    c_ptr,
+    dv_ptr,
+    cdv_ptr,
+    K,
+    D,
+    NORMALIZE: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+    BLOCK_D: tl.constexpr,
 ):
     # dV = d(unnormalised V) from dy through F.normalize twice: (dy - y (y.dy)) / |.|, or dy / eps where a
     # norm was clamped. du (the gradient of the intra-normalised V) is recomputed, not stored, between
@@ -254,10 +297,22 @@ def _nv_norm_backward_kernel(
 
 @triton.jit
 def _nv_assign_backward_kernel(
-    x_ptr, dv_ptr, cdv_ptr, a_ptr, ds_ptr,
-    M, D, K, KG,
-    sxb, sxm, sxd,
-    PREC: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_KG: tl.constexpr,
+    x_ptr,
+    dv_ptr,
+    cdv_ptr,
+    a_ptr,
+    ds_ptr,
+    M,
+    D,
+    K,
+    KG,
+    sxb,
+    sxm,
+    sxd,
+    PREC: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    BLOCK_KG: tl.constexpr,
 ):
     pid_m = tl.program_id(0)
     b = tl.program_id(1).to(tl.int64)
@@ -269,10 +324,14 @@ def _nv_assign_backward_kernel(
     for d0 in range(0, D, BLOCK_D):
         d = d0 + tl.arange(0, BLOCK_D)
         d_ok = d < D
-        xt = tl.load(x_ptr + b * sxb + rows[:, None] * sxm + d[None, :] * sxd,
-                     mask=row_ok[:, None] & d_ok[None, :], other=0.0)
-        dvt = tl.load(dv_ptr + (b * K + cols[None, :]) * D + d[:, None],
-                      mask=real[None, :] & d_ok[:, None], other=0.0)  # (BLOCK_D, BLOCK_KG)
+        xt = tl.load(
+            x_ptr + b * sxb + rows[:, None] * sxm + d[None, :] * sxd,
+            mask=row_ok[:, None] & d_ok[None, :],
+            other=0.0,
+        )
+        dvt = tl.load(
+            dv_ptr + (b * K + cols[None, :]) * D + d[:, None], mask=real[None, :] & d_ok[:, None], other=0.0
+        )  # (BLOCK_D, BLOCK_KG)
         da = tl.dot(xt.to(tl.float32), dvt, da, input_precision=PREC)
     cdv = tl.load(cdv_ptr + b * K + cols, mask=real, other=0.0)
     g = tl.where(real[None, :], da - cdv[None, :], 0.0)  # ghosts are dropped after the softmax
@@ -284,10 +343,24 @@ def _nv_assign_backward_kernel(
 
 @triton.jit
 def _nv_dx_kernel(
-    a_ptr, ds_ptr, dv_ptr, w_ptr, dx_ptr,
-    M, D, K, KG,
-    swk, swd, sdxb, sdxm, sdxd,
-    PREC: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_KG: tl.constexpr,
+    a_ptr,
+    ds_ptr,
+    dv_ptr,
+    w_ptr,
+    dx_ptr,
+    M,
+    D,
+    K,
+    KG,
+    swk,
+    swd,
+    sdxb,
+    sdxm,
+    sdxd,
+    PREC: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    BLOCK_KG: tl.constexpr,
 ):
     pid_m = tl.program_id(0)
     pid_d = tl.program_id(1)
@@ -300,22 +373,38 @@ def _nv_dx_kernel(
     arow = (b * M + rows[:, None]) * KG + cols[None, :]
     a = tl.load(a_ptr + arow, mask=row_ok[:, None] & (cols < K)[None, :], other=0.0)
     s = tl.load(ds_ptr + arow, mask=row_ok[:, None] & (cols < KG)[None, :], other=0.0)
-    dvt = tl.load(dv_ptr + (b * K + cols[:, None]) * D + d[None, :], mask=(cols < K)[:, None] & d_ok[None, :],
-                  other=0.0)
-    wt = tl.load(w_ptr + cols[:, None] * swk + d[None, :] * swd, mask=(cols < KG)[:, None] & d_ok[None, :],
-                 other=0.0)
+    dvt = tl.load(
+        dv_ptr + (b * K + cols[:, None]) * D + d[None, :], mask=(cols < K)[:, None] & d_ok[None, :], other=0.0
+    )
+    wt = tl.load(
+        w_ptr + cols[:, None] * swk + d[None, :] * swd, mask=(cols < KG)[:, None] & d_ok[None, :], other=0.0
+    )
     dx = tl.dot(a, dvt, input_precision=PREC)
     dx = tl.dot(s, wt.to(tl.float32), dx, input_precision=PREC)
-    tl.store(dx_ptr + b * sdxb + rows[:, None] * sdxm + d[None, :] * sdxd, dx.to(dx_ptr.dtype.element_ty),
-             mask=row_ok[:, None] & d_ok[None, :])
+    tl.store(
+        dx_ptr + b * sdxb + rows[:, None] * sdxm + d[None, :] * sdxd,
+        dx.to(dx_ptr.dtype.element_ty),
+        mask=row_ok[:, None] & d_ok[None, :],
+    )
 
 
 @triton.jit
 def _nv_dw_kernel(
-    ds_ptr, x_ptr, dw_ptr, db_ptr,
-    M, D, KG, ROWS,
-    sxb, sxm, sxd,
-    PREC: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_KG: tl.constexpr,
+    ds_ptr,
+    x_ptr,
+    dw_ptr,
+    db_ptr,
+    M,
+    D,
+    KG,
+    ROWS,
+    sxb,
+    sxm,
+    sxd,
+    PREC: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    BLOCK_KG: tl.constexpr,
 ):
     pid_d = tl.program_id(0)
     cols = tl.arange(0, BLOCK_KG)
@@ -327,10 +416,14 @@ def _nv_dw_kernel(
     for r0 in range(0, ROWS, BLOCK_M):
         r = (r0 + tl.arange(0, BLOCK_M)).to(tl.int64)
         r_ok = r < ROWS
-        st = tl.load(ds_ptr + r[None, :] * KG + cols[:, None], mask=col_ok[:, None] & r_ok[None, :],
-                     other=0.0)  # (BLOCK_KG, BLOCK_M)
-        xt = tl.load(x_ptr + (r // M)[:, None] * sxb + (r % M)[:, None] * sxm + d[None, :] * sxd,
-                     mask=r_ok[:, None] & d_ok[None, :], other=0.0)
+        st = tl.load(
+            ds_ptr + r[None, :] * KG + cols[:, None], mask=col_ok[:, None] & r_ok[None, :], other=0.0
+        )  # (BLOCK_KG, BLOCK_M)
+        xt = tl.load(
+            x_ptr + (r // M)[:, None] * sxb + (r % M)[:, None] * sxm + d[None, :] * sxd,
+            mask=r_ok[:, None] & d_ok[None, :],
+            other=0.0,
+        )
         acc = tl.dot(st, xt.to(tl.float32), acc, input_precision=PREC)
         db += tl.sum(st, axis=1)
     tl.store(dw_ptr + cols[:, None] * D + d[None, :], acc, mask=col_ok[:, None] & d_ok[None, :])
@@ -357,14 +450,37 @@ def _triton_forward(x, weight, bias, centroids, mask, ghost_clusters, normalize)
     out = x.new_empty((B, K, D))
     mask_u8 = mask.contiguous().view(torch.uint8) if mask is not None else assign
     _nv_assign_kernel[(triton.cdiv(M, block_m), B)](
-        x, weight, bias if bias is not None else weight, mask_u8, assign,
-        M, D, KG, *x.stride(), *weight.stride(),
-        HAS_BIAS=bias is not None, HAS_MASK=mask is not None, PREC=prec,
-        BLOCK_M=block_m, BLOCK_D=min(block_d, 64), BLOCK_KG=block_kg,
+        x,
+        weight,
+        bias if bias is not None else weight,
+        mask_u8,
+        assign,
+        M,
+        D,
+        KG,
+        *x.stride(),
+        *weight.stride(),
+        HAS_BIAS=bias is not None,
+        HAS_MASK=mask is not None,
+        PREC=prec,
+        BLOCK_M=block_m,
+        BLOCK_D=min(block_d, 64),
+        BLOCK_KG=block_kg,
     )
     _nv_aggregate_kernel[(triton.cdiv(K, block_k), triton.cdiv(D, 64), B)](
-        x, assign, c, vlad, M, D, K, KG, *x.stride(),
-        PREC=prec, BLOCK_M=block_m, BLOCK_K=block_k, BLOCK_D=64,
+        x,
+        assign,
+        c,
+        vlad,
+        M,
+        D,
+        K,
+        KG,
+        *x.stride(),
+        PREC=prec,
+        BLOCK_M=block_m,
+        BLOCK_K=block_k,
+        BLOCK_D=64,
     )
     _nv_normalize_kernel[(B,)](vlad, out, K, D, NORMALIZE=normalize, BLOCK_K=next_pow2(K), BLOCK_D=block_d)
     if normalize:
@@ -383,24 +499,68 @@ def _triton_backward(grad_out, x, weight, centroids, assign, vlad, ghost_cluster
     dv = torch.empty_like(g)
     cdv = g.new_empty((B, K))
     _nv_norm_backward_kernel[(B,)](
-        g, vlad if normalize else g, c, dv, cdv, K, D,
-        NORMALIZE=normalize, BLOCK_K=next_pow2(K), BLOCK_D=block_d,
+        g,
+        vlad if normalize else g,
+        c,
+        dv,
+        cdv,
+        K,
+        D,
+        NORMALIZE=normalize,
+        BLOCK_K=next_pow2(K),
+        BLOCK_D=block_d,
     )
     ds = torch.empty_like(assign)
     _nv_assign_backward_kernel[(triton.cdiv(M, block_m), B)](
-        x, dv, cdv, assign, ds, M, D, K, KG, *x.stride(),
-        PREC=prec, BLOCK_M=block_m, BLOCK_D=64, BLOCK_KG=block_kg,
+        x,
+        dv,
+        cdv,
+        assign,
+        ds,
+        M,
+        D,
+        K,
+        KG,
+        *x.stride(),
+        PREC=prec,
+        BLOCK_M=block_m,
+        BLOCK_D=64,
+        BLOCK_KG=block_kg,
     )
     grad_x = torch.empty_like(x)
     _nv_dx_kernel[(triton.cdiv(M, block_m), triton.cdiv(D, 64), B)](
-        assign, ds, dv, weight, grad_x, M, D, K, KG, *weight.stride(), *grad_x.stride(),
-        PREC=prec, BLOCK_M=block_m, BLOCK_D=64, BLOCK_KG=block_kg,
+        assign,
+        ds,
+        dv,
+        weight,
+        grad_x,
+        M,
+        D,
+        K,
+        KG,
+        *weight.stride(),
+        *grad_x.stride(),
+        PREC=prec,
+        BLOCK_M=block_m,
+        BLOCK_D=64,
+        BLOCK_KG=block_kg,
     )
     grad_w = torch.empty((KG, D), device=x.device, dtype=torch.float32)
     grad_b = torch.empty((KG,), device=x.device, dtype=torch.float32)
     _nv_dw_kernel[(triton.cdiv(D, 64),)](
-        ds, x, grad_w, grad_b, M, D, KG, B * M, *x.stride(),
-        PREC=prec, BLOCK_M=block_m, BLOCK_D=64, BLOCK_KG=block_kg,
+        ds,
+        x,
+        grad_w,
+        grad_b,
+        M,
+        D,
+        KG,
+        B * M,
+        *x.stride(),
+        PREC=prec,
+        BLOCK_M=block_m,
+        BLOCK_D=64,
+        BLOCK_KG=block_kg,
     )
     # dC_k = -sum_b (sum_i a_bik) dV_bk: (B, K) x (B, K, D), small next to the rest
     grad_c = -torch.einsum("bk,bkd->kd", assign[:, :, :K].sum(1), dv)
@@ -456,11 +616,15 @@ def _netvlad_backward_op(
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     if backend == "triton":
         return _triton_backward(grad_out, x, weight, centroids, assign, vlad, ghost_clusters, normalize)
-    return torch.ops.mvfast.netvlad_bwd(grad_out, x, weight, centroids, assign, vlad, ghost_clusters, normalize)
+    return torch.ops.mvfast.netvlad_bwd(
+        grad_out, x, weight, centroids, assign, vlad, ghost_clusters, normalize
+    )
 
 
 @_netvlad_backward_op.register_fake
-def _netvlad_backward_fake(grad_out, x, weight, centroids, assign, vlad, ghost_clusters, normalize, backend=None):
+def _netvlad_backward_fake(
+    grad_out, x, weight, centroids, assign, vlad, ghost_clusters, normalize, backend=None
+):
     return (
         torch.empty_like(x),
         torch.empty_like(weight),
