@@ -50,21 +50,26 @@ def table(benchmarks: list[dict]) -> str:
     return "\n".join(lines)
 
 
-def ratio(benchmarks: list[dict], op: str, case: str, device: str, mode: str, impl: str, base: str):
-    """median(base) / median(impl) for one group, or None when either is missing."""
-    med = {}
+def median(benchmarks: list[dict], op: str, case: str, device: str, mode: str, impl: str):
+    """The median time in seconds of one implementation in one group, or None when it was not measured."""
     for b in benchmarks:
         info = b.get("extra_info") or {}
-        if (info.get("op"), info.get("case"), info.get("device"), info.get("mode")) == (
+        if (info.get("op"), info.get("case"), info.get("device"), info.get("mode"), info.get("impl")) == (
             op,
             case,
             device,
             mode,
-        ):
-            med[info.get("impl")] = b["stats"]["median"]
-    if impl in med and base in med:
-        return med[base] / med[impl]
+            impl,
+        ) and b.get("stats"):
+            return b["stats"]["median"]
     return None
+
+
+def ratio(benchmarks: list[dict], op: str, case: str, device: str, mode: str, impl: str, base: str):
+    """median(base) / median(impl) for one group, or None when either is missing."""
+    mi = median(benchmarks, op, case, device, mode, impl)
+    mb = median(benchmarks, op, case, device, mode, base)
+    return None if mi is None or mb is None else mb / mi
 
 
 def main(argv: list[str]) -> int:

@@ -18,10 +18,28 @@ ROUNDS = {"cpu": 10, "cuda": 50}
 
 # The bars on the 2-core development CPU, at the paper's shape.
 for _mode in ("fwd", "fwd+bwd"):
-    BARS.append(dict(op="attention_pool", case="B32-L300-D1024-H1", device="cpu", mode=_mode, impl="cpu",
-                     base="compile", at_least=1.0))
-BARS.append(dict(op="attention_pool", case="B32-L300-D1024-H1", device="cpu", mode="fwd+bwd", impl="cpu",
-                 base="eager", at_least=3.0))
+    BARS.append(
+        dict(
+            op="attention_pool",
+            case="B32-L300-D1024-H1",
+            device="cpu",
+            mode=_mode,
+            impl="cpu",
+            base="compile",
+            at_least=1.0,
+        )
+    )
+BARS.append(
+    dict(
+        op="attention_pool",
+        case="B32-L300-D1024-H1",
+        device="cpu",
+        mode="fwd+bwd",
+        impl="cpu",
+        base="eager",
+        at_least=3.0,
+    )
+)
 
 _compiled = {}
 
@@ -67,6 +85,7 @@ def test_attention_pool(benchmark, device, case, mode, impl):
     benchmark.group = f"attention_pool {case} {device} {mode}"
     info = dict(op="attention_pool", case=case, device=device, mode=mode, impl=impl)
     if mode == "fwd":
+
         def step():
             with torch.no_grad():
                 f(x, w, b, mask)
