@@ -5,6 +5,7 @@
     vlad = mvfast.nn.NetVLAD(dim=512, clusters=32)                   # module over it
     with mvfast.backend("reference"): ...                            # choose the implementation
     mvfast.backends()                                                # what can run here, and why not
+    model, n = mvfast.fuse(model)                                    # Conv3d+BN+ReLU chains -> Conv3dBNReLU
 """
 
 __version__ = "0.1.0"
@@ -12,5 +13,17 @@ __version__ = "0.1.0"
 from mvfast import _ext  # noqa: E402  (loads mvfast._C when built)
 from mvfast._backend import BACKENDS, backend, backends, get_backend, set_backend  # noqa: E402
 from mvfast import nn, ops  # noqa: E402
+from mvfast.nn.fuse import fuse, unfuse  # noqa: E402
 
-__all__ = ["BACKENDS", "backend", "backends", "get_backend", "set_backend", "nn", "ops", "__version__"]
+__all__ = [
+    "BACKENDS",
+    "backend",
+    "backends",
+    "fuse",
+    "get_backend",
+    "nn",
+    "ops",
+    "set_backend",
+    "unfuse",
+    "__version__",
+]
