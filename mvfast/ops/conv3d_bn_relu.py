@@ -32,6 +32,8 @@ the conv's layout, as ATen's own conv backward answers.
 
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor
@@ -42,6 +44,7 @@ from mvfast.ops._triton import dot_precision, next_pow2, tl, triton
 
 OP = "conv3d_bn_relu"
 _CL = torch.channels_last_3d
+_MKLDNN = torch.backends.mkldnn.is_available()  # read once: torch.compile does not trace the query
 
 
 def _triple(op: str, name: str, v, minimum: int) -> list[int]:
@@ -205,22 +208,25 @@ def _cbr_stats_kernel(pmean_ptr, pm2_ptr, mean_ptr, invstd_ptr, var_ptr, M, C, N
                       BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr):
     c = tl.program_id(0) * BLOCK_C + tl.arange(0, BLOCK_C)
     c_ok = c < C
-    n = tl.zeros((BLOCK_C,), dtype=tl.float32)
-    mean = tl.zeros((BLOCK_C,), dtype=tl.float32)
-    m2 = tl.zeros((BLOCK_C,), dtype=tl.float32)
-    for i in range(NB):  # Chan/Welford combine of the tiles' (count, mean, M2), as welford_combine
-        nb = tl.minimum(BLOCK_M, M - i * BLOCK_M).to(tl.float32)
-        mb = tl.load(pmean_ptr + i * C + c, mask=c_ok, other=0.0)
-        m2b = tl.load(pm2_ptr + i * C + c, mask=c_ok, other=0.0)
+    # Chan/Welford combine of the tiles' float32 (count, mean, M2), as welford_combine, carried in float64
+    # so that the many small tiles add no rounding of their own beyond that of their float32 means. It
+    # costs NB x C operations, nothing next to the conv.
+    n = tl.zeros((BLOCK_C,), dtype=tl.float64)
+    mean = tl.zeros((BLOCK_C,), dtype=tl.float64)
+    m2 = tl.zeros((BLOCK_C,), dtype=tl.float64)
+    for i in range(NB):
+        nb = tl.minimum(BLOCK_M, M - i * BLOCK_M).to(tl.float64)
+        mb = tl.load(pmean_ptr + i * C + c, mask=c_ok, other=0.0).to(tl.float64)
+        m2b = tl.load(pm2_ptr + i * C + c, mask=c_ok, other=0.0).to(tl.float64)
         nab = n + nb
         delta = mb - mean
         f = nb / nab
         mean += delta * f
         m2 += m2b + delta * delta * n * f
         n = nab
-    tl.store(mean_ptr + c, mean, mask=c_ok)
-    tl.store(invstd_ptr + c, 1.0 / tl.sqrt(m2 / M + eps), mask=c_ok)
-    tl.store(var_ptr + c, m2 / (M - 1), mask=c_ok)
+    tl.store(mean_ptr + c, mean.to(tl.float32), mask=c_ok)
+    tl.store(invstd_ptr + c, (1.0 / tl.sqrt(m2 / M + eps)).to(tl.float32), mask=c_ok)
+    tl.store(var_ptr + c, (m2 / (M - 1)).to(tl.float32), mask=c_ok)
 
 
 @triton.jit
@@ -322,7 +328,7 @@ def _out_shape(x, weight, stride, padding, dilation):
 def _triton_forward(x, weight, bias, bn_weight, bn_bias, running_mean, running_var, stride, padding, dilation,
                     groups, training, eps, relu):
     shape = _out_shape(x, weight, stride, padding, dilation)
-    out = x.new_empty(shape, memory_format=_format_of(x))
+    out = _empty(x, shape, _format_of(x))
     none, none32 = x.new_empty((0,)), x.new_empty((0,), dtype=torch.float32)
     if not training:
         scale = bn_weight.float() * (running_var.float() + eps).rsqrt()
@@ -333,7 +339,7 @@ def _triton_forward(x, weight, bias, bn_weight, bn_bias, running_mean, running_v
         _triton_conv(x, w, b, out, stride, padding, dilation, groups, relu, stats=False)
         return out, none, none32, none32.clone(), none32.clone(), none.clone()
     C = shape[1]
-    z = x.new_empty(shape, memory_format=_CL)
+    z = _empty(x, shape, _CL)
     pmean, pm2, bm = _triton_conv(x, weight, None, z, stride, padding, dilation, groups, False, stats=True)
     M = z.numel() // C
     mean, invstd, var = (x.new_empty((C,), dtype=torch.float32) for _ in range(3))
@@ -382,6 +388,10 @@ def _conv_backward(gz, x, weight, stride, padding, dilation, groups, need_grad_x
 # x_conv, or x) are saved for backward in training; in eval the output itself is (for the ReLU mask).
 
 
+def _empty(like: Tensor, shape, memory_format, dtype=None) -> Tensor:
+    return torch.empty(shape, dtype=dtype or like.dtype, device=like.device, memory_format=memory_format)
+
+
 def _format_of(t: Tensor) -> torch.memory_format:
     """The layout the kernels give a tensor shaped like t: channels_last_3d when t is in it (and not also
     in NCDHW), else NCDHW."""
@@ -411,12 +421,12 @@ def _conv3d_bn_relu_op(
 def _conv3d_bn_relu_fake(x, weight, bias, bn_weight, bn_bias, running_mean, running_var, stride, padding, dilation,
                          groups, training, eps, relu, conv_channels_last, backend="cpu"):
     shape = _out_shape(x, weight, stride, padding, dilation)
-    out = x.new_empty(shape, memory_format=_format_of(x))
+    out = _empty(x, shape, _format_of(x))
     acc = _acc_dtype(x)
     if not training:
         return (out, x.new_empty((0,)), *(x.new_empty((0,), dtype=acc) for _ in range(3)), x.new_empty((0,)))
     conv_fmt = _CL if conv_channels_last or backend == "triton" else _format_of(x)
-    z = x.new_empty(shape, memory_format=conv_fmt)
+    z = _empty(x, shape, conv_fmt)
     stats = [x.new_empty((shape[1],), dtype=acc) for _ in range(3)]
     copies = backend != "triton" and not x.is_contiguous(memory_format=conv_fmt)
     x_conv = torch.empty_like(x, memory_format=conv_fmt) if copies else x.new_empty((0,))
@@ -522,7 +532,7 @@ def _op_reasons(backend: str, x: Tensor) -> list[str]:
 def _cpu_conv_channels_last(x: Tensor) -> bool:
     """The CPU kernels run the conv in channels_last_3d where oneDNN is fast in it (float32, bfloat16);
     ATen's float16 and float64 CPU convs take no advantage of it."""
-    return x.dtype in (torch.float32, torch.bfloat16) and torch.backends.mkldnn.is_available()
+    return x.dtype in (torch.float32, torch.bfloat16) and _MKLDNN
 
 
 def conv3d_bn_relu(
@@ -568,8 +578,7 @@ def conv3d_bn_relu(
     batch_stats = training or running_mean is None
     if batch_stats:
         N, C = x.shape[0], weight.shape[0]
-        R = N * int(torch.tensor(_out_spatial(x.shape, weight.shape, stride, padding, dilation)).prod())
-        if R <= 1:
+        if N * math.prod(_out_spatial(x.shape, weight.shape, stride, padding, dilation)) <= 1:
             raise ValueError(f"{OP}: expected more than 1 value per channel when training, got conv output of "
                              f"shape {(N, C, *_out_spatial(x.shape, weight.shape, stride, padding, dilation))}")
     name = _backend.resolve(OP, x.device, lambda b: _op_reasons(b, x))
