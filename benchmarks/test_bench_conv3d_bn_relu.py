@@ -22,14 +22,26 @@ ROUNDS = {"cpu": 5, "cuda": 50}
 
 # The bars on the 2-core development CPU.
 _BLOCK = "N8-C64-8x56x56"
-BARS.append(dict(op="conv3d_bn_relu", case=_BLOCK, device="cpu", mode="fwd+bwd", impl="cpu", base="eager",
-                 at_least=1.15))
-BARS.append(dict(op="conv3d_bn_relu", case=_BLOCK, device="cpu", mode="fwd", impl="cpu", base="eager",
-                 at_least=1.15))
-BARS.append(dict(op="conv3d_bn_relu", case=_BLOCK, device="cpu", mode="fwd", impl="cpu", base="compile",
-                 at_least=1.0))
-BARS.append(dict(op="r3d_18", case="N1-16x112x112", device="cpu", mode="fwd", impl="cpu", base="eager",
-                 at_least=1.0))
+BARS.append(
+    dict(
+        op="conv3d_bn_relu",
+        case=_BLOCK,
+        device="cpu",
+        mode="fwd+bwd",
+        impl="cpu",
+        base="eager",
+        at_least=1.15,
+    )
+)
+BARS.append(
+    dict(op="conv3d_bn_relu", case=_BLOCK, device="cpu", mode="fwd", impl="cpu", base="eager", at_least=1.15)
+)
+BARS.append(
+    dict(op="conv3d_bn_relu", case=_BLOCK, device="cpu", mode="fwd", impl="cpu", base="compile", at_least=1.0)
+)
+BARS.append(
+    dict(op="r3d_18", case="N1-16x112x112", device="cpu", mode="fwd", impl="cpu", base="eager", at_least=1.0)
+)
 
 _compiled = {}
 
@@ -78,6 +90,7 @@ def test_conv3d_bn_relu(benchmark, device, case, mode, impl):
     benchmark.group = f"conv3d_bn_relu {case} {device} {mode}"
     info = dict(op="conv3d_bn_relu", case=case, device=device, mode=mode, impl=impl)
     if mode == "fwd":  # eval: BN folded into the conv
+
         def step():
             with torch.no_grad():
                 f(x, w, g, b, rm, rv, False)
@@ -116,5 +129,10 @@ def test_r3d_18_eval(benchmark, device, impl):
         with torch.no_grad(), mvfast.backend("auto" if impl == "eager" else impl):
             model(x)
 
-    measure(benchmark, step, device, rounds=ROUNDS[device],
-            info=dict(op="r3d_18", case="N1-16x112x112", device=device, mode="fwd", impl=impl))
+    measure(
+        benchmark,
+        step,
+        device,
+        rounds=ROUNDS[device],
+        info=dict(op="r3d_18", case="N1-16x112x112", device=device, mode="fwd", impl=impl),
+    )

@@ -22,8 +22,24 @@ CASES = {
 }
 
 
-def sample_inputs(dtype=torch.float32, device="cpu", *, N=2, Cin=4, C=6, size=(4, 5, 6), k=3, stride=1,
-                  padding=0, dilation=1, groups=1, bias=False, channels_last=False, relu=True, seed=0):
+def sample_inputs(
+    dtype=torch.float32,
+    device="cpu",
+    *,
+    N=2,
+    Cin=4,
+    C=6,
+    size=(4, 5, 6),
+    k=3,
+    stride=1,
+    padding=0,
+    dilation=1,
+    groups=1,
+    bias=False,
+    channels_last=False,
+    relu=True,
+    seed=0,
+):
     """(leaves [x, weight, bias, bn_weight, bn_bias], running_mean, running_var, kwargs)."""
     g = torch.Generator().manual_seed(seed)
     x = torch.randn(N, Cin, *size, generator=g)
@@ -92,11 +108,16 @@ def check_close(got, ref64, lowp, dtype, names):
         base = (l.double().cpu() - r).abs().max().item()
         scale = r.abs().max().item()
         assert err <= 2 * base + floor * max(scale, 1.0), (
-            f"{name}: error {err:.3g} vs PyTorch's own {base:.3g} in {dtype} (scale {scale:.3g})")
+            f"{name}: error {err:.3g} vs PyTorch's own {base:.3g} in {dtype} (scale {scale:.3g})"
+        )
 
 
 def names_for(bias):
-    return ["out", "grad_x", "grad_weight"] + (["grad_bias"] if bias else []) + ["grad_bn_weight", "grad_bn_bias"]
+    return (
+        ["out", "grad_x", "grad_weight"]
+        + (["grad_bias"] if bias else [])
+        + ["grad_bn_weight", "grad_bn_bias"]
+    )
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -106,15 +127,27 @@ def names_for(bias):
 @pytest.mark.parametrize("momentum", [0.1, None])
 def test_reference_is_the_module_chain(momentum):
     torch.manual_seed(0)
-    seq = nn.Sequential(nn.Conv3d(4, 6, 3, padding=1, bias=True), nn.BatchNorm3d(6, momentum=momentum),
-                        nn.ReLU()).double()
+    seq = nn.Sequential(
+        nn.Conv3d(4, 6, 3, padding=1, bias=True), nn.BatchNorm3d(6, momentum=momentum), nn.ReLU()
+    ).double()
     conv, bn = seq[0], seq[1]
     rm, rv, nbt = bn.running_mean.clone(), bn.running_var.clone(), bn.num_batches_tracked.clone()
-    for step in range(3):
+    for _ in range(3):
         x = torch.randn(2, 4, 3, 5, 5, dtype=torch.float64)
         want = seq(x)
-        got = conv3d_bn_relu_reference(x, conv.weight, conv.bias, bn.weight, bn.bias, rm, rv, padding=1,
-                                       training=True, momentum=momentum, num_batches_tracked=nbt)
+        got = conv3d_bn_relu_reference(
+            x,
+            conv.weight,
+            conv.bias,
+            bn.weight,
+            bn.bias,
+            rm,
+            rv,
+            padding=1,
+            training=True,
+            momentum=momentum,
+            num_batches_tracked=nbt,
+        )
         torch.testing.assert_close(got, want)
     torch.testing.assert_close((rm, rv, nbt), (bn.running_mean, bn.running_var, bn.num_batches_tracked))
     seq.eval()
@@ -154,8 +187,9 @@ def test_running_statistics_follow_batchnorm3d(backend, momentum):
     name, device = backend
     torch.manual_seed(0)
     block = mvfast.nn.Conv3dBNReLU(3, 5, 3, padding=1, bias=True, momentum=momentum).to(device)
-    seq = nn.Sequential(nn.Conv3d(3, 5, 3, padding=1, bias=True), nn.BatchNorm3d(5, momentum=momentum),
-                        nn.ReLU()).to(device)
+    seq = nn.Sequential(
+        nn.Conv3d(3, 5, 3, padding=1, bias=True), nn.BatchNorm3d(5, momentum=momentum), nn.ReLU()
+    ).to(device)
     seq.load_state_dict(block.state_dict())
     with mvfast.backend(name):
         for step in range(4):
@@ -181,8 +215,9 @@ def test_statistics_are_stable_far_from_zero(backend):
     w = torch.zeros_like(leaves[1])
     w[:, :, 1, 1, 1] = torch.eye(6, 4, device=device)  # z = x on 4 channels, 0 on the other 2
     with mvfast.backend(name):
-        mvfast.ops.conv3d_bn_relu(x, w, None, leaves[3].detach(), leaves[4].detach(), rm, rv, padding=1,
-                                  training=True, momentum=1.0)
+        mvfast.ops.conv3d_bn_relu(
+            x, w, None, leaves[3].detach(), leaves[4].detach(), rm, rv, padding=1, training=True, momentum=1.0
+        )
     z = torch.nn.functional.conv3d(x.double(), w.double(), padding=1)
     torch.testing.assert_close(rm.double(), z.mean((0, 2, 3, 4)), rtol=1e-6, atol=1e-3)
     torch.testing.assert_close(rv.double(), z.var((0, 2, 3, 4)), rtol=1e-4, atol=1e-5)
@@ -202,8 +237,9 @@ def _gradcheck_backends():
 def test_gradcheck_float64(backend, training, case):
     name = backend if isinstance(backend, str) else backend[0]
     kw_in = dict(CASES[case])
-    leaves, rm, rv, kw = sample_inputs(torch.float64, N=2, Cin=2 * (2 if case == "groups-bias" else 1), C=4,
-                                       size=(3, 4, 4), k=2, **kw_in)
+    leaves, rm, rv, kw = sample_inputs(
+        torch.float64, N=2, Cin=2 * (2 if case == "groups-bias" else 1), C=4, size=(3, 4, 4), k=2, **kw_in
+    )
     live = [t for t in leaves if t is not None]
 
     def f(*ts):
@@ -231,9 +267,10 @@ def test_opcheck(backend, case):
         pytest.skip("interpreter time (17 s): the group loop is checked against the reference above")
     leaves, rm, rv, kw = sample_inputs(torch.float32, device, **CASES[case])
     for training in (True, False):
-        for conv_cl in ((False, True) if name == "cpu" else (False,)):
-            torch.library.opcheck(torch.ops.mvfast.conv3d_bn_relu.default,
-                                  _op_args(leaves, rm, rv, kw, training, name, conv_cl))
+        for conv_cl in (False, True) if name == "cpu" else (False,):
+            torch.library.opcheck(
+                torch.ops.mvfast.conv3d_bn_relu.default, _op_args(leaves, rm, rv, kw, training, name, conv_cl)
+            )
 
 
 @pytest.mark.parametrize("backend", kernel_backends())
@@ -255,8 +292,9 @@ def test_opcheck_backward_and_compiled_kernels(backend):
         torch.library.opcheck(torch.ops.mvfast.conv3d_bn_relu_fwd.default, args[:-1])
 
 
-@pytest.mark.parametrize("backend", ["reference"] + kernel_backends(),
-                         ids=lambda p: p if isinstance(p, str) else p[0])
+@pytest.mark.parametrize(
+    "backend", ["reference"] + kernel_backends(), ids=lambda p: p if isinstance(p, str) else p[0]
+)
 def test_compile_fullgraph_module(backend):
     """A training step (output, gradients, running statistics) and eval, compiled with fullgraph=True."""
     name, device = (backend, "cpu") if isinstance(backend, str) else backend
@@ -342,8 +380,15 @@ def test_module_state_dict_is_the_sequentials():
 
 def _bad(change):
     leaves, rm, rv, kw = sample_inputs(torch.float32, groups=2, padding=1)
-    args = dict(x=leaves[0], weight=leaves[1], bias=leaves[2], bn_weight=leaves[3], bn_bias=leaves[4],
-                running_mean=rm, running_var=rv)
+    args = dict(
+        x=leaves[0],
+        weight=leaves[1],
+        bias=leaves[2],
+        bn_weight=leaves[3],
+        bn_bias=leaves[4],
+        running_mean=rm,
+        running_var=rv,
+    )
     kw = dict(kw, training=True)
     kw.pop("relu")
     change(args, kw)
@@ -356,26 +401,71 @@ def _bad(change):
         (lambda a, k: a.update(x=a["x"][0]), ValueError, r"x must have 5 dimensions"),
         (lambda a, k: a.update(weight=a["weight"][:, :1]), ValueError, r"weight must have shape \(6, 2, \*"),
         (lambda a, k: a.update(weight=a["weight"][:5]), ValueError, r"multiple of groups"),
-        (lambda a, k: a.update(bn_weight=a["bn_weight"][:-1]), ValueError, r"bn_weight must have shape \(6\)"),
+        (
+            lambda a, k: a.update(bn_weight=a["bn_weight"][:-1]),
+            ValueError,
+            r"bn_weight must have shape \(6\)",
+        ),
         (lambda a, k: a.update(running_var=None), ValueError, r"running_mean and running_var must both"),
-        (lambda a, k: a.update(running_mean=a["running_mean"].long()), TypeError, r"running_mean must have dtype"),
+        (
+            lambda a, k: a.update(running_mean=a["running_mean"].long()),
+            TypeError,
+            r"running_mean must have dtype",
+        ),
         (lambda a, k: a.update(x=a["x"].double()), TypeError, r"weight must have the dtype of x \(float64\)"),
-        (lambda a, k: a.update(bn_bias=a["bn_bias"].to("meta")), ValueError, r"bn_bias is on meta but x is on cpu"),
+        (
+            lambda a, k: a.update(bn_bias=a["bn_bias"].to("meta")),
+            ValueError,
+            r"bn_bias is on meta but x is on cpu",
+        ),
         (lambda a, k: k.update(stride=0), ValueError, r"stride must be an int >= 1"),
         (lambda a, k: k.update(padding=(1, 1)), ValueError, r"padding must be an int >= 0 or a tuple of 3"),
         (lambda a, k: k.update(groups=3), ValueError, r"groups"),
         (lambda a, k: k.update(eps=0.0), ValueError, r"eps must be a float > 0"),
         (lambda a, k: k.update(momentum=2.0), ValueError, r"momentum must be a float in \[0, 1\]"),
-        (lambda a, k: (a.update(x=a["x"][:, :, :1, :1, :1]), k.update(padding=0)), ValueError,
-         r"x's spatial size .* too small"),
-        (lambda a, k: (a.update(x=a["x"][:1, :, :1, :1, :1]), k.update(padding=0, dilation=1), a.update(
-            weight=a["weight"][..., :1, :1, :1])), ValueError, r"more than 1 value per channel"),
+        (
+            lambda a, k: (a.update(x=a["x"][:, :, :1, :1, :1]), k.update(padding=0)),
+            ValueError,
+            r"x's spatial size .* too small",
+        ),
+        (
+            lambda a, k: (
+                a.update(x=a["x"][:1, :, :1, :1, :1]),
+                k.update(padding=0, dilation=1),
+                a.update(weight=a["weight"][..., :1, :1, :1]),
+            ),
+            ValueError,
+            r"more than 1 value per channel",
+        ),
     ],
-    ids=["x-rank", "weight-cin", "weight-groups", "bn_weight", "stats-pair", "stats-dtype", "dtype-mix", "device",
-         "stride", "padding", "groups", "eps", "momentum", "too-small", "one-value"],
+    ids=[
+        "x-rank",
+        "weight-cin",
+        "weight-groups",
+        "bn_weight",
+        "stats-pair",
+        "stats-dtype",
+        "dtype-mix",
+        "device",
+        "stride",
+        "padding",
+        "groups",
+        "eps",
+        "momentum",
+        "too-small",
+        "one-value",
+    ],
 )
 def test_bad_input_names_the_argument(change, exc, pattern):
     args, kw = _bad(change)
     with pytest.raises(exc, match=pattern):
-        mvfast.ops.conv3d_bn_relu(args.pop("x"), args.pop("weight"), args.pop("bias"), args.pop("bn_weight"),
-                                  args.pop("bn_bias"), args.pop("running_mean"), args.pop("running_var"), **kw)
+        mvfast.ops.conv3d_bn_relu(
+            args.pop("x"),
+            args.pop("weight"),
+            args.pop("bias"),
+            args.pop("bn_weight"),
+            args.pop("bn_bias"),
+            args.pop("running_mean"),
+            args.pop("running_var"),
+            **kw,
+        )

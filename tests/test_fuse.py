@@ -42,9 +42,14 @@ def test_fuse_counts_and_keeps_state_dict_keys(pair):
     assert n == 20
     blocks = [m for m in fused.modules() if isinstance(m, Conv3dBNReLU)]
     assert len(blocks) == 20 and sum(b.relu for b in blocks) == 9
-    assert isinstance(fused.layer1[0].conv1, Conv3dBNReLU) and not isinstance(fused.layer1[0].conv1, nn.Sequential)
+    assert isinstance(fused.layer1[0].conv1, Conv3dBNReLU) and not isinstance(
+        fused.layer1[0].conv1, nn.Sequential
+    )
     assert list(fused.state_dict()) == list(model.state_dict())
-    assert "layer1.0.conv1.0.weight" in fused.state_dict() and "layer1.0.conv1.1.running_mean" in fused.state_dict()
+    assert (
+        "layer1.0.conv1.0.weight" in fused.state_dict()
+        and "layer1.0.conv1.1.running_mean" in fused.state_dict()
+    )
     assert mvfast.fuse(fused)[1] == 0  # nothing left to fuse
 
 
@@ -100,8 +105,16 @@ def test_checkpoints_load_both_ways_and_unfuse(pair):
 
 def test_chain_inside_a_longer_sequential_fuses_in_place():
     torch.manual_seed(0)
-    seq = _randomised(nn.Sequential(nn.Conv3d(3, 4, 3, padding=1), nn.BatchNorm3d(4), nn.ReLU(),
-                                    nn.MaxPool3d(2), nn.Conv3d(4, 5, 1), nn.BatchNorm3d(5)))
+    seq = _randomised(
+        nn.Sequential(
+            nn.Conv3d(3, 4, 3, padding=1),
+            nn.BatchNorm3d(4),
+            nn.ReLU(),
+            nn.MaxPool3d(2),
+            nn.Conv3d(4, 5, 1),
+            nn.BatchNorm3d(5),
+        )
+    )
     fused = copy.deepcopy(seq)
     _, n = mvfast.fuse(fused)
     assert n == 2 and isinstance(fused[0], Conv3dBNReLU) and isinstance(fused[4], Conv3dBNReLU)
@@ -139,11 +152,19 @@ class _Untraceable(_Attributes):
         return self.head(self.relu(self.bn(self.conv(x))))
 
 
-@pytest.mark.parametrize("cls,kw,expected,relu", [
-    (_Attributes, {}, 1, True),
-    (_Attributes, {"reuse_relu": True}, 1, False),  # the ReLU is called twice: stays, pair fused without it
-    (_Untraceable, {}, 0, None),
-])
+@pytest.mark.parametrize(
+    "cls,kw,expected,relu",
+    [
+        (_Attributes, {}, 1, True),
+        (
+            _Attributes,
+            {"reuse_relu": True},
+            1,
+            False,
+        ),  # the ReLU is called twice: stays, pair fused without it
+        (_Untraceable, {}, 0, None),
+    ],
+)
 def test_attribute_chains_found_by_fx(cls, kw, expected, relu):
     torch.manual_seed(0)
     model = _randomised(cls(**kw))

@@ -31,15 +31,30 @@ class Conv3dBNReLU(nn.Module):
     memory format.
     """
 
-    def __init__(self, in_channels: int, out_channels: int, kernel_size, stride=1, padding=0, dilation=1,
-                 groups: int = 1, bias: bool = False, eps: float = 1e-5, momentum: float | None = 0.1,
-                 relu: bool = True, device=None, dtype=None):
+    def __init__(
+        self,
+        in_channels: int,
+        out_channels: int,
+        kernel_size,
+        stride=1,
+        padding=0,
+        dilation=1,
+        groups: int = 1,
+        bias: bool = False,
+        eps: float = 1e-5,
+        momentum: float | None = 0.1,
+        relu: bool = True,
+        device=None,
+        dtype=None,
+    ):
         super().__init__()
         if isinstance(padding, str):
             raise ValueError(f"Conv3dBNReLU: padding must be an int or a tuple of 3 ints, got {padding!r}")
         kw = dict(device=device, dtype=dtype)
-        self.add_module("0", nn.Conv3d(in_channels, out_channels, kernel_size, stride, padding, dilation, groups,
-                                       bias, **kw))
+        self.add_module(
+            "0",
+            nn.Conv3d(in_channels, out_channels, kernel_size, stride, padding, dilation, groups, bias, **kw),
+        )
         self.add_module("1", nn.BatchNorm3d(out_channels, eps, momentum, **kw))
         self.relu = relu
 
@@ -48,8 +63,10 @@ class Conv3dBNReLU(nn.Module):
         """A fused block over these very modules (shared, not copied): their parameters, buffers and
         hyper-parameters, and their training flags."""
         if not fusable(conv, bn):
-            raise ValueError(f"Conv3dBNReLU.from_modules: cannot fuse {conv} and {bn} (needs an nn.Conv3d with "
-                             "zero padding given as ints and an nn.BatchNorm3d over its out channels)")
+            raise ValueError(
+                f"Conv3dBNReLU.from_modules: cannot fuse {conv} and {bn} (needs an nn.Conv3d with "
+                "zero padding given as ints and an nn.BatchNorm3d over its out channels)"
+            )
         block = cls.__new__(cls)
         nn.Module.__init__(block)
         block.add_module("0", conv)
@@ -72,10 +89,21 @@ class Conv3dBNReLU(nn.Module):
         # statistics are updated only in training.
         track = not bn.training or bn.track_running_stats
         return conv3d_bn_relu(
-            x, conv.weight, conv.bias, bn.weight, bn.bias,
-            bn.running_mean if track else None, bn.running_var if track else None,
-            stride=conv.stride, padding=conv.padding, dilation=conv.dilation, groups=conv.groups,
-            training=bn.training, momentum=bn.momentum, eps=bn.eps, relu=self.relu,
+            x,
+            conv.weight,
+            conv.bias,
+            bn.weight,
+            bn.bias,
+            bn.running_mean if track else None,
+            bn.running_var if track else None,
+            stride=conv.stride,
+            padding=conv.padding,
+            dilation=conv.dilation,
+            groups=conv.groups,
+            training=bn.training,
+            momentum=bn.momentum,
+            eps=bn.eps,
+            relu=self.relu,
             num_batches_tracked=bn.num_batches_tracked if bn.training and bn.track_running_stats else None,
         )
 

@@ -58,7 +58,7 @@ def _is_plain_sequential(m: nn.Module) -> bool:
 
 
 def _exact_chain(seq: nn.Module) -> bool | None:
-    """For a Sequential that is exactly [conv, bn] or [conv, bn, ReLU]: whether it ends in a ReLU; else None."""
+    """For a Sequential that is exactly [conv, bn] or [conv, bn, ReLU]: ends in ReLU? (None: no chain)."""
     if not _is_plain_sequential(seq) or seq._forward_hooks or seq._forward_pre_hooks:
         return None
     mods = list(seq._modules.values())
@@ -131,16 +131,24 @@ def _traced_chains(parent: nn.Module) -> list[tuple[str, str, str | None]]:
             calls[node.target.split(".")[0]] = 2  # a child's parameters used directly: leave it alone
 
     def single_call(node, cls=None):
-        return (node.op == "call_module" and node.target in children and calls[node.target] == 1
-                and (cls is None or type(children[node.target]) is cls))
+        return (
+            node.op == "call_module"
+            and node.target in children
+            and calls[node.target] == 1
+            and (cls is None or type(children[node.target]) is cls)
+        )
 
     chains = []
     for node in graph.nodes:
         if not single_call(node) or not isinstance(children[node.target], nn.Conv3d) or len(node.users) != 1:
             continue
         (bn_node,) = node.users
-        if not (single_call(bn_node) and bn_node.args == (node,) and not bn_node.kwargs
-                and fusable(children[node.target], children[bn_node.target])):
+        if not (
+            single_call(bn_node)
+            and bn_node.args == (node,)
+            and not bn_node.kwargs
+            and fusable(children[node.target], children[bn_node.target])
+        ):
             continue
         relu_name = None
         if len(bn_node.users) == 1:
@@ -163,8 +171,10 @@ def _fuse_slots(parent: nn.Module, conv_name: str, bn_name: str, relu_name: str 
     slots = parent.__dict__.setdefault(_KEYMAP, {})
     slots[conv_name] = bn_name
     if _HANDLES not in parent.__dict__:
-        parent.__dict__[_HANDLES] = (parent.register_state_dict_post_hook(_save_original_keys),
-                                     parent.register_load_state_dict_pre_hook(_load_original_keys))
+        parent.__dict__[_HANDLES] = (
+            parent.register_state_dict_post_hook(_save_original_keys),
+            parent.register_load_state_dict_pre_hook(_load_original_keys),
+        )
 
 
 # State dict key mapping for chains fused in place: the block at slot `c` holds the conv as `c.0` and the
@@ -174,14 +184,22 @@ def _fuse_slots(parent: nn.Module, conv_name: str, bn_name: str, relu_name: str 
 def _renamed(key: str, prefix: str, slots: dict[str, str], to_original: bool) -> str:
     for conv_name, bn_name in slots.items():
         if to_original:
-            pairs = ((f"{prefix}{conv_name}.0", f"{prefix}{conv_name}"), (f"{prefix}{conv_name}.1", f"{prefix}{bn_name}"))
+            pairs = (
+                (f"{prefix}{conv_name}.0", f"{prefix}{conv_name}"),
+                (f"{prefix}{conv_name}.1", f"{prefix}{bn_name}"),
+            )
         else:
-            pairs = ((f"{prefix}{conv_name}", f"{prefix}{conv_name}.0"), (f"{prefix}{bn_name}", f"{prefix}{conv_name}.1"))
+            pairs = (
+                (f"{prefix}{conv_name}", f"{prefix}{conv_name}.0"),
+                (f"{prefix}{bn_name}", f"{prefix}{conv_name}.1"),
+            )
         for old, new in pairs:
             if key == old or key.startswith(old + "."):
-                if not to_original and (key.startswith(f"{prefix}{conv_name}.0.") or key.startswith(f"{prefix}{conv_name}.1.")):
+                if not to_original and (
+                    key.startswith(f"{prefix}{conv_name}.0.") or key.startswith(f"{prefix}{conv_name}.1.")
+                ):
                     return key  # already in the fused layout
-                return new + key[len(old):]
+                return new + key[len(old) :]
     return key
 
 
@@ -204,8 +222,9 @@ def _save_original_keys(module, state_dict, prefix, local_metadata) -> None:
         _rename_all(state_dict, prefix, slots, to_original=True)
 
 
-def _load_original_keys(module, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
-                        error_msgs) -> None:
+def _load_original_keys(
+    module, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
+) -> None:
     slots = module.__dict__.get(_KEYMAP)
     if slots:
         _rename_all(state_dict, prefix, slots, to_original=False)

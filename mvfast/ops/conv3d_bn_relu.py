@@ -49,56 +49,101 @@ _MKLDNN = torch.backends.mkldnn.is_available()  # read once: torch.compile does 
 
 def _triple(op: str, name: str, v, minimum: int) -> list[int]:
     vals = [v] * 3 if isinstance(v, int) and not isinstance(v, bool) else v
-    if (not isinstance(vals, (tuple, list)) or len(vals) != 3
-            or any(isinstance(a, bool) or not isinstance(a, int) or a < minimum for a in vals)):
+    if (
+        not isinstance(vals, (tuple, list))
+        or len(vals) != 3
+        or any(isinstance(a, bool) or not isinstance(a, int) or a < minimum for a in vals)
+    ):
         raise ValueError(f"{op}: {name} must be an int >= {minimum} or a tuple of 3 such ints, got {v!r}")
     return [int(a) for a in vals]
 
 
 def _out_spatial(x_shape, w_shape, stride, padding, dilation) -> list[int]:
-    return [(x_shape[2 + i] + 2 * padding[i] - dilation[i] * (w_shape[2 + i] - 1) - 1) // stride[i] + 1
-            for i in range(3)]
+    return [
+        (x_shape[2 + i] + 2 * padding[i] - dilation[i] * (w_shape[2 + i] - 1) - 1) // stride[i] + 1
+        for i in range(3)
+    ]
 
 
-def _validate(x, weight, bias, bn_weight, bn_bias, running_mean, running_var, stride, padding, dilation, groups,
-              eps, momentum):
+def _validate(
+    x,
+    weight,
+    bias,
+    bn_weight,
+    bn_bias,
+    running_mean,
+    running_var,
+    stride,
+    padding,
+    dilation,
+    groups,
+    eps,
+    momentum,
+):
     _checks.tensor(OP, "x", x, ndim=5)
     _checks.tensor(OP, "weight", weight, ndim=5)
     if isinstance(groups, bool) or not isinstance(groups, int) or groups < 1:
         raise ValueError(f"{OP}: groups must be an int >= 1, got {groups!r}")
     C, cin_g = weight.shape[0], weight.shape[1]
     if C < 1 or C % groups:
-        raise ValueError(f"{OP}: weight's out channels ({C}) must be a positive multiple of groups ({groups})")
+        raise ValueError(
+            f"{OP}: weight's out channels ({C}) must be a positive multiple of groups ({groups})"
+        )
     if cin_g * groups != x.shape[1]:
-        raise ValueError(f"{OP}: weight must have shape ({C}, {x.shape[1] // groups if x.shape[1] % groups == 0 else '?'}"
-                         f", *, *, *) for x with {x.shape[1]} channels and groups={groups}, got "
-                         f"{tuple(weight.shape)}")
-    for name, t in (("bias", bias), ("bn_weight", bn_weight), ("bn_bias", bn_bias), ("running_mean", running_mean),
-                    ("running_var", running_var)):
+        raise ValueError(
+            f"{OP}: weight must have shape ({C}, {x.shape[1] // groups if x.shape[1] % groups == 0 else '?'}"
+            f", *, *, *) for x with {x.shape[1]} channels and groups={groups}, got "
+            f"{tuple(weight.shape)}"
+        )
+    for name, t in (
+        ("bias", bias),
+        ("bn_weight", bn_weight),
+        ("bn_bias", bn_bias),
+        ("running_mean", running_mean),
+        ("running_var", running_var),
+    ):
         if t is not None:
             _checks.tensor(OP, name, t, ndim=1, shape=(C,))
     if (running_mean is None) != (running_var is None):
         raise ValueError(f"{OP}: running_mean and running_var must both be given or both be None")
     _checks.same_dtype(OP, "x", x, weight=weight, bias=bias)
-    for name, t in (("bn_weight", bn_weight), ("bn_bias", bn_bias), ("running_mean", running_mean),
-                    ("running_var", running_var)):
+    for name, t in (
+        ("bn_weight", bn_weight),
+        ("bn_bias", bn_bias),
+        ("running_mean", running_mean),
+        ("running_var", running_var),
+    ):
         if t is not None and t.dtype not in (x.dtype, torch.float32):
-            raise TypeError(f"{OP}: {name} must have the dtype of x ({str(x.dtype).replace('torch.', '')}) or "
-                            f"float32, got {str(t.dtype).replace('torch.', '')}")
-    _checks.same_device(OP, "x", x, weight=weight, bias=bias, bn_weight=bn_weight, bn_bias=bn_bias,
-                        running_mean=running_mean, running_var=running_var)
+            raise TypeError(
+                f"{OP}: {name} must have the dtype of x ({str(x.dtype).replace('torch.', '')}) or "
+                f"float32, got {str(t.dtype).replace('torch.', '')}"
+            )
+    _checks.same_device(
+        OP,
+        "x",
+        x,
+        weight=weight,
+        bias=bias,
+        bn_weight=bn_weight,
+        bn_bias=bn_bias,
+        running_mean=running_mean,
+        running_var=running_var,
+    )
     stride = _triple(OP, "stride", stride, 1)
     padding = _triple(OP, "padding", padding, 0)
     dilation = _triple(OP, "dilation", dilation, 1)
     if isinstance(eps, bool) or not isinstance(eps, (int, float)) or not eps > 0:
         raise ValueError(f"{OP}: eps must be a float > 0, got {eps!r}")
-    if momentum is not None and (isinstance(momentum, bool) or not isinstance(momentum, (int, float))
-                                 or not 0 <= momentum <= 1):
+    if momentum is not None and (
+        isinstance(momentum, bool) or not isinstance(momentum, (int, float)) or not 0 <= momentum <= 1
+    ):
         raise ValueError(f"{OP}: momentum must be a float in [0, 1] or None, got {momentum!r}")
     out = _out_spatial(x.shape, weight.shape, stride, padding, dilation)
     if min(out) < 1:
-        raise ValueError(f"{OP}: x's spatial size {tuple(x.shape[2:])} is too small for the kernel "
-                         f"{tuple(weight.shape[2:])} with padding {padding} and dilation {dilation}")
+        raise ValueError(
+            f"{OP}: x's spatial size {tuple(x.shape[2:])} is too small for the kernel "
+            f"{tuple(weight.shape[2:])} with padding {padding} and dilation {dilation}"
+        )
     return stride, padding, dilation, out
 
 
@@ -115,15 +160,31 @@ def _factor(momentum, num_batches_tracked):
     return 0.0 if momentum is None else momentum
 
 
-def conv3d_bn_relu_reference(x, weight, bias, bn_weight, bn_bias, running_mean, running_var, stride=1, padding=0,
-                             dilation=1, groups=1, training=False, momentum=0.1, eps=1e-5, relu=True,
-                             num_batches_tracked=None) -> Tensor:
+def conv3d_bn_relu_reference(
+    x,
+    weight,
+    bias,
+    bn_weight,
+    bn_bias,
+    running_mean,
+    running_var,
+    stride=1,
+    padding=0,
+    dilation=1,
+    groups=1,
+    training=False,
+    momentum=0.1,
+    eps=1e-5,
+    relu=True,
+    num_batches_tracked=None,
+) -> Tensor:
     """The eager chain ``relu(batch_norm(conv3d(x)))`` exactly as nn.Conv3d, nn.BatchNorm3d and nn.ReLU run
     it (running statistics updated in place in training); differentiable by autograd."""
     z = F.conv3d(x, weight, bias, stride, padding, dilation, groups)
     factor = _factor(momentum, num_batches_tracked) if training and running_mean is not None else 0.0
-    y = F.batch_norm(z, running_mean, running_var, bn_weight, bn_bias, training or running_mean is None, factor,
-                     eps)
+    y = F.batch_norm(
+        z, running_mean, running_var, bn_weight, bn_bias, training or running_mean is None, factor, eps
+    )
     return F.relu(y) if relu else y
 
 
@@ -141,15 +202,56 @@ def conv3d_bn_relu_reference(x, weight, bias, bn_weight, bn_bias, running_mean, 
 
 @triton.jit
 def _cbr_conv_kernel(
-    x_ptr, w_ptr, b_ptr, z_ptr, pmean_ptr, pm2_ptr,
-    M, CIN_G, COUT_G, C, D, H, W, DO, HO, WO,
-    sxn, sxc, sxd, sxh, sxw,
-    swo, swi, swd, swh, sww,
-    szn, szc, szd, szh, szw,
-    STD, STH, STW, PD, PH, PW, DD, DH, DW,
-    KD: tl.constexpr, KH: tl.constexpr, KW: tl.constexpr,
-    HAS_BIAS: tl.constexpr, RELU: tl.constexpr, STATS: tl.constexpr, PREC: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    x_ptr,
+    w_ptr,
+    b_ptr,
+    z_ptr,
+    pmean_ptr,
+    pm2_ptr,
+    M,
+    CIN_G,
+    COUT_G,
+    C,
+    D,
+    H,
+    W,
+    DO,
+    HO,
+    WO,
+    sxn,
+    sxc,
+    sxd,
+    sxh,
+    sxw,
+    swo,
+    swi,
+    swd,
+    swh,
+    sww,
+    szn,
+    szc,
+    szd,
+    szh,
+    szw,
+    STD,
+    STH,
+    STW,
+    PD,
+    PH,
+    PW,
+    DD,
+    DH,
+    DW,
+    KD: tl.constexpr,
+    KH: tl.constexpr,
+    KW: tl.constexpr,
+    HAS_BIAS: tl.constexpr,
+    RELU: tl.constexpr,
+    STATS: tl.constexpr,
+    PREC: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr,
 ):
     pid_m = tl.program_id(0)
     pid_n = tl.program_id(1)
@@ -179,10 +281,16 @@ def _cbr_conv_kernel(
         for c0 in range(0, CIN_G, BLOCK_K):
             ci = c0 + tl.arange(0, BLOCK_K)
             c_ok = ci < CIN_G
-            a = tl.load(x_ptr + x_row[:, None] + (grp * CIN_G + ci).to(tl.int64)[None, :] * sxc,
-                        mask=pos_ok[:, None] & c_ok[None, :], other=0.0)
-            b = tl.load(w_ptr + co[None, :] * swo + ci[:, None] * swi + w_tap,
-                        mask=c_ok[:, None] & n_ok[None, :], other=0.0)
+            a = tl.load(
+                x_ptr + x_row[:, None] + (grp * CIN_G + ci).to(tl.int64)[None, :] * sxc,
+                mask=pos_ok[:, None] & c_ok[None, :],
+                other=0.0,
+            )
+            b = tl.load(
+                w_ptr + co[None, :] * swo + ci[:, None] * swi + w_tap,
+                mask=c_ok[:, None] & n_ok[None, :],
+                other=0.0,
+            )
             acc = tl.dot(a, b, acc, input_precision=PREC)
     if HAS_BIAS:
         acc += tl.load(b_ptr + co, mask=n_ok, other=0.0).to(tl.float32)[None, :]
@@ -190,8 +298,9 @@ def _cbr_conv_kernel(
         acc = tl.maximum(acc, 0.0)
     zt = acc.to(z_ptr.dtype.element_ty)
     ok = m_ok[:, None] & n_ok[None, :]
-    z_off = (nb * szn + od.to(tl.int64) * szd + oh.to(tl.int64) * szh + ow.to(tl.int64) * szw)[:, None] + \
-        co.to(tl.int64)[None, :] * szc
+    z_off = (nb * szn + od.to(tl.int64) * szd + oh.to(tl.int64) * szh + ow.to(tl.int64) * szw)[
+        :, None
+    ] + co.to(tl.int64)[None, :] * szc
     tl.store(z_ptr + z_off, zt, mask=ok)
     if STATS:
         # statistics of z as stored (rounded to its dtype), as an eager BatchNorm would see it
@@ -204,8 +313,19 @@ def _cbr_conv_kernel(
 
 
 @triton.jit
-def _cbr_stats_kernel(pmean_ptr, pm2_ptr, mean_ptr, invstd_ptr, var_ptr, M, C, NB, eps,
-                      BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr):
+def _cbr_stats_kernel(
+    pmean_ptr,
+    pm2_ptr,
+    mean_ptr,
+    invstd_ptr,
+    var_ptr,
+    M,
+    C,
+    NB,
+    eps,
+    BLOCK_M: tl.constexpr,
+    BLOCK_C: tl.constexpr,
+):
     c = tl.program_id(0) * BLOCK_C + tl.arange(0, BLOCK_C)
     c_ok = c < C
     # Chan/Welford combine of the tiles' float32 (count, mean, M2), as welford_combine, carried in float64
@@ -243,9 +363,28 @@ def _cbr_offsets(rm, DO, HO, WO, sn, sc, sd, sh, sw, c):
 
 @triton.jit
 def _cbr_apply_kernel(
-    z_ptr, out_ptr, scale_ptr, shift_ptr, M, C, DO, HO, WO,
-    szn, szc, szd, szh, szw, son, soc, sod, soh, sow,
-    RELU: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr,
+    z_ptr,
+    out_ptr,
+    scale_ptr,
+    shift_ptr,
+    M,
+    C,
+    DO,
+    HO,
+    WO,
+    szn,
+    szc,
+    szd,
+    szh,
+    szw,
+    son,
+    soc,
+    sod,
+    soh,
+    sow,
+    RELU: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_C: tl.constexpr,
 ):
     rm = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
     c = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
@@ -256,16 +395,45 @@ def _cbr_apply_kernel(
     y = z.to(tl.float32) * sc[None, :] + sh[None, :]
     if RELU:
         y = tl.where(y < 0, 0.0, y)
-    tl.store(out_ptr + _cbr_offsets(rm, DO, HO, WO, son, soc, sod, soh, sow, c), y.to(out_ptr.dtype.element_ty),
-             mask=ok)
+    tl.store(
+        out_ptr + _cbr_offsets(rm, DO, HO, WO, son, soc, sod, soh, sow, c),
+        y.to(out_ptr.dtype.element_ty),
+        mask=ok,
+    )
 
 
 @triton.jit
 def _cbr_backward_kernel(
-    gy_ptr, z_ptr, gz_ptr, scale_ptr, shift_ptr, mean_ptr, invstd_ptr, mg_ptr, mgx_ptr, psg_ptr, psgx_ptr,
-    M, C, DO, HO, WO,
-    sgn, sgc, sgd, sgh, sgw, szn, szc, szd, szh, szw,
-    RELU: tl.constexpr, APPLY: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr,
+    gy_ptr,
+    z_ptr,
+    gz_ptr,
+    scale_ptr,
+    shift_ptr,
+    mean_ptr,
+    invstd_ptr,
+    mg_ptr,
+    mgx_ptr,
+    psg_ptr,
+    psgx_ptr,
+    M,
+    C,
+    DO,
+    HO,
+    WO,
+    sgn,
+    sgc,
+    sgd,
+    sgh,
+    sgw,
+    szn,
+    szc,
+    szd,
+    szh,
+    szw,
+    RELU: tl.constexpr,
+    APPLY: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_C: tl.constexpr,
 ):
     """APPLY=False: per-tile sums of g and g * xhat (g the gradient past the recomputed ReLU mask);
     APPLY=True: gz = scale (g - mean_g - xhat mean_gx), written in z's layout."""
@@ -301,7 +469,7 @@ def _conv_blocks(cin_g: int, cout_g: int) -> tuple[int, int, int]:
 
 
 def _triton_conv(x, weight, bias, out, stride, padding, dilation, groups, relu, stats):
-    """Runs the implicit-GEMM kernel into out (any strides); returns the (NB, C) partial statistics or None."""
+    """Runs the implicit-GEMM kernel into out (any strides); returns the partial statistics or None."""
     N, _, D, H, W = x.shape
     C, cin_g, KD, KH, KW = weight.shape
     DO, HO, WO = out.shape[2:]
@@ -312,11 +480,38 @@ def _triton_conv(x, weight, bias, out, stride, padding, dilation, groups, relu, 
     pmean = x.new_empty((nb, C), dtype=torch.float32) if stats else out
     pm2 = torch.empty_like(pmean) if stats else out
     _cbr_conv_kernel[(nb, triton.cdiv(cout_g, bn), groups)](
-        x, weight, bias if bias is not None else out, out, pmean, pm2,
-        M, cin_g, cout_g, C, D, H, W, DO, HO, WO,
-        *x.stride(), *weight.stride(), *out.stride(), *stride, *padding, *dilation,
-        KD=KD, KH=KH, KW=KW, HAS_BIAS=bias is not None, RELU=relu, STATS=stats, PREC=dot_precision(x.dtype),
-        BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk,
+        x,
+        weight,
+        bias if bias is not None else out,
+        out,
+        pmean,
+        pm2,
+        M,
+        cin_g,
+        cout_g,
+        C,
+        D,
+        H,
+        W,
+        DO,
+        HO,
+        WO,
+        *x.stride(),
+        *weight.stride(),
+        *out.stride(),
+        *stride,
+        *padding,
+        *dilation,
+        KD=KD,
+        KH=KH,
+        KW=KW,
+        HAS_BIAS=bias is not None,
+        RELU=relu,
+        STATS=stats,
+        PREC=dot_precision(x.dtype),
+        BLOCK_M=bm,
+        BLOCK_N=bn,
+        BLOCK_K=bk,
     )
     return (pmean, pm2, bm) if stats else None
 
@@ -325,8 +520,22 @@ def _out_shape(x, weight, stride, padding, dilation):
     return (x.shape[0], weight.shape[0], *_out_spatial(x.shape, weight.shape, stride, padding, dilation))
 
 
-def _triton_forward(x, weight, bias, bn_weight, bn_bias, running_mean, running_var, stride, padding, dilation,
-                    groups, training, eps, relu):
+def _triton_forward(
+    x,
+    weight,
+    bias,
+    bn_weight,
+    bn_bias,
+    running_mean,
+    running_var,
+    stride,
+    padding,
+    dilation,
+    groups,
+    training,
+    eps,
+    relu,
+):
     shape = _out_shape(x, weight, stride, padding, dilation)
     out = _empty(x, shape, _format_of(x))
     none, none32 = x.new_empty((0,)), x.new_empty((0,), dtype=torch.float32)
@@ -343,18 +552,35 @@ def _triton_forward(x, weight, bias, bn_weight, bn_bias, running_mean, running_v
     pmean, pm2, bm = _triton_conv(x, weight, None, z, stride, padding, dilation, groups, False, stats=True)
     M = z.numel() // C
     mean, invstd, var = (x.new_empty((C,), dtype=torch.float32) for _ in range(3))
-    _cbr_stats_kernel[(triton.cdiv(C, 64),)](pmean, pm2, mean, invstd, var, M, C, pmean.shape[0], eps,
-                                             BLOCK_M=bm, BLOCK_C=64)
+    _cbr_stats_kernel[(triton.cdiv(C, 64),)](
+        pmean, pm2, mean, invstd, var, M, C, pmean.shape[0], eps, BLOCK_M=bm, BLOCK_C=64
+    )
     scale = bn_weight.float() * invstd
     shift = bn_bias.float() - mean * scale
     bm2, bc = 64, min(64, next_pow2(C))
     _cbr_apply_kernel[(triton.cdiv(M, bm2), triton.cdiv(C, bc))](
-        z, out, scale, shift, M, C, *shape[2:], *z.stride(), *out.stride(), RELU=relu, BLOCK_M=bm2, BLOCK_C=bc)
+        z, out, scale, shift, M, C, *shape[2:], *z.stride(), *out.stride(), RELU=relu, BLOCK_M=bm2, BLOCK_C=bc
+    )
     return out, z, mean, invstd, var, none.clone()
 
 
-def _triton_backward(grad_out, x, weight, bn_weight, bn_bias, z, mean, invstd, stride, padding, dilation, groups,
-                     relu, need_grad_x, need_grad_weight):
+def _triton_backward(
+    grad_out,
+    x,
+    weight,
+    bn_weight,
+    bn_bias,
+    z,
+    mean,
+    invstd,
+    stride,
+    padding,
+    dilation,
+    groups,
+    relu,
+    need_grad_x,
+    need_grad_weight,
+):
     C = z.shape[1]
     M = z.numel() // C
     scale = bn_weight.float() * invstd
@@ -365,19 +591,64 @@ def _triton_backward(grad_out, x, weight, bn_weight, bn_bias, z, mean, invstd, s
     psgx = torch.empty_like(psg)
     gz = torch.empty_like(z)
     args = (M, C, *z.shape[2:], *grad_out.stride(), *z.stride())
-    _cbr_backward_kernel[grid](grad_out, z, gz, scale, shift, mean, invstd, psg, psgx, psg, psgx, *args,
-                               RELU=relu, APPLY=False, BLOCK_M=bm, BLOCK_C=bc)
+    _cbr_backward_kernel[grid](
+        grad_out,
+        z,
+        gz,
+        scale,
+        shift,
+        mean,
+        invstd,
+        psg,
+        psgx,
+        psg,
+        psgx,
+        *args,
+        RELU=relu,
+        APPLY=False,
+        BLOCK_M=bm,
+        BLOCK_C=bc,
+    )
     sum_g, sum_gx = psg.sum(0), psgx.sum(0)
-    _cbr_backward_kernel[grid](grad_out, z, gz, scale, shift, mean, invstd, sum_g / M, sum_gx / M, psg, psgx,
-                               *args, RELU=relu, APPLY=True, BLOCK_M=bm, BLOCK_C=bc)
+    _cbr_backward_kernel[grid](
+        grad_out,
+        z,
+        gz,
+        scale,
+        shift,
+        mean,
+        invstd,
+        sum_g / M,
+        sum_gx / M,
+        psg,
+        psgx,
+        *args,
+        RELU=relu,
+        APPLY=True,
+        BLOCK_M=bm,
+        BLOCK_C=bc,
+    )
     return _conv_backward(gz, x, weight, stride, padding, dilation, groups, need_grad_x, need_grad_weight) + (
-        sum_gx.to(bn_weight.dtype), sum_g.to(bn_bias.dtype))
+        sum_gx.to(bn_weight.dtype),
+        sum_g.to(bn_bias.dtype),
+    )
 
 
 def _conv_backward(gz, x, weight, stride, padding, dilation, groups, need_grad_x, need_grad_weight):
     """(grad_x in gz's layout or empty, grad_weight in weight's layout or empty), by ATen."""
-    gx, gw, _ = torch.ops.aten.convolution_backward(gz, x, weight, None, stride, padding, dilation, False,
-                                                    [0, 0, 0], groups, [need_grad_x, need_grad_weight, False])
+    gx, gw, _ = torch.ops.aten.convolution_backward(
+        gz,
+        x,
+        weight,
+        None,
+        stride,
+        padding,
+        dilation,
+        False,
+        [0, 0, 0],
+        groups,
+        [need_grad_x, need_grad_weight, False],
+    )
     gx = gx.contiguous(memory_format=_format_of(gz)) if need_grad_x else gz.new_empty((0,))
     gw = gw.contiguous(memory_format=_format_of(weight)) if need_grad_weight else weight.new_empty((0,))
     return gx, gw
@@ -404,22 +675,78 @@ def _acc_dtype(x: Tensor) -> torch.dtype:
 
 @torch.library.custom_op("mvfast::conv3d_bn_relu", mutates_args=())
 def _conv3d_bn_relu_op(
-    x: Tensor, weight: Tensor, bias: Tensor | None, bn_weight: Tensor, bn_bias: Tensor,
-    running_mean: Tensor | None, running_var: Tensor | None,
-    stride: list[int], padding: list[int], dilation: list[int], groups: int,
-    training: bool, eps: float, relu: bool, conv_channels_last: bool, backend: str,
+    x: Tensor,
+    weight: Tensor,
+    bias: Tensor | None,
+    bn_weight: Tensor,
+    bn_bias: Tensor,
+    running_mean: Tensor | None,
+    running_var: Tensor | None,
+    stride: list[int],
+    padding: list[int],
+    dilation: list[int],
+    groups: int,
+    training: bool,
+    eps: float,
+    relu: bool,
+    conv_channels_last: bool,
+    backend: str,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
     if backend == "triton":
-        return _triton_forward(x, weight, bias, bn_weight, bn_bias, running_mean, running_var, stride, padding,
-                               dilation, groups, training, eps, relu)
-    return torch.ops.mvfast.conv3d_bn_relu_fwd(x, weight, bias, bn_weight, bn_bias, running_mean, running_var,
-                                               stride, padding, dilation, groups, training, eps, relu,
-                                               conv_channels_last)
+        return _triton_forward(
+            x,
+            weight,
+            bias,
+            bn_weight,
+            bn_bias,
+            running_mean,
+            running_var,
+            stride,
+            padding,
+            dilation,
+            groups,
+            training,
+            eps,
+            relu,
+        )
+    return torch.ops.mvfast.conv3d_bn_relu_fwd(
+        x,
+        weight,
+        bias,
+        bn_weight,
+        bn_bias,
+        running_mean,
+        running_var,
+        stride,
+        padding,
+        dilation,
+        groups,
+        training,
+        eps,
+        relu,
+        conv_channels_last,
+    )
 
 
 @_conv3d_bn_relu_op.register_fake
-def _conv3d_bn_relu_fake(x, weight, bias, bn_weight, bn_bias, running_mean, running_var, stride, padding, dilation,
-                         groups, training, eps, relu, conv_channels_last, backend="cpu"):
+def _conv3d_bn_relu_fake(
+    x,
+    weight,
+    bias,
+    bn_weight,
+    bn_bias,
+    running_mean,
+    running_var,
+    stride,
+    padding,
+    dilation,
+    groups,
+    training,
+    eps,
+    relu,
+    conv_channels_last,
+    backend="cpu",
+):
     shape = _out_shape(x, weight, stride, padding, dilation)
     out = _empty(x, shape, _format_of(x))
     acc = _acc_dtype(x)
@@ -435,22 +762,70 @@ def _conv3d_bn_relu_fake(x, weight, bias, bn_weight, bn_bias, running_mean, runn
 
 @torch.library.custom_op("mvfast::conv3d_bn_relu_backward", mutates_args=())
 def _conv3d_bn_relu_backward_op(
-    grad_out: Tensor, x: Tensor, weight: Tensor, bn_weight: Tensor, bn_bias: Tensor, z: Tensor, mean: Tensor,
-    invstd: Tensor, stride: list[int], padding: list[int], dilation: list[int], groups: int, relu: bool,
-    need_grad_x: bool, need_grad_weight: bool, backend: str,
+    grad_out: Tensor,
+    x: Tensor,
+    weight: Tensor,
+    bn_weight: Tensor,
+    bn_bias: Tensor,
+    z: Tensor,
+    mean: Tensor,
+    invstd: Tensor,
+    stride: list[int],
+    padding: list[int],
+    dilation: list[int],
+    groups: int,
+    relu: bool,
+    need_grad_x: bool,
+    need_grad_weight: bool,
+    backend: str,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    args = (grad_out, x, weight, bn_weight, bn_bias, z, mean, invstd, stride, padding, dilation, groups, relu,
-            need_grad_x, need_grad_weight)
+    args = (
+        grad_out,
+        x,
+        weight,
+        bn_weight,
+        bn_bias,
+        z,
+        mean,
+        invstd,
+        stride,
+        padding,
+        dilation,
+        groups,
+        relu,
+        need_grad_x,
+        need_grad_weight,
+    )
     if backend == "triton":
         return _triton_backward(*args)
     return torch.ops.mvfast.conv3d_bn_relu_bwd(*args)
 
 
 @_conv3d_bn_relu_backward_op.register_fake
-def _conv3d_bn_relu_backward_fake(grad_out, x, weight, bn_weight, bn_bias, z, mean, invstd, stride, padding,
-                                  dilation, groups, relu, need_grad_x, need_grad_weight, backend="cpu"):
+def _conv3d_bn_relu_backward_fake(
+    grad_out,
+    x,
+    weight,
+    bn_weight,
+    bn_bias,
+    z,
+    mean,
+    invstd,
+    stride,
+    padding,
+    dilation,
+    groups,
+    relu,
+    need_grad_x,
+    need_grad_weight,
+    backend="cpu",
+):
     gx = torch.empty_like(x, memory_format=_format_of(z)) if need_grad_x else z.new_empty((0,))
-    gw = torch.empty_like(weight, memory_format=_format_of(weight)) if need_grad_weight else weight.new_empty((0,))
+    gw = (
+        torch.empty_like(weight, memory_format=_format_of(weight))
+        if need_grad_weight
+        else weight.new_empty((0,))
+    )
     return gx, gw, torch.empty_like(bn_weight), torch.empty_like(bn_bias)
 
 
@@ -466,8 +841,24 @@ if hasattr(torch.ops.mvfast, "conv3d_bn_relu_fwd"):  # the compiled kernel ops, 
 
 
 def _setup_context(ctx, inputs, output):
-    (x, weight, bias, bn_weight, bn_bias, running_mean, running_var, stride, padding, dilation, groups, training,
-     eps, relu, conv_channels_last, backend) = inputs
+    (
+        x,
+        weight,
+        bias,
+        bn_weight,
+        bn_bias,
+        running_mean,
+        running_var,
+        stride,
+        padding,
+        dilation,
+        groups,
+        training,
+        eps,
+        relu,
+        conv_channels_last,
+        backend,
+    ) = inputs
     out, z, mean, invstd, var, x_conv = output
     ctx.conv = (stride, padding, dilation, groups)
     ctx.training, ctx.relu, ctx.eps, ctx.backend = training, relu, eps, backend
@@ -485,14 +876,45 @@ def _backward(ctx, grad_out, *_):
     if ctx.training:
         x, weight, bn_weight, bn_bias, z, mean, invstd = ctx.saved_tensors
         gx, gw, gg, gb = torch.ops.mvfast.conv3d_bn_relu_backward(
-            grad_out, x, weight, bn_weight, bn_bias, z, mean, invstd, stride, padding, dilation, groups, ctx.relu,
-            need[0], need[1], ctx.backend)
+            grad_out,
+            x,
+            weight,
+            bn_weight,
+            bn_bias,
+            z,
+            mean,
+            invstd,
+            stride,
+            padding,
+            dilation,
+            groups,
+            ctx.relu,
+            need[0],
+            need[1],
+            ctx.backend,
+        )
         # the conv bias cancels in training-mode BN: its gradient is exactly zero
         gbias = weight.new_zeros((weight.shape[0],)) if ctx.has_bias else None
     else:
         gx, gw, gbias, gg, gb = _eval_backward(ctx, grad_out)
-    return (gx if need[0] else None, gw if need[1] else None, gbias, gg, gb, None, None, None, None, None, None,
-            None, None, None, None, None)
+    return (
+        gx if need[0] else None,
+        gw if need[1] else None,
+        gbias,
+        gg,
+        gb,
+        None,
+        None,
+        None,
+        None,
+        None,
+        None,
+        None,
+        None,
+        None,
+        None,
+        None,
+    )
 
 
 def _eval_backward(ctx, grad_out):
@@ -505,8 +927,9 @@ def _eval_backward(ctx, grad_out):
     s = bn_weight.to(acc) * inv  # (C,)
     g = grad_out if out is None else torch.where(out > 0, grad_out, torch.zeros_like(grad_out))
     w_folded = (weight.to(acc) * s.view(-1, 1, 1, 1, 1)).to(x.dtype)
-    gx, gwf, _ = torch.ops.aten.convolution_backward(g, x, w_folded, None, stride, padding, dilation, False,
-                                                     [0, 0, 0], groups, [True, True, False])
+    gx, gwf, _ = torch.ops.aten.convolution_backward(
+        g, x, w_folded, None, stride, padding, dilation, False, [0, 0, 0], groups, [True, True, False]
+    )
     gb_folded = g.to(acc).sum((0, 2, 3, 4))  # (C,)
     gwf = gwf.to(acc)
     centred = -running_mean.to(acc) + (bias.to(acc) if bias is not None else 0)
@@ -573,26 +996,71 @@ def conv3d_bn_relu(
     Returns:
         Tensor[N, C, Do, Ho, Wo] in x's dtype and memory format (statistics accumulated in float32).
     """
-    stride, padding, dilation, _ = _validate(x, weight, bias, bn_weight, bn_bias, running_mean, running_var,
-                                             stride, padding, dilation, groups, eps, momentum)
+    stride, padding, dilation, _ = _validate(
+        x,
+        weight,
+        bias,
+        bn_weight,
+        bn_bias,
+        running_mean,
+        running_var,
+        stride,
+        padding,
+        dilation,
+        groups,
+        eps,
+        momentum,
+    )
     batch_stats = training or running_mean is None
     if batch_stats:
         N, C = x.shape[0], weight.shape[0]
         if N * math.prod(_out_spatial(x.shape, weight.shape, stride, padding, dilation)) <= 1:
-            raise ValueError(f"{OP}: expected more than 1 value per channel when training, got conv output of "
-                             f"shape {(N, C, *_out_spatial(x.shape, weight.shape, stride, padding, dilation))}")
+            raise ValueError(
+                f"{OP}: expected more than 1 value per channel when training, got conv output of "
+                f"shape {(N, C, *_out_spatial(x.shape, weight.shape, stride, padding, dilation))}"
+            )
     name = _backend.resolve(OP, x.device, lambda b: _op_reasons(b, x))
     if name == "reference":
-        return conv3d_bn_relu_reference(x, weight, bias, bn_weight, bn_bias, running_mean, running_var, stride,
-                                        padding, dilation, groups, training, momentum, eps, relu,
-                                        num_batches_tracked)
+        return conv3d_bn_relu_reference(
+            x,
+            weight,
+            bias,
+            bn_weight,
+            bn_bias,
+            running_mean,
+            running_var,
+            stride,
+            padding,
+            dilation,
+            groups,
+            training,
+            momentum,
+            eps,
+            relu,
+            num_batches_tracked,
+        )
     C = weight.shape[0]
     g = bn_weight if bn_weight is not None else x.new_ones((C,))
     b = bn_bias if bn_bias is not None else x.new_zeros((C,))
     conv_cl = name == "cpu" and _cpu_conv_channels_last(x)
     out, _, mean, _, var, _ = torch.ops.mvfast.conv3d_bn_relu(
-        x, weight, bias, g, b, running_mean, running_var, stride, padding, dilation, groups, batch_stats,
-        float(eps), relu, conv_cl, name)
+        x,
+        weight,
+        bias,
+        g,
+        b,
+        running_mean,
+        running_var,
+        stride,
+        padding,
+        dilation,
+        groups,
+        batch_stats,
+        float(eps),
+        relu,
+        conv_cl,
+        name,
+    )
     if training and running_mean is not None:
         _update_running_stats(running_mean, running_var, num_batches_tracked, mean, var, bias, momentum)
     return out
