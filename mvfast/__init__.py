@@ -1,10 +1,13 @@
 """mvfast: multimodal micro-video classification built around fused kernels.
 
-import mvfast
-y = mvfast.ops.netvlad(x, weight, bias, centroids, mask)      # fused op
-vlad = mvfast.nn.NetVLAD(dim=512, clusters=32)                   # module over it
-with mvfast.backend("reference"): ...                            # choose the implementation
-mvfast.backends()                                                # what can run here, and why not
+Usage::
+
+    import mvfast
+    y = mvfast.ops.netvlad(x, weight, bias, centroids, mask)      # fused op
+    vlad = mvfast.nn.NetVLAD(dim=512, clusters=32)                   # module over it
+    with mvfast.backend("reference"): ...                            # choose the implementation
+    mvfast.backends()                                                # what can run here, and why not
+    model, n = mvfast.fuse(model)                                    # Conv3d+BN+ReLU chains -> Conv3dBNReLU
 """
 
 __version__ = "0.1.0"
@@ -12,5 +15,17 @@ __version__ = "0.1.0"
 from mvfast import _ext  # noqa: E402, F401, I001  (first: loads mvfast._C, which registers the kernels)
 from mvfast import nn, ops  # noqa: E402
 from mvfast._backend import BACKENDS, backend, backends, get_backend, set_backend  # noqa: E402
+from mvfast.nn.fuse import fuse, unfuse  # noqa: E402
 
-__all__ = ["BACKENDS", "backend", "backends", "get_backend", "set_backend", "nn", "ops", "__version__"]
+__all__ = [
+    "BACKENDS",
+    "backend",
+    "backends",
+    "get_backend",
+    "set_backend",
+    "fuse",
+    "unfuse",
+    "nn",
+    "ops",
+    "__version__",
+]
