@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import torch
 
+from mvfast.utils import saved_bytes  # noqa: F401  (re-exported to the suites)
+
 GPU = torch.cuda.is_available()
 
 # Bars the issues require, declared by the suites: dicts of op, case, device, mode, impl, base, at_least.
@@ -14,20 +16,6 @@ BARS: list[dict] = []
 def sync(device: str) -> None:
     if device == "cuda":
         torch.cuda.synchronize()
-
-
-def saved_bytes(fn) -> int:
-    """Bytes of the distinct storages autograd saves for backward while fn() runs."""
-    storages = {}
-
-    def pack(t):
-        s = t.untyped_storage()
-        storages[s.data_ptr()] = s.nbytes()
-        return t
-
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        fn()
-    return sum(storages.values())
 
 
 def measure(benchmark, fn, device: str, *, rounds: int, info: dict) -> None:

@@ -9,6 +9,7 @@ from torch import nn
 
 import mvfast
 from mvfast.ops.conv3d_bn_relu import conv3d_bn_relu_reference
+from mvfast.utils import saved_bytes
 
 CL = torch.channels_last_3d
 
@@ -323,19 +324,6 @@ def test_compile_fullgraph_module(backend):
 
 # ---------------------------------------------------------------------------------------------------
 # Memory: what is saved for backward
-
-
-def saved_bytes(fn):
-    storages = {}
-
-    def pack(t):
-        s = t.untyped_storage()
-        storages[s.data_ptr()] = s.nbytes()
-        return t
-
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        fn()
-    return sum(storages.values())
 
 
 @pytest.mark.parametrize("backend", kernel_backends())

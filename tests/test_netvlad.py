@@ -8,6 +8,7 @@ from backend_params import kernel_backends
 
 import mvfast
 from mvfast.ops.netvlad import netvlad_math, netvlad_reference
+from mvfast.utils import saved_bytes
 
 LOW = (torch.float16, torch.bfloat16)
 
@@ -285,20 +286,6 @@ def test_compile_fullgraph_module(backend):
 
 # ---------------------------------------------------------------------------------------------------
 # Memory: what is saved for backward
-
-
-def saved_bytes(fn):
-    """Bytes of the distinct storages autograd saves for backward while fn() runs."""
-    storages = {}
-
-    def pack(t):
-        s = t.untyped_storage()
-        storages[s.data_ptr()] = s.nbytes()
-        return t
-
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        fn()
-    return sum(storages.values())
 
 
 @pytest.mark.parametrize("backend", kernel_backends())

@@ -16,31 +16,15 @@
 #include <vector>
 
 #include "attention_pool.h"
+#include "cpu/vec.h"
 
 namespace mvfast {
 namespace attention_pool {
 namespace {
 
 using at::vec::Vectorized;
-
-template <typename T>
-T hsum(const Vectorized<T>& v) {
-  return at::vec::vec_reduce_all<T>([](Vectorized<T>& p, Vectorized<T>& q) { return p + q; }, v);
-}
-
-template <typename T>
-T dot(const T* a, const T* b, int64_t n) {
-  using Vec = Vectorized<T>;
-  Vec acc0(T(0)), acc1(T(0));
-  int64_t d = 0;
-  for (; d + 2 * Vec::size() <= n; d += 2 * Vec::size()) {
-    acc0 = at::vec::fmadd(Vec::loadu(a + d), Vec::loadu(b + d), acc0);
-    acc1 = at::vec::fmadd(Vec::loadu(a + d + Vec::size()), Vec::loadu(b + d + Vec::size()), acc1);
-  }
-  T s = hsum(acc0 + acc1);
-  for (; d < n; ++d) s += a[d] * b[d];
-  return s;
-}
+using cpu::dot;
+using cpu::hsum;
 
 // x . p and x . q in one sweep over x.
 template <typename T>

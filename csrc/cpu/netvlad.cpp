@@ -18,6 +18,7 @@
 #include <algorithm>
 #include <vector>
 
+#include "cpu/vec.h"
 #include "netvlad.h"
 
 namespace mvfast {
@@ -25,32 +26,9 @@ namespace netvlad {
 namespace {
 
 using at::vec::Vectorized;
-
-template <typename T>
-T dot(const T* a, const T* b, int64_t n) {
-  using Vec = Vectorized<T>;
-  Vec acc0(T(0)), acc1(T(0));
-  int64_t d = 0;
-  for (; d + 2 * Vec::size() <= n; d += 2 * Vec::size()) {
-    acc0 = at::vec::fmadd(Vec::loadu(a + d), Vec::loadu(b + d), acc0);
-    acc1 = at::vec::fmadd(Vec::loadu(a + d + Vec::size()), Vec::loadu(b + d + Vec::size()), acc1);
-  }
-  T s = at::vec::vec_reduce_all<T>([](Vec& p, Vec& q) { return p + q; }, acc0 + acc1);
-  for (; d < n; ++d) s += a[d] * b[d];
-  return s;
-}
-
-// y[d] += alpha * x[d]
-template <typename T>
-void axpy(T alpha, const T* x, T* y, int64_t n) {
-  using Vec = Vectorized<T>;
-  const Vec va(alpha);
-  int64_t d = 0;
-  for (; d + Vec::size() <= n; d += Vec::size()) {
-    at::vec::fmadd(va, Vec::loadu(x + d), Vec::loadu(y + d)).store(y + d);
-  }
-  for (; d < n; ++d) y[d] += alpha * x[d];
-}
+using cpu::axpy;
+using cpu::dot;
+using cpu::hsum;
 
 // Sum over the M rows of one item's assign (M, KG) of its first K columns.
 template <typename T>
@@ -80,7 +58,7 @@ void softmax_row(T* row, const T* bias, int64_t KG, bool valid) {
     e.store(row + k);
     vsum = vsum + e;
   }
-  T sum = at::vec::vec_reduce_all<T>([](Vec& p, Vec& q) { return p + q; }, vsum);
+  T sum = hsum(vsum);
   for (; k < KG; ++k) {
     row[k] = exp_(row[k] - mx);
     sum += row[k];
