@@ -10,8 +10,19 @@ import mvfast
 from mvfast.ops.attention_pool import attention_pool_math, attention_pool_reference
 
 
-def sample_inputs(dtype=torch.float32, device="cpu", *, B=3, L=13, D=20, H=1, mask="some", bias=True,
-                  noncontig=False, seed=0):
+def sample_inputs(
+    dtype=torch.float32,
+    device="cpu",
+    *,
+    B=3,
+    L=13,
+    D=20,
+    H=1,
+    mask="some",
+    bias=True,
+    noncontig=False,
+    seed=0,
+):
     """(x, weight, bias, mask) with leaf tensors that require grad.
 
     mask: None, "some" (random gaps, every sample keeps at least one position), "empty" (sample 1 has
@@ -56,8 +67,12 @@ def run(backend, x, w, b, m, return_weights=False, grad_seed=1):
 
 def upcast(ts):
     """float64 copies on the CPU, leaves of their own."""
-    return [t.detach().double().cpu().requires_grad_() if t is not None and t.is_floating_point() else
-            (t.cpu() if t is not None else None) for t in ts]
+    return [
+        t.detach().double().cpu().requires_grad_()
+        if t is not None and t.is_floating_point()
+        else (t.cpu() if t is not None else None)
+        for t in ts
+    ]
 
 
 def math_in_dtype(x, w, b, m, return_weights=False, grad_seed=1):
@@ -69,8 +84,12 @@ def math_in_dtype(x, w, b, m, return_weights=False, grad_seed=1):
 
 
 def names_for(return_weights, bias):
-    return ["out"] + (["weights"] if return_weights else []) + ["grad_x", "grad_weight"] + (
-        ["grad_bias"] if bias else [])
+    return (
+        ["out"]
+        + (["weights"] if return_weights else [])
+        + ["grad_x", "grad_weight"]
+        + (["grad_bias"] if bias else [])
+    )
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -240,8 +259,9 @@ def test_opcheck_backward_and_compiled_kernels(backend):
         torch.library.opcheck(torch.ops.mvfast.attention_pool_fwd.default, (x, w, None, False))
 
 
-@pytest.mark.parametrize("backend", ["reference"] + kernel_backends(),
-                         ids=lambda p: p if isinstance(p, str) else p[0])
+@pytest.mark.parametrize(
+    "backend", ["reference"] + kernel_backends(), ids=lambda p: p if isinstance(p, str) else p[0]
+)
 def test_compile_fullgraph_module(backend):
     name, device = (backend, "cpu") if isinstance(backend, str) else backend
     torch._dynamo.reset()
@@ -293,6 +313,7 @@ def test_saves_only_x_and_small_tensors_for_backward(backend, dtype):
         def f():
             with mvfast.backend(be):
                 return mvfast.ops.attention_pool(x, w, b, m)
+
         return f
 
     ours, eager = saved_bytes(call(name)), saved_bytes(call("reference"))
@@ -329,8 +350,11 @@ def test_module_starts_as_the_mean_of_the_valid_features():
     "change,exc,pattern",
     [
         (lambda a: a.update(x=a["x"][0]), ValueError, r"x must have 3 dimensions, got shape \(13, 20\)"),
-        (lambda a: a.update(weight=a["weight"][:, :-1]), ValueError,
-         r"weight must have shape \(2, 20\), got \(2, 19\)"),
+        (
+            lambda a: a.update(weight=a["weight"][:, :-1]),
+            ValueError,
+            r"weight must have shape \(2, 20\), got \(2, 19\)",
+        ),
         (lambda a: a.update(weight=a["weight"][0]), ValueError, r"weight must have 2 dimensions"),
         (lambda a: a.update(weight=a["weight"][:0]), ValueError, r"weight must hold at least one head"),
         (lambda a: a.update(bias=a["bias"][:-1]), ValueError, r"bias must have shape \(2\), got \(1\)"),
@@ -340,8 +364,18 @@ def test_module_starts_as_the_mean_of_the_valid_features():
         (lambda a: a.update(x=a["x"].long()), TypeError, r"x must have dtype"),
         (lambda a: a.update(weight=a["weight"].to("meta")), ValueError, r"weight is on meta but x is on cpu"),
     ],
-    ids=["x-rank", "weight-D", "weight-rank", "no-heads", "bias", "mask-shape", "mask-dtype", "dtype-mix",
-         "x-int", "device"],
+    ids=[
+        "x-rank",
+        "weight-D",
+        "weight-rank",
+        "no-heads",
+        "bias",
+        "mask-shape",
+        "mask-dtype",
+        "dtype-mix",
+        "x-int",
+        "device",
+    ],
 )
 def test_bad_input_names_the_argument(change, exc, pattern):
     x, w, b, m = sample_inputs(torch.float32, H=2)
