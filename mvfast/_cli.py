@@ -25,6 +25,9 @@ class CLIError(Exception):
 
 
 def run_main(prog: str, fn, argv) -> int:
+    import logging
+
+    logging.basicConfig(format="%(levelname)s %(name)s: %(message)s")
     try:
         fn(argv)
         return 0

@@ -157,3 +157,48 @@ if __name__ == "__main__":
     target = sys.argv[1]
     sys.argv = [target, *sys.argv[2:]]
     runpy.run_module(target, run_name="__main__", alter_sys=True)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Helpers of the command-line tests
+
+TOY = __file__
+# A synthetic set of 3 classes x 3 videos (2 train, 1 validation each) of 32 px and 1 s, clips of 4 frames.
+TINY_DATA = [
+    "--synthetic-classes", "3", "--synthetic-videos", "3", "--synthetic-size", "32",
+    "--synthetic-seconds", "1", "--resize", "32", "--test-clips", "2",
+]  # fmt: skip
+TINY_RUN = [*TINY_DATA, "--epochs", "3", "--batch-size", "2", "--ckpt-every", "2", "--no-progress"]
+
+
+def run_cli(module: str, *args, env: dict | None = None, timeout: float = 120, **kwargs):
+    """Runs ``python -m module args`` with the toy model in place of mvfast.models."""
+    import os
+    import subprocess
+
+    return subprocess.run(
+        [sys.executable, TOY, module, *map(str, args)],
+        env={**os.environ, **(env or {})},
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        **kwargs,
+    )
+
+
+_RUNS: dict = {}
+
+
+def trained_run(tmp_path_factory) -> tuple:
+    """(output folder, MVFAST_CACHE folder, completed process) of one short training run, shared by the
+    test modules of a session."""
+    key = str(tmp_path_factory.getbasetemp())
+    if key not in _RUNS:
+        cache = tmp_path_factory.mktemp("mvfast-cache")
+        out = tmp_path_factory.mktemp("run") / "out"
+        run = run_cli(
+            "mvfast.train", "--out", out, *TINY_RUN, "--workers", "1", env={"MVFAST_CACHE": str(cache)}
+        )
+        assert run.returncode == 0, run.stdout + run.stderr
+        _RUNS[key] = (out, cache, run)
+    return _RUNS[key]
