@@ -217,10 +217,10 @@ def _holdout(items: list, fraction: float, seed: int) -> tuple[list, list]:
     return train, val
 
 
-def data_source(cfg, base) -> DataSource:
+def data_source(cfg, base, classes: list | None = None) -> DataSource:
     """The videos named by a config's data fields (data, data_root, split, val_root, train_split, val_split,
-    val_fraction, synthetic_*); `base` is the DataConfig. Missing paths, empty sets and bad layouts are
-    CLIErrors."""
+    val_fraction, synthetic_*); `base` is the DataConfig; `classes` fixes the class list of a CSV manifest
+    (a checkpoint's). Missing paths, empty sets and bad layouts are CLIErrors."""
     from mvfast.data import UCF101, SyntheticMicroVideos, VideoCSV, VideoFolder
 
     kind = cfg.data
@@ -266,11 +266,12 @@ def data_source(cfg, base) -> DataSource:
         # csv
         with open(root, encoding="utf-8") as f:
             header = f.readline()
+        full = VideoCSV(root, config=base, cache=False, classes=classes)
         if "split" in [c.strip() for c in header.split(",")]:
-            train = VideoCSV(root, config=base, cache=False, split=cfg.train_split)
-            val = VideoCSV(root, config=base, cache=False, split=cfg.val_split, classes=train.classes)
-            return DataSource(f"csv {root}", train.classes, train.items, val.items, True)
-        full = VideoCSV(root, config=base, cache=False)
+            # every row's label is a class, whichever split it is in
+            train = VideoCSV(root, config=base, cache=False, split=cfg.train_split, classes=full.classes)
+            val = VideoCSV(root, config=base, cache=False, split=cfg.val_split, classes=full.classes)
+            return DataSource(f"csv {root}", full.classes, train.items, val.items, True)
         tr, va = _holdout(full.items, cfg.val_fraction, cfg.seed)
         return DataSource(f"csv {root}", full.classes, tr, va, True)
     except CLIError:

@@ -143,7 +143,7 @@ def table(metrics: dict) -> str:
 def evaluate(argv=None) -> dict:
     from torch.utils.data import DataLoader
 
-    from mvfast.data import Collate, DataConfig, VideoDataset
+    from mvfast.data import Collate, VideoDataset
     from mvfast.train import DATA_FIELDS, TrainConfig, build_parser, check_config
 
     parser = build_parser("python -m mvfast.evaluate", fields=DATA_FIELDS, description=__doc__)
@@ -164,8 +164,7 @@ def evaluate(argv=None) -> dict:
     check_config(cfg)
     model, data_cfg, classes = model_from_checkpoint(ckpt, device)
     data_cfg = data_cfg.replace(test_clips=cfg.test_clips)
-    base = DataConfig(fps=data_cfg.fps, resize=data_cfg.resize, test_clips=cfg.test_clips)
-    source = data_source(cfg, base)
+    source = data_source(cfg, data_cfg, classes if cfg.data == "csv" else None)
     if len(source.classes) != len(classes) or [str(c) for c in source.classes] != [str(c) for c in classes]:
         raise CLIError(
             f"the data's {len(source.classes)} classes differ from the checkpoint's {len(classes)} "
