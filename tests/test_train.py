@@ -221,3 +221,20 @@ def test_corrupt_checkpoint_and_empty_dataset(tmp_path, cache_env):
     proc = run_cli("mvfast.train", *TINY_DATA, "--resume", tmp_path / "cut.pt", env=cache_env)
     assert_user_error(proc, "cut.pt")
     assert time.perf_counter() - start < 60
+
+
+def test_sweep_prints_the_table(run, tmp_path, monkeypatch, capsys):
+    from _toy_model import install
+
+    import mvfast.sweep
+
+    monkeypatch.setenv("MVFAST_CACHE", str(run[1]))
+    monkeypatch.setitem(sys.modules, "mvfast.models", install())
+    args = ["baseline", "--out", str(tmp_path), "--", *TINY_DATA, "--epochs", "1", "--batch-size", "3"]
+    assert mvfast.sweep.main([*args, "--no-progress", "--workers", "0", "--inference-videos", "1"]) == 0
+    printed = capsys.readouterr().out
+    assert "| | traditional CNN (frame2d) | 3D CNN (tiny) |" in printed
+    for row in ("| training precision |", "| validation precision |", "| model convergence time |"):
+        assert row in printed
+    assert (tmp_path / "table.md").is_file() and (tmp_path / "traditional-CNN" / "summary.json").is_file()
+    assert json.loads((tmp_path / "traditional-CNN" / "summary.json").read_text())["modalities"] == ["frames"]
