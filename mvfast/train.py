@@ -90,7 +90,7 @@ class TrainConfig:
     dropout: float | None = None  # dropout before the classifier (Table 2); None: the preset's
     overrides: dict = field(default_factory=dict)  # other model config fields (--set name=value)
     # optimisation
-    epochs: int = 15  # passes over the training set
+    epochs: int = 10  # passes over the training set
     steps: int | None = None  # total steps; when set it replaces --epochs
     batch_size: int = 8  # clips per step and process
     lr: float = 2e-3  # peak learning rate (AdamW)
@@ -816,8 +816,10 @@ def train(argv=None) -> dict:
         row.update({f"train_{k}": train_metrics[k] for k in METRIC_KEYS})
         last_epoch = step >= total_steps
         if val_loader is not None and ((epoch + 1) % cfg.eval_every == 0 or last_epoch):
+            # Without the DDP wrapper: the ranks' shards may differ by a batch, and eval needs no sync.
+            eval_model = model.module if ddp else model
             result = infer(
-                model, val_loader, raw_model.loss, device, amp_dtype, gather=gather if ddp else None
+                eval_model, val_loader, raw_model.loss, device, amp_dtype, gather=gather if ddp else None
             )
             if result is not None:
                 clip_m, video_m = validation_metrics(result, len(classes))

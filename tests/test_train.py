@@ -238,3 +238,36 @@ def test_sweep_prints_the_table(run, tmp_path, monkeypatch, capsys):
         assert row in printed
     assert (tmp_path / "table.md").is_file() and (tmp_path / "traditional-CNN" / "summary.json").is_file()
     assert json.loads((tmp_path / "traditional-CNN" / "summary.json").read_text())["modalities"] == ["frames"]
+
+
+def test_the_real_model_through_python_m(tmp_path, cache_env):
+    # python -m mvfast.train itself, with mvfast.models' tiny preset (the other tests use a stand-in)
+    models = pytest.importorskip("mvfast.models")
+    if not hasattr(models, "create_model"):
+        pytest.skip("mvfast.models has no create_model yet")
+    out = tmp_path / "real"
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "mvfast.train",
+            "--out",
+            str(out),
+            *TINY_DATA,
+            "--steps",
+            "2",
+            "--batch-size",
+            "2",
+        ]
+        + ["--no-progress", "--workers", "0", "--inference-videos", "1", "--set", "frame_clusters=4"],
+        env={**os.environ, **cache_env},
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["steps"] == 2 and summary["inference"]["model_ms"] > 0
+    ckpt = torch.load(out / "last.pt", weights_only=True)
+    assert ckpt["model_spec"]["overrides"] == {"frame_clusters": 4}
+    assert ckpt["data_config"]["size"] == 64  # the tiny preset's input size
