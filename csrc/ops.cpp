@@ -29,6 +29,27 @@ TORCH_LIBRARY(mvfast, m) {
   m.def(
       "attention_pool_bwd(Tensor grad_out, Tensor? grad_weights, Tensor x, Tensor weight, Tensor? mask, "
       "Tensor out, Tensor lse, Tensor? weights) -> (Tensor, Tensor)");
+
+  // conv3d_bn_relu (see mvfast/ops/conv3d_bn_relu.py). Returns (out, z, mean, invstd, var, x_conv):
+  //   out     relu(batch_norm(conv3d(x))) in x's dtype and memory format
+  //   z       training: conv3d(x, weight) without the bias, in the conv's layout (channels_last_3d when
+  //           conv_channels_last), saved for backward; eval: empty
+  //   mean, invstd, var  training: (C,) float32 (float64 for float64 x) batch mean, 1/sqrt(biased var + eps)
+  //           and unbiased variance (for the running update); eval: empty
+  //   x_conv  training: x converted to the conv's layout when it was not in it (saved for backward instead
+  //           of x); empty otherwise
+  // The running statistics are inputs only: their in-place update is done by the caller from mean and var.
+  m.def(
+      "conv3d_bn_relu_fwd(Tensor x, Tensor weight, Tensor? bias, Tensor bn_weight, Tensor bn_bias, "
+      "Tensor? running_mean, Tensor? running_var, int[] stride, int[] padding, int[] dilation, int groups, "
+      "bool training, float eps, bool relu, bool conv_channels_last) "
+      "-> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)");
+  // Training backward. Returns (grad_x, grad_weight, grad_bn_weight, grad_bn_bias); grad_x and grad_weight
+  // are empty unless asked for. x is what the conv read (x_conv when the forward made one).
+  m.def(
+      "conv3d_bn_relu_bwd(Tensor grad_out, Tensor x, Tensor weight, Tensor bn_weight, Tensor bn_bias, "
+      "Tensor z, Tensor mean, Tensor invstd, int[] stride, int[] padding, int[] dilation, int groups, "
+      "bool relu, bool need_grad_x, bool need_grad_weight) -> (Tensor, Tensor, Tensor, Tensor)");
 }
 
 #ifndef MVFAST_CUDA_VERSION

@@ -403,3 +403,24 @@ def test_info_reports_parameter_counts():
     text = model_report()
     for name in PRESETS:
         assert name in text
+
+
+def test_empty_batch():
+    """A batch in which every file failed (collate gives B = 0 and no inputs) gives no logits, no error."""
+    model = model_of("tiny").eval()
+    with torch.no_grad():
+        out = model({"label": torch.zeros(0, dtype=torch.long), "meta": [], "num_skipped": 2})
+    assert out["logits"].shape == (0, 5)
+
+
+def test_autocast():
+    """Under autocast (here the CPU's bfloat16) the half-precision features meet float32 NetVLAD and
+    attention parameters; the model casts them, and the logits stay close to float32's."""
+    model = model_of("tiny").eval()
+    batch = make_batch(model.config, 2)
+    with torch.no_grad():
+        ref = model(batch)["logits"]
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            out = model(batch)
+    assert out["logits"].shape == ref.shape and torch.isfinite(out["logits"]).all()
+    assert (out["logits"].float() - ref).abs().max() < 0.25 * ref.abs().max() + 0.1

@@ -15,7 +15,6 @@ from .config import DataConfig
 from .datasets import UCF101, VideoCSV, VideoDataset, VideoFolder, VideoItem
 from .motion import codec_vectors, rasterize, rgb_difference_flow
 from .sampling import clip_starts, load_video, sample_clip
-from .synthetic import SyntheticMicroVideos, encode_video
 from .text import tokenize
 from .video import VIDEO_EXTENSIONS, DecodedVideo, VideoDecodeError, decode_video
 
@@ -49,3 +48,13 @@ __all__ = [
     "rasterize",
     "rgb_difference_flow",
 ]
+
+
+def __getattr__(name):
+    # The synthetic set is loaded on first use, not with the package, so that
+    # `python -m mvfast.data.synthetic` runs the module fresh (runpy warns when it was imported already).
+    if name in ("SyntheticMicroVideos", "encode_video"):
+        from . import synthetic
+
+        return getattr(synthetic, name)
+    raise AttributeError(f"module 'mvfast.data' has no attribute {name!r}")

@@ -1,6 +1,9 @@
-"""nn.Modules over mvfast's ops: each holds its parameters and calls the op."""
+"""nn.Modules over mvfast's ops: each holds its parameters and calls the op; fuse/unfuse swap models'
+Conv3d -> BatchNorm3d -> ReLU chains for Conv3dBNReLU."""
 
 from mvfast.nn.attention_pool import AttentionPool
+from mvfast.nn.conv3d_bn_relu import Conv3dBNReLU
+from mvfast.nn.fuse import fuse, unfuse
 from mvfast.nn.netvlad import NetVLAD
 
-__all__ = ["AttentionPool", "NetVLAD"]
+__all__ = ["AttentionPool", "Conv3dBNReLU", "NetVLAD", "fuse", "unfuse"]

@@ -1,0 +1,434 @@
+// Conv3d + BatchNorm3d + ReLU CPU kernels: the conv is ATen's (oneDNN); the BN statistics, the BN+ReLU
+// apply and their backward are fused here, at::parallel_for over tiles of (sample, block of positions).
+// The flow and the per-element math are in csrc/conv3d_bn_relu.h.
+//
+// A tile is read in z's layout: in channels_last_3d its rows are positions (C contiguous values, so the
+// per-channel loops run down contiguous memory and vectorise), in NCDHW its rows are channels (a block of
+// contiguous positions). A tensor in the other layout (grad_out, or the output when the user's layout is
+// not the conv's) is transposed through a small buffer while the tile is in cache, so the switch of
+// layout costs no pass over memory of its own.
+//
+// Statistics: each tile's mean and M2 are computed in two passes over the tile while it is in L1 (never
+// E[x^2] - E[x]^2), then folded into the chunk's running statistics with the Chan/Welford combine; the
+// chunks are combined the same way at the end. The chunking depends only on the sizes and the thread
+// count, not on scheduling, so results are reproducible.
+#include <ATen/Context.h>
+#include <ATen/Dispatch.h>
+#include <ATen/OpMathType.h>
+#include <ATen/Parallel.h>
+#include <ATen/core/dispatch/Dispatcher.h>
+#include <ATen/cpu/vec/functional.h>
+#include <ATen/cpu/vec/vec.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <type_traits>
+#include <vector>
+
+#include "conv3d_bn_relu.h"
+
+namespace mvfast {
+namespace conv3d_bn_relu {
+namespace {
+
+using at::vec::Vectorized;
+
+// (N, C, S) geometry of a 5-D tensor, tiled into blocks of `ts` positions per sample.
+struct Geom {
+  int64_t N, C, S, ts, tiles;
+  bool cl;  // tile rows are positions (z is channels_last_3d)
+
+  explicit Geom(const at::Tensor& z) {
+    N = z.size(0);
+    C = z.size(1);
+    S = z.numel() / std::max<int64_t>(1, N * C);
+    cl = is_channels_last(z);
+    // About 4096 values per tile (16 KB in float32): it and its transposed partner stay in L1.
+    ts = std::max<int64_t>(8, std::min<int64_t>(512, 4096 / std::max<int64_t>(1, C)));
+    tiles = S > 0 ? (S + ts - 1) / ts : 0;
+  }
+  int64_t items() const { return N * tiles; }
+  int64_t rows(int64_t len) const { return cl ? len : C; }
+  int64_t cols(int64_t len) const { return cl ? C : len; }
+};
+
+// Chunks of consecutive tiles, one partial result each: a fixed split that does not depend on which
+// thread runs what.
+int64_t num_chunks(int64_t items) {
+  return std::max<int64_t>(1, std::min<int64_t>(items, 4 * static_cast<int64_t>(at::get_num_threads())));
+}
+
+template <typename F>
+void for_chunks(const Geom& g, int64_t chunks, F f) {
+  const int64_t items = g.items();
+  at::parallel_for(0, chunks, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t k = begin; k < end; ++k) {
+      const int64_t i0 = items * k / chunks, i1 = items * (k + 1) / chunks;
+      for (int64_t item = i0; item < i1; ++item) {
+        const int64_t n = item / g.tiles, s0 = (item % g.tiles) * g.ts;
+        f(k, n, s0, std::min(g.ts, g.S - s0));
+      }
+    }
+  });
+}
+
+template <typename F>
+void for_tiles(const Geom& g, F f) {
+  for_chunks(g, num_chunks(g.items()), [&](int64_t, int64_t n, int64_t s0, int64_t len) { f(n, s0, len); });
+}
+
+// The tile (n, s0..s0+len) of src, in the tile layout of g, as acc_t rows with stride ld: a pointer into
+// src itself when the layout and dtype already match, else a converted or transposed copy in buf.
+template <typename acc_t, typename scalar_t>
+const acc_t* load_tile(const scalar_t* src, bool src_cl, const Geom& g, int64_t n, int64_t s0, int64_t len,
+                       acc_t* buf, int64_t& ld) {
+  const int64_t C = g.C, S = g.S;
+  if constexpr (std::is_same_v<scalar_t, acc_t>) {
+    if (src_cl == g.cl) {
+      ld = g.cl ? C : S;
+      return g.cl ? src + (n * S + s0) * C : src + n * C * S + s0;
+    }
+  }
+  if (g.cl) {  // buf[t * C + c]
+    ld = C;
+    if (src_cl) {
+      const scalar_t* p = src + (n * S + s0) * C;
+      for (int64_t i = 0; i < len * C; ++i) buf[i] = static_cast<acc_t>(p[i]);
+    } else {
+      for (int64_t c = 0; c < C; ++c) {
+        const scalar_t* p = src + (n * C + c) * S + s0;
+        for (int64_t t = 0; t < len; ++t) buf[t * C + c] = static_cast<acc_t>(p[t]);
+      }
+    }
+  } else {  // buf[c * len + t]
+    ld = len;
+    if (!src_cl) {
+      for (int64_t c = 0; c < C; ++c) {
+        const scalar_t* p = src + (n * C + c) * S + s0;
+        for (int64_t t = 0; t < len; ++t) buf[c * len + t] = static_cast<acc_t>(p[t]);
+      }
+    } else {
+      for (int64_t t = 0; t < len; ++t) {
+        const scalar_t* p = src + (n * S + s0 + t) * C;
+        for (int64_t c = 0; c < C; ++c) buf[c * len + t] = static_cast<acc_t>(p[c]);
+      }
+    }
+  }
+  return buf;
+}
+
+// Writes a tile held in the tile layout of g (rows of stride ld) into dst, converting or transposing.
+template <typename acc_t, typename scalar_t>
+void store_tile(const acc_t* buf, int64_t ld, scalar_t* dst, bool dst_cl, const Geom& g, int64_t n, int64_t s0,
+                int64_t len) {
+  const int64_t C = g.C, S = g.S;
+  if (g.cl) {
+    if (dst_cl) {
+      scalar_t* p = dst + (n * S + s0) * C;
+      for (int64_t t = 0; t < len; ++t) {
+        for (int64_t c = 0; c < C; ++c) p[t * C + c] = static_cast<scalar_t>(buf[t * ld + c]);
+      }
+    } else {
+      for (int64_t c = 0; c < C; ++c) {
+        scalar_t* p = dst + (n * C + c) * S + s0;
+        for (int64_t t = 0; t < len; ++t) p[t] = static_cast<scalar_t>(buf[t * ld + c]);
+      }
+    }
+  } else {
+    if (!dst_cl) {
+      for (int64_t c = 0; c < C; ++c) {
+        scalar_t* p = dst + (n * C + c) * S + s0;
+        for (int64_t t = 0; t < len; ++t) p[t] = static_cast<scalar_t>(buf[c * ld + t]);
+      }
+    } else {
+      for (int64_t t = 0; t < len; ++t) {
+        scalar_t* p = dst + (n * S + s0 + t) * C;
+        for (int64_t c = 0; c < C; ++c) p[c] = static_cast<scalar_t>(buf[c * ld + t]);
+      }
+    }
+  }
+}
+
+template <typename T>
+T vsum(const T* a, int64_t n) {
+  using Vec = Vectorized<T>;
+  Vec acc(T(0));
+  int64_t i = 0;
+  for (; i + Vec::size() <= n; i += Vec::size()) acc = acc + Vec::loadu(a + i);
+  T s = at::vec::vec_reduce_all<T>([](Vec& p, Vec& q) { return p + q; }, acc);
+  for (; i < n; ++i) s += a[i];
+  return s;
+}
+
+// sum (a_i - m)^2
+template <typename T>
+T vsumsq_dev(const T* a, T m, int64_t n) {
+  using Vec = Vectorized<T>;
+  const Vec vm(m);
+  Vec acc(T(0));
+  int64_t i = 0;
+  for (; i + Vec::size() <= n; i += Vec::size()) {
+    const Vec d = Vec::loadu(a + i) - vm;
+    acc = at::vec::fmadd(d, d, acc);
+  }
+  T s = at::vec::vec_reduce_all<T>([](Vec& p, Vec& q) { return p + q; }, acc);
+  for (; i < n; ++i) s += (a[i] - m) * (a[i] - m);
+  return s;
+}
+
+struct CpuKernels {
+  static void stats(const at::Tensor& z, at::Tensor& mean, at::Tensor& m2) {
+    const Geom g(z);
+    const int64_t C = g.C, chunks = num_chunks(g.items());
+    AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, z.scalar_type(), "conv3d_bn_relu_stats_cpu", [&] {
+      using acc_t = at::opmath_type<scalar_t>;
+      const scalar_t* zp = z.data_ptr<scalar_t>();
+      std::vector<acc_t> cnt(chunks, acc_t(0)), pmean(chunks * C, acc_t(0)), pm2(chunks * C, acc_t(0));
+      for_chunks(g, chunks, [&](int64_t k, int64_t n, int64_t s0, int64_t len) {
+        thread_local std::vector<acc_t> buf, tmean, tm2;
+        buf.resize(g.ts * C);
+        tmean.assign(C, acc_t(0));
+        tm2.assign(C, acc_t(0));
+        int64_t ld;
+        const acc_t* zt = load_tile(zp, g.cl, g, n, s0, len, buf.data(), ld);
+        if (g.cl) {  // rows are positions: column sums down contiguous rows
+          for (int64_t t = 0; t < len; ++t) {
+            const acc_t* r = zt + t * ld;
+            for (int64_t c = 0; c < C; ++c) tmean[c] += r[c];
+          }
+          for (int64_t c = 0; c < C; ++c) tmean[c] /= static_cast<acc_t>(len);
+          for (int64_t t = 0; t < len; ++t) {
+            const acc_t* r = zt + t * ld;
+            for (int64_t c = 0; c < C; ++c) {
+              const acc_t d = r[c] - tmean[c];
+              tm2[c] += d * d;
+            }
+          }
+        } else {
+          for (int64_t c = 0; c < C; ++c) {
+            tmean[c] = vsum(zt + c * ld, len) / static_cast<acc_t>(len);
+            tm2[c] = vsumsq_dev(zt + c * ld, tmean[c], len);
+          }
+        }
+        for (int64_t c = 0; c < C; ++c) {
+          acc_t nk = cnt[k];
+          welford_combine(nk, pmean[k * C + c], pm2[k * C + c], static_cast<acc_t>(len), tmean[c], tm2[c]);
+        }
+        cnt[k] += static_cast<acc_t>(len);
+      });
+      acc_t* mp = mean.data_ptr<acc_t>();
+      acc_t* vp = m2.data_ptr<acc_t>();
+      for (int64_t c = 0; c < C; ++c) {
+        acc_t n = 0, m = 0, s = 0;
+        for (int64_t k = 0; k < chunks; ++k) welford_combine(n, m, s, cnt[k], pmean[k * C + c], pm2[k * C + c]);
+        mp[c] = m;
+        vp[c] = s;
+      }
+    });
+  }
+
+  static void apply(const at::Tensor& z, const at::Tensor& scale, const at::Tensor& shift, bool relu,
+                    at::Tensor& out) {
+    const Geom g(z);
+    const bool out_cl = is_channels_last(out);
+    const int64_t C = g.C;
+    AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, z.scalar_type(), "conv3d_bn_relu_apply_cpu", [&] {
+      using acc_t = at::opmath_type<scalar_t>;
+      const scalar_t* zp = z.data_ptr<scalar_t>();
+      scalar_t* op = out.data_ptr<scalar_t>();
+      const acc_t* sc = scale.data_ptr<acc_t>();
+      const acc_t* sh = shift.data_ptr<acc_t>();
+      for_tiles(g, [&](int64_t n, int64_t s0, int64_t len) {
+        thread_local std::vector<acc_t> zbuf, ybuf;
+        zbuf.resize(g.ts * C);
+        ybuf.resize(g.ts * C);
+        int64_t ld;
+        const acc_t* zt = load_tile(zp, g.cl, g, n, s0, len, zbuf.data(), ld);
+        const int64_t rows = g.rows(len), cols = g.cols(len);
+        for (int64_t i = 0; i < rows; ++i) {
+          const acc_t* zr = zt + i * ld;
+          acc_t* yr = ybuf.data() + i * cols;
+          if (g.cl) {
+            for (int64_t c = 0; c < C; ++c) yr[c] = bn_relu(zr[c], sc[c], sh[c], relu);
+          } else {
+            const acc_t s = sc[i], h = sh[i];
+            for (int64_t t = 0; t < cols; ++t) yr[t] = bn_relu(zr[t], s, h, relu);
+          }
+        }
+        store_tile(ybuf.data(), cols, op, out_cl, g, n, s0, len);
+      });
+    });
+  }
+
+  static void bwd_reduce(const at::Tensor& gy, const at::Tensor& z, const at::Tensor& scale, const at::Tensor& shift,
+                         const at::Tensor& mean, const at::Tensor& invstd, bool relu, at::Tensor& sum_g,
+                         at::Tensor& sum_gx) {
+    const Geom g(z);
+    const bool gy_cl = is_channels_last(gy);
+    const int64_t C = g.C, chunks = num_chunks(g.items());
+    AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, z.scalar_type(), "conv3d_bn_relu_bwd_reduce_cpu", [&] {
+      using acc_t = at::opmath_type<scalar_t>;
+      const scalar_t* zp = z.data_ptr<scalar_t>();
+      const scalar_t* gp = gy.data_ptr<scalar_t>();
+      const acc_t* sc = scale.data_ptr<acc_t>();
+      const acc_t* sh = shift.data_ptr<acc_t>();
+      const acc_t* mu = mean.data_ptr<acc_t>();
+      const acc_t* iv = invstd.data_ptr<acc_t>();
+      std::vector<acc_t> psg(chunks * C, acc_t(0)), psgx(chunks * C, acc_t(0));
+      for_chunks(g, chunks, [&](int64_t k, int64_t n, int64_t s0, int64_t len) {
+        thread_local std::vector<acc_t> zbuf, gbuf, tg, tgx;
+        zbuf.resize(g.ts * C);
+        gbuf.resize(g.ts * C);
+        tg.assign(C, acc_t(0));
+        tgx.assign(C, acc_t(0));
+        int64_t zld, gld;
+        const acc_t* zt = load_tile(zp, g.cl, g, n, s0, len, zbuf.data(), zld);
+        const acc_t* gt = load_tile(gp, gy_cl, g, n, s0, len, gbuf.data(), gld);
+        const int64_t rows = g.rows(len), cols = g.cols(len);
+        for (int64_t i = 0; i < rows; ++i) {
+          const acc_t* zr = zt + i * zld;
+          const acc_t* gr = gt + i * gld;
+          if (g.cl) {
+            for (int64_t c = 0; c < C; ++c) {
+              const acc_t gg = relu_grad(gr[c], zr[c], sc[c], sh[c], relu);
+              tg[c] += gg;
+              tgx[c] += gg * ((zr[c] - mu[c]) * iv[c]);
+            }
+          } else {
+            const acc_t s = sc[i], h = sh[i], m = mu[i], v = iv[i];
+            acc_t a = 0, b = 0;
+            for (int64_t t = 0; t < cols; ++t) {
+              const acc_t gg = relu_grad(gr[t], zr[t], s, h, relu);
+              a += gg;
+              b += gg * ((zr[t] - m) * v);
+            }
+            tg[i] += a;
+            tgx[i] += b;
+          }
+        }
+        for (int64_t c = 0; c < C; ++c) {
+          psg[k * C + c] += tg[c];
+          psgx[k * C + c] += tgx[c];
+        }
+      });
+      acc_t* sg = sum_g.data_ptr<acc_t>();
+      acc_t* sgx = sum_gx.data_ptr<acc_t>();
+      for (int64_t c = 0; c < C; ++c) {
+        acc_t a = 0, b = 0;
+        for (int64_t k = 0; k < chunks; ++k) {
+          a += psg[k * C + c];
+          b += psgx[k * C + c];
+        }
+        sg[c] = a;
+        sgx[c] = b;
+      }
+    });
+  }
+
+  static void bwd_apply(const at::Tensor& gy, const at::Tensor& z, const at::Tensor& scale, const at::Tensor& shift,
+                        const at::Tensor& mean, const at::Tensor& invstd, const at::Tensor& mean_g,
+                        const at::Tensor& mean_gx, bool relu, at::Tensor& gz) {
+    const Geom g(z);
+    const bool gy_cl = is_channels_last(gy);
+    const int64_t C = g.C;
+    AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, z.scalar_type(), "conv3d_bn_relu_bwd_apply_cpu", [&] {
+      using acc_t = at::opmath_type<scalar_t>;
+      const scalar_t* zp = z.data_ptr<scalar_t>();
+      const scalar_t* gp = gy.data_ptr<scalar_t>();
+      scalar_t* dp = gz.data_ptr<scalar_t>();
+      const acc_t* sc = scale.data_ptr<acc_t>();
+      const acc_t* sh = shift.data_ptr<acc_t>();
+      const acc_t* mu = mean.data_ptr<acc_t>();
+      const acc_t* iv = invstd.data_ptr<acc_t>();
+      const acc_t* mg = mean_g.data_ptr<acc_t>();
+      const acc_t* mgx = mean_gx.data_ptr<acc_t>();
+      for_tiles(g, [&](int64_t n, int64_t s0, int64_t len) {
+        thread_local std::vector<acc_t> zbuf, gbuf, dbuf;
+        zbuf.resize(g.ts * C);
+        gbuf.resize(g.ts * C);
+        dbuf.resize(g.ts * C);
+        int64_t zld, gld;
+        const acc_t* zt = load_tile(zp, g.cl, g, n, s0, len, zbuf.data(), zld);
+        const acc_t* gt = load_tile(gp, gy_cl, g, n, s0, len, gbuf.data(), gld);
+        const int64_t rows = g.rows(len), cols = g.cols(len);
+        for (int64_t i = 0; i < rows; ++i) {
+          const acc_t* zr = zt + i * zld;
+          const acc_t* gr = gt + i * gld;
+          acc_t* dr = dbuf.data() + i * cols;
+          if (g.cl) {
+            for (int64_t c = 0; c < C; ++c) {
+              const acc_t gg = relu_grad(gr[c], zr[c], sc[c], sh[c], relu);
+              dr[c] = bn_backward(gg, (zr[c] - mu[c]) * iv[c], sc[c], mg[c], mgx[c]);
+            }
+          } else {
+            const acc_t s = sc[i], h = sh[i], m = mu[i], v = iv[i], a = mg[i], b = mgx[i];
+            for (int64_t t = 0; t < cols; ++t) {
+              dr[t] = bn_backward(relu_grad(gr[t], zr[t], s, h, relu), (zr[t] - m) * v, s, a, b);
+            }
+          }
+        }
+        store_tile(dbuf.data(), cols, dp, g.cl, g, n, s0, len);
+      });
+    });
+  }
+
+  // relu(conv3d(x, w, b)). float32: oneDNN's convolution with the bias and ReLU as its post-op
+  // (mkldnn::_convolution_pointwise, what inductor itself calls), so the output is written once.
+  static at::Tensor eval_conv(const at::Tensor& x, const at::Tensor& w, const at::Tensor& b, const ConvArgs& a,
+                              bool relu) {
+    if (relu && x.scalar_type() == at::kFloat && at::hasMKLDNN()) {
+      static const auto op = c10::Dispatcher::singleton().findSchema({"mkldnn::_convolution_pointwise", ""});
+      if (op.has_value()) {
+        std::vector<c10::IValue> stack{x, w, b, a.padding.vec(), a.stride.vec(), a.dilation.vec(), a.groups,
+                                       std::string("relu"), c10::List<std::optional<c10::Scalar>>(),
+                                       c10::IValue()};
+        op->callBoxed(&stack);
+        return stack[0].toTensor();
+      }
+    }
+    at::Tensor y = conv(x, w, b, a);
+    return relu ? y.clamp_min_(0) : y;
+  }
+};
+
+ConvArgs conv_args(at::IntArrayRef stride, at::IntArrayRef padding, at::IntArrayRef dilation, int64_t groups) {
+  return {stride, padding, dilation, groups};
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> fwd_cpu(
+    const at::Tensor& x, const at::Tensor& weight, const std::optional<at::Tensor>& bias, const at::Tensor& bn_weight,
+    const at::Tensor& bn_bias, const std::optional<at::Tensor>& running_mean,
+    const std::optional<at::Tensor>& running_var, at::IntArrayRef stride,
+    at::IntArrayRef padding, at::IntArrayRef dilation, int64_t groups, bool training, double eps, bool relu,
+    bool conv_channels_last) {
+  const ConvArgs a = conv_args(stride, padding, dilation, groups);
+  if (training) {
+    return forward_train<CpuKernels>(x, weight, bn_weight, bn_bias, a, eps, relu, conv_channels_last);
+  }
+  TORCH_CHECK(running_mean.has_value() && running_var.has_value(),
+              "conv3d_bn_relu: eval (training=False) needs running_mean and running_var");
+  at::Tensor out = forward_eval<CpuKernels>(x, weight, bias, bn_weight, bn_bias, *running_mean, *running_var, a, eps,
+                                            relu);
+  const at::Tensor none = at::empty({0}, x.options());
+  const at::Tensor none_acc = at::empty({0}, x.options().dtype(acc_type(x.scalar_type())));
+  return {out, none, none_acc, none_acc.clone(), none_acc.clone(), none.clone()};
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> bwd_cpu(
+    const at::Tensor& grad_out, const at::Tensor& x, const at::Tensor& weight, const at::Tensor& bn_weight,
+    const at::Tensor& bn_bias, const at::Tensor& z, const at::Tensor& mean, const at::Tensor& invstd,
+    at::IntArrayRef stride, at::IntArrayRef padding, at::IntArrayRef dilation, int64_t groups, bool relu,
+    bool need_grad_x, bool need_grad_weight) {
+  return backward_train<CpuKernels>(grad_out, x, weight, bn_weight, bn_bias, z, mean, invstd,
+                                    conv_args(stride, padding, dilation, groups), relu, need_grad_x,
+                                    need_grad_weight);
+}
+
+}  // namespace
+}  // namespace conv3d_bn_relu
+}  // namespace mvfast
+
+TORCH_LIBRARY_IMPL(mvfast, CPU, m) {
+  m.impl("conv3d_bn_relu_fwd", &mvfast::conv3d_bn_relu::fwd_cpu);
+  m.impl("conv3d_bn_relu_bwd", &mvfast::conv3d_bn_relu::bwd_cpu);
+}

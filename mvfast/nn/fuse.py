@@ -1,0 +1,265 @@
+"""``mvfast.fuse(model)`` and ``mvfast.unfuse(model)``: swap every Conv3d -> BatchNorm3d (-> ReLU) chain of a
+model for a :class:`~mvfast.nn.Conv3dBNReLU`, in place, and back.
+
+Which chains are found:
+- in an nn.Sequential (or a subclass that keeps Sequential's forward): consecutive children conv, bn,
+  relu. A Sequential that is exactly the chain (torchvision's ``conv1 = Sequential(Conv3DSimple, BN,
+  ReLU)``, ``BasicStem``) is replaced whole by the fused block, whose state_dict keys are the
+  Sequential's. A chain inside a longer Sequential (torchvision's ``Conv2Plus1D``) is fused in place:
+  the block takes the conv's slot and the BatchNorm's and ReLU's slots become nn.Identity.
+- in any other module: chains of direct children applied in that order in forward, found by tracing
+  that module's forward one level deep with torch.fx (each child a leaf): the conv's only user is the
+  BatchNorm and the BatchNorm's only user the ReLU, each called once. A module whose forward fx cannot
+  trace (data-dependent control flow) is searched no further at that level; its children still are.
+- a Conv3d -> BatchNorm3d pair with no ReLU after it (torchvision's ``conv2 = Sequential(Conv3DSimple,
+  BN)`` before the residual add, and the ``downsample`` branches) is fused too, with ``relu=False``: in
+  eval its BN folds into the conv, in training it saves one activation fewer. A ReLU module that is also
+  called elsewhere is left in place and the pair fused without it.
+
+The state_dict of the fused model has the original keys: for a chain fused in place, the parent module
+gets a state_dict hook and a load pre-hook that rename the block's ``conv.0.*`` / ``conv.1.*`` keys to
+``conv.*`` / ``bn.*`` and back, so checkpoints load either way. ``unfuse`` removes them and gives back the
+original modules (the same objects, holding the current parameters and statistics).
+"""
+
+from __future__ import annotations
+
+import torch.fx
+from torch import nn
+
+from mvfast.nn.conv3d_bn_relu import Conv3dBNReLU, fusable
+
+_KEYMAP = "_mvfast_fused_slots"  # on a parent: {conv slot: bn slot} of the chains fused in place
+_HANDLES = "_mvfast_fuse_hooks"
+
+
+def fuse(model: nn.Module) -> tuple[nn.Module, int]:
+    """Replaces, in place, each Conv3d -> BatchNorm3d -> ReLU chain (and each Conv3d -> BatchNorm3d pair)
+    of ``model`` by a Conv3dBNReLU over the same parameters and buffers. Returns ``(model, blocks fused)``.
+
+    Outputs in eval, and losses, gradients and running-statistics updates in training, are those of the
+    original model; state_dict keys are unchanged. Fusing an already fused model fuses nothing more.
+    """
+    return model, _fuse_in(model)
+
+
+def unfuse(model: nn.Module) -> tuple[nn.Module, int]:
+    """Undoes :func:`fuse` in place (any Conv3dBNReLU created by the user becomes nn.Sequential(conv, bn,
+    ReLU), the same state_dict). Returns ``(model, blocks unfused)``."""
+    return model, _unfuse_in(model)
+
+
+# ---------------------------------------------------------------------------------------------------
+# fuse
+
+
+def _is_plain_sequential(m: nn.Module) -> bool:
+    return isinstance(m, nn.Sequential) and type(m).forward is nn.Sequential.forward
+
+
+def _exact_chain(seq: nn.Module) -> bool | None:
+    """For a Sequential that is exactly [conv, bn] or [conv, bn, ReLU]: ends in ReLU? (None: no chain)."""
+    if not _is_plain_sequential(seq) or seq._forward_hooks or seq._forward_pre_hooks:
+        return None
+    mods = list(seq._modules.values())
+    if len(mods) in (2, 3) and fusable(mods[0], mods[1]):
+        if len(mods) == 2:
+            return False
+        if type(mods[2]) is nn.ReLU:
+            return True
+    return None
+
+
+def _fuse_in(parent: nn.Module) -> int:
+    if isinstance(parent, Conv3dBNReLU):
+        return 0
+    count = 0
+    # Children first: whole-Sequential chains are swapped from their parent.
+    for name, child in list(parent._modules.items()):
+        if child is None:
+            continue
+        relu = _exact_chain(child)
+        if relu is not None:
+            mods = list(child._modules.values())
+            block = Conv3dBNReLU.from_modules(mods[0], mods[1], relu=relu)
+            block._mvfast_origin = ("sequential", child)  # given back by unfuse, with its current children
+            parent._modules[name] = block
+            count += 1
+        else:
+            count += _fuse_in(child)
+    chains = _sequential_chains(parent) if _is_plain_sequential(parent) else _traced_chains(parent)
+    for conv_name, bn_name, relu_name in chains:
+        _fuse_slots(parent, conv_name, bn_name, relu_name)
+        count += 1
+    return count
+
+
+def _sequential_chains(seq: nn.Sequential) -> list[tuple[str, str, str | None]]:
+    names = list(seq._modules)
+    mods = [seq._modules[n] for n in names]
+    chains, i = [], 0
+    while i + 1 < len(mods):
+        if fusable(mods[i], mods[i + 1]):
+            relu = i + 2 < len(mods) and type(mods[i + 2]) is nn.ReLU
+            chains.append((names[i], names[i + 1], names[i + 2] if relu else None))
+            i += 3 if relu else 2
+        else:
+            i += 1
+    return chains
+
+
+class _OneLevelTracer(torch.fx.Tracer):
+    """Traces a module's own forward, every child a leaf: only the order of the children's calls matters."""
+
+    def is_leaf_module(self, m: nn.Module, qualname: str) -> bool:
+        return True
+
+
+def _traced_chains(parent: nn.Module) -> list[tuple[str, str, str | None]]:
+    children = {n: m for n, m in parent._modules.items() if m is not None}
+    if not any(isinstance(m, nn.Conv3d) for m in children.values()):
+        return []
+    try:
+        graph = _OneLevelTracer().trace(parent)
+    except Exception:  # noqa: BLE001 - any forward fx cannot trace: this level is left as it is
+        return []
+    calls: dict[str, int] = {}
+    for node in graph.nodes:
+        if node.op == "call_module":
+            calls[node.target] = calls.get(node.target, 0) + 1
+        elif node.op == "get_attr" and node.target.split(".")[0] in children:
+            calls[node.target.split(".")[0]] = 2  # a child's parameters used directly: leave it alone
+
+    def single_call(node, cls=None):
+        return (
+            node.op == "call_module"
+            and node.target in children
+            and calls[node.target] == 1
+            and (cls is None or type(children[node.target]) is cls)
+        )
+
+    chains = []
+    for node in graph.nodes:
+        if not single_call(node) or not isinstance(children[node.target], nn.Conv3d) or len(node.users) != 1:
+            continue
+        (bn_node,) = node.users
+        if not (
+            single_call(bn_node)
+            and bn_node.args == (node,)
+            and not bn_node.kwargs
+            and fusable(children[node.target], children[bn_node.target])
+        ):
+            continue
+        relu_name = None
+        if len(bn_node.users) == 1:
+            (relu_node,) = bn_node.users
+            if single_call(relu_node, nn.ReLU) and relu_node.args == (bn_node,) and not relu_node.kwargs:
+                relu_name = relu_node.target
+        chains.append((node.target, bn_node.target, relu_name))
+    return chains
+
+
+def _fuse_slots(parent: nn.Module, conv_name: str, bn_name: str, relu_name: str | None) -> None:
+    conv, bn = parent._modules[conv_name], parent._modules[bn_name]
+    block = Conv3dBNReLU.from_modules(conv, bn, relu=relu_name is not None)
+    relu = parent._modules[relu_name] if relu_name is not None else None
+    block._mvfast_origin = ("slots", bn_name, relu_name, relu)
+    parent._modules[conv_name] = block
+    parent._modules[bn_name] = nn.Identity()
+    if relu_name is not None:
+        parent._modules[relu_name] = nn.Identity()
+    slots = parent.__dict__.setdefault(_KEYMAP, {})
+    slots[conv_name] = bn_name
+    if _HANDLES not in parent.__dict__:
+        parent.__dict__[_HANDLES] = (
+            parent.register_state_dict_post_hook(_save_original_keys),
+            parent.register_load_state_dict_pre_hook(_load_original_keys),
+        )
+
+
+# State dict key mapping for chains fused in place: the block at slot `c` holds the conv as `c.0` and the
+# BatchNorm as `c.1`; the original model had them at `c` and `b`.
+
+
+def _renamed(key: str, prefix: str, slots: dict[str, str], to_original: bool) -> str:
+    for conv_name, bn_name in slots.items():
+        if to_original:
+            pairs = (
+                (f"{prefix}{conv_name}.0", f"{prefix}{conv_name}"),
+                (f"{prefix}{conv_name}.1", f"{prefix}{bn_name}"),
+            )
+        else:
+            pairs = (
+                (f"{prefix}{conv_name}", f"{prefix}{conv_name}.0"),
+                (f"{prefix}{bn_name}", f"{prefix}{conv_name}.1"),
+            )
+        for old, new in pairs:
+            if key == old or key.startswith(old + "."):
+                if not to_original and (
+                    key.startswith(f"{prefix}{conv_name}.0.") or key.startswith(f"{prefix}{conv_name}.1.")
+                ):
+                    return key  # already in the fused layout
+                return new + key[len(old) :]
+    return key
+
+
+def _rename_all(state_dict, prefix: str, slots: dict[str, str], to_original: bool) -> None:
+    items = list(state_dict.items())
+    state_dict.clear()
+    for k, v in items:
+        state_dict[_renamed(k, prefix, slots, to_original)] = v
+    meta = getattr(state_dict, "_metadata", None)
+    if meta is not None:
+        for k in list(meta):
+            new = _renamed(k, prefix, slots, to_original)
+            if new != k:
+                meta[new] = meta.pop(k)
+
+
+def _save_original_keys(module, state_dict, prefix, local_metadata) -> None:
+    slots = module.__dict__.get(_KEYMAP)
+    if slots:
+        _rename_all(state_dict, prefix, slots, to_original=True)
+
+
+def _load_original_keys(
+    module, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
+) -> None:
+    slots = module.__dict__.get(_KEYMAP)
+    if slots:
+        _rename_all(state_dict, prefix, slots, to_original=False)
+
+
+# ---------------------------------------------------------------------------------------------------
+# unfuse
+
+
+def _unfuse_in(parent: nn.Module) -> int:
+    count = 0
+    for name, child in list(parent._modules.items()):
+        if isinstance(child, Conv3dBNReLU):
+            origin = getattr(child, "_mvfast_origin", None)
+            if origin is None:
+                mods = [child.conv, child.bn] + ([nn.ReLU()] if child.relu else [])
+                parent._modules[name] = nn.Sequential(*mods)
+            elif origin[0] == "sequential":
+                seq = origin[1]
+                keys = list(seq._modules)
+                seq._modules[keys[0]], seq._modules[keys[1]] = child.conv, child.bn
+                parent._modules[name] = seq
+            else:
+                _, bn_name, relu_name, relu = origin
+                parent._modules[name] = child.conv
+                parent._modules[bn_name] = child.bn
+                if relu_name is not None:
+                    parent._modules[relu_name] = relu
+                slots = parent.__dict__.get(_KEYMAP, {})
+                slots.pop(name, None)
+                if not slots and _HANDLES in parent.__dict__:
+                    for h in parent.__dict__.pop(_HANDLES):
+                        h.remove()
+                    parent.__dict__.pop(_KEYMAP, None)
+            count += 1
+        elif child is not None:
+            count += _unfuse_in(child)
+    return count

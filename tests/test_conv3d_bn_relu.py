@@ -1,0 +1,471 @@
+"""Conv3d + BatchNorm3d + ReLU: the reference against nn modules, every backend against the float64
+reference in train and eval (outputs, gradients, running statistics), gradcheck, opcheck, torch.compile,
+channels_last_3d, memory saved for backward, the module's state_dict, and bad input."""
+
+import pytest
+import torch
+from backend_params import kernel_backends
+from torch import nn
+
+import mvfast
+from mvfast.ops.conv3d_bn_relu import conv3d_bn_relu_reference
+
+CL = torch.channels_last_3d
+
+# Tiny shapes: the Triton implicit GEMM runs in the interpreter on the CPU.
+CASES = {
+    "plain": dict(),
+    "strided": dict(stride=(1, 2, 2), padding=(0, 1, 2), dilation=(1, 1, 2)),
+    "groups-bias": dict(groups=2, bias=True, padding=1),
+    "channels_last": dict(channels_last=True, padding=1, stride=2),
+    "no-relu": dict(relu=False, padding=1),
+}
+
+
+def sample_inputs(
+    dtype=torch.float32,
+    device="cpu",
+    *,
+    N=2,
+    Cin=4,
+    C=6,
+    size=(4, 5, 6),
+    k=3,
+    stride=1,
+    padding=0,
+    dilation=1,
+    groups=1,
+    bias=False,
+    channels_last=False,
+    relu=True,
+    seed=0,
+):
+    """(leaves [x, weight, bias, bn_weight, bn_bias], running_mean, running_var, kwargs)."""
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(N, Cin, *size, generator=g)
+    w = torch.randn(C, Cin // groups, k, k, k, generator=g) * (Cin // groups * k**3) ** -0.5
+    b = torch.randn(C, generator=g) if bias else None
+    gamma = torch.rand(C, generator=g) + 0.5
+    beta = torch.randn(C, generator=g) * 0.3
+    rm = torch.randn(C, generator=g) * 0.2
+    rv = torch.rand(C, generator=g) + 0.5
+    x, w, gamma, beta = (t.to(device=device, dtype=dtype) for t in (x, w, gamma, beta))
+    b = b.to(device=device, dtype=dtype) if b is not None else None
+    rm, rv = rm.to(device=device, dtype=dtype), rv.to(device=device, dtype=dtype)
+    if channels_last:
+        x = x.contiguous(memory_format=CL)
+    leaves = [t.requires_grad_() if t is not None else None for t in (x, w, b, gamma, beta)]
+    kw = dict(stride=stride, padding=padding, dilation=dilation, groups=groups, relu=relu)
+    return leaves, rm, rv, kw
+
+
+def run(backend, leaves, rm, rv, kw, training, gy=None):
+    """[out, grads of (x, weight, bias?, bn_weight, bn_bias)], with rm / rv updated in place."""
+    with mvfast.backend(backend):
+        y = mvfast.ops.conv3d_bn_relu(*leaves, rm, rv, training=training, **kw)
+    return [y] + _grads(y, leaves, gy)
+
+
+def _grads(y, leaves, gy=None):
+    if gy is None:
+        gy = torch.randn(y.shape, generator=torch.Generator().manual_seed(1))
+    live = [t for t in leaves if t is not None]
+    return list(torch.autograd.grad(y, live, gy.to(y)))
+
+
+def grad_out_off_the_kink(leaves, rm, rv, kw, training, dtype):
+    """A random grad_out that is zero where the float64 pre-activation lies within the dtype's rounding
+    of 0: there the ReLU mask of any low-precision computation may go either way, and the gradient with
+    it, so the comparison would measure a coin toss rather than the kernel."""
+    up, rm64, rv64 = upcast(leaves, rm, rv)
+    with torch.no_grad():
+        pre = conv3d_bn_relu_reference(*up, rm64, rv64, training=training, **dict(kw, relu=False))
+    gy = torch.randn(pre.shape, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+    tol = {torch.float32: 1e-4, torch.float16: 1e-2, torch.bfloat16: 5e-2}[dtype] * pre.abs().max()
+    return gy.masked_fill(pre.abs() < tol, 0.0)
+
+
+def upcast(leaves, rm, rv):
+    up = [t.detach().double().cpu().requires_grad_() if t is not None else None for t in leaves]
+    if leaves[0].is_contiguous(memory_format=CL) and not leaves[0].is_contiguous():
+        up[0] = up[0].detach().contiguous(memory_format=CL).requires_grad_()
+    return up, rm.double().cpu(), rv.double().cpu()
+
+
+def eager_in_dtype(leaves, rm, rv, kw, training, gy=None):
+    """The eager chain run by PyTorch in the inputs' own dtype: the error it makes sets the tolerance."""
+    y = conv3d_bn_relu_reference(*leaves, rm, rv, training=training, **kw)
+    return [y] + _grads(y, leaves, gy)
+
+
+def check_close(got, ref64, lowp, dtype, names):
+    floor = {torch.float32: 1e-5, torch.float16: 4e-3, torch.bfloat16: 2e-2}[dtype]
+    for name, g, r, l in zip(names, got, ref64, lowp, strict=True):
+        assert g.dtype == dtype, f"{name}: dtype {g.dtype}, expected {dtype}"
+        assert g.shape == r.shape, f"{name}: shape {tuple(g.shape)}, expected {tuple(r.shape)}"
+        assert torch.isfinite(g).all(), f"{name}: non-finite values"
+        err = (g.double().cpu() - r).abs().max().item()
+        base = (l.double().cpu() - r).abs().max().item()
+        scale = r.abs().max().item()
+        assert err <= 2 * base + floor * max(scale, 1.0), (
+            f"{name}: error {err:.3g} vs PyTorch's own {base:.3g} in {dtype} (scale {scale:.3g})"
+        )
+
+
+def names_for(bias):
+    return (
+        ["out", "grad_x", "grad_weight"]
+        + (["grad_bias"] if bias else [])
+        + ["grad_bn_weight", "grad_bn_bias"]
+    )
+
+
+# ---------------------------------------------------------------------------------------------------
+# The reference itself
+
+
+@pytest.mark.parametrize("momentum", [0.1, None])
+def test_reference_is_the_module_chain(momentum):
+    torch.manual_seed(0)
+    seq = nn.Sequential(
+        nn.Conv3d(4, 6, 3, padding=1, bias=True), nn.BatchNorm3d(6, momentum=momentum), nn.ReLU()
+    ).double()
+    conv, bn = seq[0], seq[1]
+    rm, rv, nbt = bn.running_mean.clone(), bn.running_var.clone(), bn.num_batches_tracked.clone()
+    for _ in range(3):
+        x = torch.randn(2, 4, 3, 5, 5, dtype=torch.float64)
+        want = seq(x)
+        got = conv3d_bn_relu_reference(
+            x,
+            conv.weight,
+            conv.bias,
+            bn.weight,
+            bn.bias,
+            rm,
+            rv,
+            padding=1,
+            training=True,
+            momentum=momentum,
+            num_batches_tracked=nbt,
+        )
+        torch.testing.assert_close(got, want)
+    torch.testing.assert_close((rm, rv, nbt), (bn.running_mean, bn.running_var, bn.num_batches_tracked))
+    seq.eval()
+    got = conv3d_bn_relu_reference(x, conv.weight, conv.bias, bn.weight, bn.bias, rm, rv, padding=1)
+    torch.testing.assert_close(got, seq(x))
+
+
+# ---------------------------------------------------------------------------------------------------
+# Every backend against the float64 reference
+
+
+@pytest.mark.parametrize("backend", kernel_backends())
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("case", list(CASES))
+@pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
+def test_backend_matches_reference(backend, dtype, case, training):
+    name, device = backend
+    if name == "triton" and device == "cpu" and dtype == torch.bfloat16:
+        pytest.skip("the Triton interpreter does not support bfloat16 (triton-lang/triton#11584)")
+    if name == "triton" and device == "cpu" and case in ("groups-bias", "no-relu") and dtype != torch.float32:
+        pytest.skip("interpreter time: the float32 run covers this case")
+    leaves, rm, rv, kw = sample_inputs(dtype, device, **CASES[case])
+    gy = grad_out_off_the_kink(leaves, rm, rv, kw, training, dtype)
+    got = run(name, leaves, rm.clone(), rv.clone(), kw, training, gy)
+    up, rm64, rv64 = upcast(leaves, rm, rv)
+    ref64 = run("reference", up, rm64, rv64, kw, training, gy)
+    lowp = eager_in_dtype(leaves, rm.clone(), rv.clone(), kw, training, gy)
+    check_close(got, [t.to(device) for t in ref64], lowp, dtype, names_for(leaves[2] is not None))
+    fmt = CL if CASES[case].get("channels_last") else torch.contiguous_format
+    assert got[0].is_contiguous(memory_format=fmt), "the output keeps x's memory format"
+
+
+@pytest.mark.parametrize("backend", kernel_backends())
+@pytest.mark.parametrize("momentum", [0.1, None])
+def test_running_statistics_follow_batchnorm3d(backend, momentum):
+    """Several training steps: running_mean, running_var and num_batches_tracked as nn.BatchNorm3d's."""
+    name, device = backend
+    torch.manual_seed(0)
+    block = mvfast.nn.Conv3dBNReLU(3, 5, 3, padding=1, bias=True, momentum=momentum).to(device)
+    seq = nn.Sequential(
+        nn.Conv3d(3, 5, 3, padding=1, bias=True), nn.BatchNorm3d(5, momentum=momentum), nn.ReLU()
+    ).to(device)
+    seq.load_state_dict(block.state_dict())
+    with mvfast.backend(name):
+        for step in range(4):
+            x = (torch.randn(2, 3, 3, 4, 4) * (step + 1) + step).to(device)
+            torch.testing.assert_close(block(x), seq(x), rtol=1e-4, atol=1e-4)
+    bn = block.bn
+    torch.testing.assert_close(bn.running_mean, seq[1].running_mean, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(bn.running_var, seq[1].running_var, rtol=1e-5, atol=1e-6)
+    assert bn.num_batches_tracked.item() == seq[1].num_batches_tracked.item() == 4
+    block.eval()
+    seq.eval()
+    x = torch.randn(2, 3, 3, 4, 4, device=device)
+    with mvfast.backend(name), torch.no_grad():
+        torch.testing.assert_close(block(x), seq(x), rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("backend", kernel_backends())
+def test_statistics_are_stable_far_from_zero(backend):
+    """z around 1e3 with unit spread: E[z^2] - E[z]^2 in float32 would get the variance wrong by percents."""
+    name, device = backend
+    leaves, rm, rv, _ = sample_inputs(torch.float32, device, size=(4, 6, 6))
+    x = leaves[0].detach() + 1e3
+    w = torch.zeros_like(leaves[1])
+    w[:, :, 1, 1, 1] = torch.eye(6, 4, device=device)  # z = x on 4 channels, 0 on the other 2
+    with mvfast.backend(name):
+        mvfast.ops.conv3d_bn_relu(
+            x, w, None, leaves[3].detach(), leaves[4].detach(), rm, rv, padding=1, training=True, momentum=1.0
+        )
+    z = torch.nn.functional.conv3d(x.double(), w.double(), padding=1)
+    torch.testing.assert_close(rm.double(), z.mean((0, 2, 3, 4)), rtol=1e-6, atol=1e-3)
+    torch.testing.assert_close(rv.double(), z.var((0, 2, 3, 4)), rtol=1e-4, atol=1e-5)
+
+
+# ---------------------------------------------------------------------------------------------------
+# gradcheck, opcheck, compile
+
+
+def _gradcheck_backends():
+    return ["reference"] + [p for p in kernel_backends() if p.id == "cpu"]
+
+
+@pytest.mark.parametrize("backend", _gradcheck_backends(), ids=lambda p: p if isinstance(p, str) else p[0])
+@pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
+@pytest.mark.parametrize("case", ["strided", "groups-bias", "channels_last"])
+def test_gradcheck_float64(backend, training, case):
+    name = backend if isinstance(backend, str) else backend[0]
+    kw_in = dict(CASES[case])
+    leaves, rm, rv, kw = sample_inputs(
+        torch.float64, N=2, Cin=2 * (2 if case == "groups-bias" else 1), C=4, size=(3, 4, 4), k=2, **kw_in
+    )
+    live = [t for t in leaves if t is not None]
+
+    def f(*ts):
+        it = iter(ts)
+        args = [next(it) if t is not None else None for t in leaves]
+        with mvfast.backend(name):
+            return mvfast.ops.conv3d_bn_relu(*args, rm.clone(), rv.clone(), training=training, **kw)
+
+    assert torch.autograd.gradcheck(f, live, eps=1e-6, atol=1e-5, rtol=1e-4)
+
+
+def _op_args(leaves, rm, rv, kw, training, name, conv_cl=False):
+    x, w, b, g, beta = leaves
+    s = [kw["stride"]] * 3 if isinstance(kw["stride"], int) else list(kw["stride"])
+    p = [kw["padding"]] * 3 if isinstance(kw["padding"], int) else list(kw["padding"])
+    d = [kw["dilation"]] * 3 if isinstance(kw["dilation"], int) else list(kw["dilation"])
+    return (x, w, b, g, beta, rm, rv, s, p, d, kw["groups"], training, 1e-5, kw["relu"], conv_cl, name)
+
+
+@pytest.mark.parametrize("backend", kernel_backends())
+@pytest.mark.parametrize("case", ["plain", "groups-bias", "channels_last"])
+def test_opcheck(backend, case):
+    name, device = backend
+    if name == "triton" and device == "cpu" and case == "groups-bias":
+        pytest.skip("interpreter time (17 s): the group loop is checked against the reference above")
+    leaves, rm, rv, kw = sample_inputs(torch.float32, device, **CASES[case])
+    for training in (True, False):
+        for conv_cl in (False, True) if name == "cpu" else (False,):
+            torch.library.opcheck(
+                torch.ops.mvfast.conv3d_bn_relu.default, _op_args(leaves, rm, rv, kw, training, name, conv_cl)
+            )
+
+
+@pytest.mark.parametrize("backend", kernel_backends())
+def test_opcheck_backward_and_compiled_kernels(backend):
+    name, device = backend
+    leaves, rm, rv, kw = sample_inputs(torch.float32, device, **CASES["channels_last"])
+    leaves = [t.detach() if t is not None else None for t in leaves]
+    args = _op_args(leaves, rm, rv, kw, True, name, name == "cpu")
+    out, z, mean, invstd, var, x_conv = torch.ops.mvfast.conv3d_bn_relu(*args)
+    x = x_conv if x_conv.numel() else leaves[0]
+    gy = torch.randn_like(out)
+    conv = (args[7], args[8], args[9], args[10])
+    for need in ((True, True), (False, True)):
+        bargs = (gy, x, leaves[1], leaves[3], leaves[4], z, mean, invstd, *conv, True, *need)
+        torch.library.opcheck(torch.ops.mvfast.conv3d_bn_relu_backward.default, (*bargs, name))
+        if name != "triton":
+            torch.library.opcheck(torch.ops.mvfast.conv3d_bn_relu_bwd.default, bargs)
+    if name != "triton":
+        torch.library.opcheck(torch.ops.mvfast.conv3d_bn_relu_fwd.default, args[:-1])
+
+
+@pytest.mark.parametrize(
+    "backend", ["reference"] + kernel_backends(), ids=lambda p: p if isinstance(p, str) else p[0]
+)
+def test_compile_fullgraph_module(backend):
+    """A training step (output, gradients, running statistics) and eval, compiled with fullgraph=True."""
+    name, device = (backend, "cpu") if isinstance(backend, str) else backend
+    torch._dynamo.reset()
+    torch.manual_seed(0)
+    block = mvfast.nn.Conv3dBNReLU(4, 6, 3, padding=1).to(device)
+    twin = mvfast.nn.Conv3dBNReLU(4, 6, 3, padding=1).to(device)
+    twin.load_state_dict(block.state_dict())
+    x = torch.randn(2, 4, 3, 5, 5, device=device)
+    with mvfast.backend(name):
+        eager = block(x)
+        (ge,) = torch.autograd.grad(eager.square().sum(), [block.conv.weight])
+        compiled = torch.compile(twin, fullgraph=True)
+        y = compiled(x)
+        (gc,) = torch.autograd.grad(y.square().sum(), [twin.conv.weight])
+        torch.testing.assert_close(y, eager, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(gc, ge, rtol=1e-4, atol=1e-4)
+        torch.testing.assert_close(twin.bn.running_mean, block.bn.running_mean)
+        torch.testing.assert_close(twin.bn.running_var, block.bn.running_var)
+        assert twin.bn.num_batches_tracked.item() == block.bn.num_batches_tracked.item() == 1
+        block.eval()
+        twin.eval()
+        with torch.no_grad():
+            torch.testing.assert_close(compiled(x), block(x), rtol=1e-5, atol=1e-5)
+
+
+# ---------------------------------------------------------------------------------------------------
+# Memory: what is saved for backward
+
+
+def saved_bytes(fn):
+    storages = {}
+
+    def pack(t):
+        s = t.untyped_storage()
+        storages[s.data_ptr()] = s.nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        fn()
+    return sum(storages.values())
+
+
+@pytest.mark.parametrize("backend", kernel_backends())
+def test_saves_the_conv_output_and_channel_statistics_only(backend):
+    name, device = backend
+    leaves, rm, rv, kw = sample_inputs(torch.float32, device, N=2, Cin=8, C=8, size=(4, 16, 16), padding=1)
+
+    def call(be):
+        return lambda: run(be, leaves, rm.clone(), rv.clone(), kw, True)[0]
+
+    ours, eager = saved_bytes(call(name)), saved_bytes(call("reference"))
+    act = leaves[0].numel() * 4  # x and z have the same size here
+    small = leaves[1].numel() * 4 + 6 * 8 * 8  # weight, bn_weight, bn_bias, mean, invstd
+    assert ours <= 2 * act + small, f"{name} saves {ours} bytes: more than x, z and per-channel tensors"
+    assert ours <= 0.7 * eager, f"{name} saves {ours} bytes, eager {eager}"
+
+
+# ---------------------------------------------------------------------------------------------------
+# Module
+
+
+def test_module_state_dict_is_the_sequentials():
+    block = mvfast.nn.Conv3dBNReLU(3, 8, (1, 3, 3), padding=(0, 1, 1), bias=True)
+    seq = nn.Sequential(nn.Conv3d(3, 8, (1, 3, 3), padding=(0, 1, 1)), nn.BatchNorm3d(8), nn.ReLU())
+    assert list(block.state_dict()) == list(seq.state_dict())
+    with torch.no_grad():
+        for p in seq.parameters():
+            p.normal_()
+        seq[1].running_var.uniform_(0.5, 2)
+    block.load_state_dict(seq.state_dict())
+    seq.eval()
+    block.eval()
+    x = torch.randn(2, 3, 2, 6, 6)
+    with torch.no_grad():
+        torch.testing.assert_close(block(x), seq(x), rtol=1e-5, atol=1e-5)
+    assert "relu=True" in repr(block)
+
+
+# ---------------------------------------------------------------------------------------------------
+# Bad input
+
+
+def _bad(change):
+    leaves, rm, rv, kw = sample_inputs(torch.float32, groups=2, padding=1)
+    args = dict(
+        x=leaves[0],
+        weight=leaves[1],
+        bias=leaves[2],
+        bn_weight=leaves[3],
+        bn_bias=leaves[4],
+        running_mean=rm,
+        running_var=rv,
+    )
+    kw = dict(kw, training=True)
+    kw.pop("relu")
+    change(args, kw)
+    return args, kw
+
+
+@pytest.mark.parametrize(
+    "change,exc,pattern",
+    [
+        (lambda a, k: a.update(x=a["x"][0]), ValueError, r"x must have 5 dimensions"),
+        (lambda a, k: a.update(weight=a["weight"][:, :1]), ValueError, r"weight must have shape \(6, 2, \*"),
+        (lambda a, k: a.update(weight=a["weight"][:5]), ValueError, r"multiple of groups"),
+        (
+            lambda a, k: a.update(bn_weight=a["bn_weight"][:-1]),
+            ValueError,
+            r"bn_weight must have shape \(6\)",
+        ),
+        (lambda a, k: a.update(running_var=None), ValueError, r"running_mean and running_var must both"),
+        (
+            lambda a, k: a.update(running_mean=a["running_mean"].long()),
+            TypeError,
+            r"running_mean must have dtype",
+        ),
+        (lambda a, k: a.update(x=a["x"].double()), TypeError, r"weight must have the dtype of x \(float64\)"),
+        (
+            lambda a, k: a.update(bn_bias=a["bn_bias"].to("meta")),
+            ValueError,
+            r"bn_bias is on meta but x is on cpu",
+        ),
+        (lambda a, k: k.update(stride=0), ValueError, r"stride must be an int >= 1"),
+        (lambda a, k: k.update(padding=(1, 1)), ValueError, r"padding must be an int >= 0 or a tuple of 3"),
+        (lambda a, k: k.update(groups=3), ValueError, r"groups"),
+        (lambda a, k: k.update(eps=0.0), ValueError, r"eps must be a float > 0"),
+        (lambda a, k: k.update(momentum=2.0), ValueError, r"momentum must be a float in \[0, 1\]"),
+        (
+            lambda a, k: (a.update(x=a["x"][:, :, :1, :1, :1]), k.update(padding=0)),
+            ValueError,
+            r"x's spatial size .* too small",
+        ),
+        (
+            lambda a, k: (
+                a.update(x=a["x"][:1, :, :1, :1, :1]),
+                k.update(padding=0, dilation=1),
+                a.update(weight=a["weight"][..., :1, :1, :1]),
+            ),
+            ValueError,
+            r"more than 1 value per channel",
+        ),
+    ],
+    ids=[
+        "x-rank",
+        "weight-cin",
+        "weight-groups",
+        "bn_weight",
+        "stats-pair",
+        "stats-dtype",
+        "dtype-mix",
+        "device",
+        "stride",
+        "padding",
+        "groups",
+        "eps",
+        "momentum",
+        "too-small",
+        "one-value",
+    ],
+)
+def test_bad_input_names_the_argument(change, exc, pattern):
+    args, kw = _bad(change)
+    with pytest.raises(exc, match=pattern):
+        mvfast.ops.conv3d_bn_relu(
+            args.pop("x"),
+            args.pop("weight"),
+            args.pop("bias"),
+            args.pop("bn_weight"),
+            args.pop("bn_bias"),
+            args.pop("running_mean"),
+            args.pop("running_var"),
+            **kw,
+        )
