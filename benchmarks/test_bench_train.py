@@ -23,7 +23,7 @@ ROUNDS = {"cpu": 5, "cuda": 20}
 CASE = f"tiny-B{BATCH}"
 
 for _mode in ("train step", "infer", "infer+decode"):
-    BARS.append(dict(op="model", case=CASE, device="cpu", mode=_mode, impl="cpu", base="eager", at_least=1.0))
+    BARS.append(dict(op="e2e", case=CASE, device="cpu", mode=_mode, impl="cpu", base="eager", at_least=1.0))
 
 
 @pytest.fixture(scope="module")
@@ -52,8 +52,8 @@ def test_model(benchmark, data, device, impl, mode):
     torch.manual_seed(0)
     model = create_model("tiny", len(train.classes)).to(device)
     batch = {k: v.to(device) if torch.is_tensor(v) else v for k, v in batch.items()}
-    benchmark.group = f"model {CASE} {device} {mode}"
-    info = dict(op="model", case=CASE, device=device, mode=mode, impl=impl)
+    benchmark.group = f"e2e {CASE} {device} {mode}"
+    info = dict(op="e2e", case=CASE, device=device, mode=mode, impl=impl)
 
     if mode == "train step":
         model.train()
