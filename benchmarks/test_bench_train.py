@@ -83,6 +83,8 @@ def test_model(benchmark, data, device, impl, mode):
                 predict_file(model, item.path, cfg, torch.device(device), item.title)
 
     measure(benchmark, step, device, rounds=ROUNDS[device], info=info)
+    if benchmark.stats is None:  # --benchmark-disable: one pass, nothing timed
+        return
     median = benchmark.stats.stats.median
     if mode == "train step":
         benchmark.extra_info["clips_per_s"] = BATCH / median
