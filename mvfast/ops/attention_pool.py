@@ -102,11 +102,29 @@ def attention_pool_math(x, weight, bias, mask):
 
 @triton.jit
 def _ap_forward_kernel(
-    x_ptr, w_ptr, mask_ptr, scores_ptr, pm_ptr, ps_ptr, pacc_ptr,
-    L, D, H, S, CHUNK,
-    sxb, sxl, sxd, swh, swd,
-    HAS_MASK: tl.constexpr, WRITE_SCORES: tl.constexpr, PREC: tl.constexpr,
-    BLOCK_L: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_H: tl.constexpr,
+    x_ptr,
+    w_ptr,
+    mask_ptr,
+    scores_ptr,
+    pm_ptr,
+    ps_ptr,
+    pacc_ptr,
+    L,
+    D,
+    H,
+    S,
+    CHUNK,
+    sxb,
+    sxl,
+    sxd,
+    swh,
+    swd,
+    HAS_MASK: tl.constexpr,
+    WRITE_SCORES: tl.constexpr,
+    PREC: tl.constexpr,
+    BLOCK_L: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    BLOCK_H: tl.constexpr,
 ):
     b = tl.program_id(0).to(tl.int64)
     split = tl.program_id(1)
@@ -127,15 +145,22 @@ def _ap_forward_kernel(
         for d0 in range(0, D, BLOCK_D):
             d = d0 + tl.arange(0, BLOCK_D)
             d_ok = d < D
-            xt = tl.load(x_ptr + b * sxb + rows[:, None] * sxl + d[None, :] * sxd,
-                         mask=valid[:, None] & d_ok[None, :], other=0.0)
-            wt = tl.load(w_ptr + hs[None, :] * swh + d[:, None] * swd,
-                         mask=h_ok[None, :] & d_ok[:, None], other=0.0)  # (BLOCK_D, BLOCK_H)
+            xt = tl.load(
+                x_ptr + b * sxb + rows[:, None] * sxl + d[None, :] * sxd,
+                mask=valid[:, None] & d_ok[None, :],
+                other=0.0,
+            )
+            wt = tl.load(
+                w_ptr + hs[None, :] * swh + d[:, None] * swd, mask=h_ok[None, :] & d_ok[:, None], other=0.0
+            )  # (BLOCK_D, BLOCK_H)
             sc = tl.dot(xt, wt, sc, input_precision=PREC)
         sc = tl.where(valid[:, None], sc, float("-inf"))
         if WRITE_SCORES:
-            tl.store(scores_ptr + (b * L + rows[:, None]) * H + hs[None, :], sc,
-                     mask=(rows < l_end)[:, None] & h_ok[None, :])
+            tl.store(
+                scores_ptr + (b * L + rows[:, None]) * H + hs[None, :],
+                sc,
+                mask=(rows < l_end)[:, None] & h_ok[None, :],
+            )
         m_new = tl.maximum(m, tl.max(sc, axis=0))
         # Until a head has seen a valid score its max is -inf; subtract 0 then, so that p = 0, not NaN.
         m_ref = tl.where(m_new == float("-inf"), 0.0, m_new)
@@ -147,8 +172,11 @@ def _ap_forward_kernel(
         for d0 in range(0, D, BLOCK_D):
             d = d0 + tl.arange(0, BLOCK_D)
             d_ok = d < D
-            xt = tl.load(x_ptr + b * sxb + rows[:, None] * sxl + d[None, :] * sxd,
-                         mask=valid[:, None] & d_ok[None, :], other=0.0)
+            xt = tl.load(
+                x_ptr + b * sxb + rows[:, None] * sxl + d[None, :] * sxd,
+                mask=valid[:, None] & d_ok[None, :],
+                other=0.0,
+            )
             off = hs[:, None] * D + d[None, :]
             hd_ok = h_ok[:, None] & d_ok[None, :]
             acc = tl.load(acc_base + off, mask=hd_ok, other=0.0)
@@ -160,9 +188,21 @@ def _ap_forward_kernel(
 
 @triton.jit
 def _ap_combine_kernel(
-    pm_ptr, ps_ptr, pacc_ptr, out_ptr, lse_ptr, scores_ptr, weights_ptr,
-    L, D, H, S,
-    WRITE_WEIGHTS: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_L: tl.constexpr,
+    pm_ptr,
+    ps_ptr,
+    pacc_ptr,
+    out_ptr,
+    lse_ptr,
+    scores_ptr,
+    weights_ptr,
+    L,
+    D,
+    H,
+    S,
+    WRITE_WEIGHTS: tl.constexpr,
+    BLOCK_S: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    BLOCK_L: tl.constexpr,
 ):
     b = tl.program_id(0).to(tl.int64)
     h = tl.program_id(1)
@@ -182,8 +222,9 @@ def _ap_combine_kernel(
     for d0 in range(0, D, BLOCK_D):
         d = d0 + tl.arange(0, BLOCK_D)
         d_ok = d < D
-        accs = tl.load(pacc_ptr + part[:, None] * D + d[None, :], mask=j_ok[:, None] & d_ok[None, :],
-                       other=0.0)
+        accs = tl.load(
+            pacc_ptr + part[:, None] * D + d[None, :], mask=j_ok[:, None] & d_ok[None, :], other=0.0
+        )
         o = tl.sum(accs * scale[:, None], axis=0) * inv
         tl.store(out_ptr + (b * H + h) * D + d, o.to(out_ptr.dtype.element_ty), mask=d_ok)
     if WRITE_WEIGHTS:
@@ -197,11 +238,34 @@ def _ap_combine_kernel(
 
 @triton.jit
 def _ap_backward_kernel(
-    x_ptr, w_ptr, dv_ptr, lse_ptr, c_ptr, ga_ptr, mask_ptr, dx_ptr, pdw_ptr,
-    L, D, H, S, CHUNK,
-    sxb, sxl, sxd, swh, swd, sdxb, sdxl, sdxd,
-    HAS_MASK: tl.constexpr, HAS_GA: tl.constexpr, PREC: tl.constexpr,
-    BLOCK_L: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_H: tl.constexpr,
+    x_ptr,
+    w_ptr,
+    dv_ptr,
+    lse_ptr,
+    c_ptr,
+    ga_ptr,
+    mask_ptr,
+    dx_ptr,
+    pdw_ptr,
+    L,
+    D,
+    H,
+    S,
+    CHUNK,
+    sxb,
+    sxl,
+    sxd,
+    swh,
+    swd,
+    sdxb,
+    sdxl,
+    sdxd,
+    HAS_MASK: tl.constexpr,
+    HAS_GA: tl.constexpr,
+    PREC: tl.constexpr,
+    BLOCK_L: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    BLOCK_H: tl.constexpr,
 ):
     b = tl.program_id(0).to(tl.int64)
     split = tl.program_id(1)
@@ -225,8 +289,11 @@ def _ap_backward_kernel(
         for d0 in range(0, D, BLOCK_D):
             d = d0 + tl.arange(0, BLOCK_D)
             d_ok = d < D
-            xt = tl.load(x_ptr + b * sxb + rows[:, None] * sxl + d[None, :] * sxd,
-                         mask=valid[:, None] & d_ok[None, :], other=0.0)
+            xt = tl.load(
+                x_ptr + b * sxb + rows[:, None] * sxl + d[None, :] * sxd,
+                mask=valid[:, None] & d_ok[None, :],
+                other=0.0,
+            )
             dh_ok = h_ok[None, :] & d_ok[:, None]
             wt = tl.load(w_ptr + hs[None, :] * swh + d[:, None] * swd, mask=dh_ok, other=0.0)
             dvt = tl.load(dv_base + hs[None, :] * D + d[:, None], mask=dh_ok, other=0.0)
@@ -241,16 +308,22 @@ def _ap_backward_kernel(
         for d0 in range(0, D, BLOCK_D):
             d = d0 + tl.arange(0, BLOCK_D)
             d_ok = d < D
-            xt = tl.load(x_ptr + b * sxb + rows[:, None] * sxl + d[None, :] * sxd,
-                         mask=valid[:, None] & d_ok[None, :], other=0.0)
+            xt = tl.load(
+                x_ptr + b * sxb + rows[:, None] * sxl + d[None, :] * sxd,
+                mask=valid[:, None] & d_ok[None, :],
+                other=0.0,
+            )
             hd_ok = h_ok[:, None] & d_ok[None, :]
             off = hs[:, None] * D + d[None, :]
             wt = tl.load(w_ptr + hs[:, None] * swh + d[None, :] * swd, mask=hd_ok, other=0.0)
             dvt = tl.load(dv_base + off, mask=hd_ok, other=0.0)
             dx = tl.dot(a, dvt, input_precision=PREC)
             dx = tl.dot(ds, wt.to(tl.float32), dx, input_precision=PREC)
-            tl.store(dx_ptr + b * sdxb + rows[:, None] * sdxl + d[None, :] * sdxd,
-                     dx.to(dx_ptr.dtype.element_ty), mask=r_ok[:, None] & d_ok[None, :])
+            tl.store(
+                dx_ptr + b * sdxb + rows[:, None] * sdxl + d[None, :] * sdxd,
+                dx.to(dx_ptr.dtype.element_ty),
+                mask=r_ok[:, None] & d_ok[None, :],
+            )
             dw = tl.load(dw_base + off, mask=hd_ok, other=0.0)
             dw = tl.dot(dst, xt.to(tl.float32), dw, input_precision=PREC)
             tl.store(dw_base + off, dw, mask=hd_ok)
@@ -291,15 +364,43 @@ def _triton_forward(x, weight, mask, return_weights):
     scores = x.new_empty((B, L, H), dtype=torch.float32) if return_weights else part_m
     mask_u8 = mask.contiguous().view(torch.uint8) if mask is not None else part_m
     _ap_forward_kernel[(B, S)](
-        x, weight, mask_u8, scores, part_m, part_s, part_acc,
-        L, D, H, S, chunk, *x.stride(), *weight.stride(),
-        HAS_MASK=mask is not None, WRITE_SCORES=return_weights, PREC=dot_precision(x.dtype),
-        BLOCK_L=block_l, BLOCK_D=block_d, BLOCK_H=block_h,
+        x,
+        weight,
+        mask_u8,
+        scores,
+        part_m,
+        part_s,
+        part_acc,
+        L,
+        D,
+        H,
+        S,
+        chunk,
+        *x.stride(),
+        *weight.stride(),
+        HAS_MASK=mask is not None,
+        WRITE_SCORES=return_weights,
+        PREC=dot_precision(x.dtype),
+        BLOCK_L=block_l,
+        BLOCK_D=block_d,
+        BLOCK_H=block_h,
     )
     _ap_combine_kernel[(B, H)](
-        part_m, part_s, part_acc, out, lse, scores, weights if return_weights else out,
-        L, D, H, S,
-        WRITE_WEIGHTS=return_weights, BLOCK_S=next_pow2(S, 2), BLOCK_D=block_d, BLOCK_L=128,
+        part_m,
+        part_s,
+        part_acc,
+        out,
+        lse,
+        scores,
+        weights if return_weights else out,
+        L,
+        D,
+        H,
+        S,
+        WRITE_WEIGHTS=return_weights,
+        BLOCK_S=next_pow2(S, 2),
+        BLOCK_D=block_d,
+        BLOCK_L=128,
     )
     return out, weights, lse
 
@@ -321,10 +422,29 @@ def _triton_backward(grad_out, grad_weights, x, weight, mask, out, lse, weights)
     part_dw = x.new_zeros((B * S, H, D), dtype=torch.float32)
     mask_u8 = mask.contiguous().view(torch.uint8) if mask is not None else dv
     _ap_backward_kernel[(B, S)](
-        x, weight, dv, lse.contiguous(), c.contiguous(), ga, mask_u8, grad_x, part_dw,
-        L, D, H, S, chunk, *x.stride(), *weight.stride(), *grad_x.stride(),
-        HAS_MASK=mask is not None, HAS_GA=has_ga, PREC=dot_precision(x.dtype),
-        BLOCK_L=block_l, BLOCK_D=block_d, BLOCK_H=block_h,
+        x,
+        weight,
+        dv,
+        lse.contiguous(),
+        c.contiguous(),
+        ga,
+        mask_u8,
+        grad_x,
+        part_dw,
+        L,
+        D,
+        H,
+        S,
+        chunk,
+        *x.stride(),
+        *weight.stride(),
+        *grad_x.stride(),
+        HAS_MASK=mask is not None,
+        HAS_GA=has_ga,
+        PREC=dot_precision(x.dtype),
+        BLOCK_L=block_l,
+        BLOCK_D=block_d,
+        BLOCK_H=block_h,
     )
     return grad_x, part_dw.sum(0).to(weight.dtype)
 
@@ -406,7 +526,14 @@ def _setup_context(ctx, inputs, output):
 def _backward(ctx, grad_out, grad_weights, _grad_lse):
     x, weight, mask, out, lse, weights = ctx.saved_tensors
     grad_x, grad_w = torch.ops.mvfast.attention_pool_backward(
-        grad_out, grad_weights if ctx.return_weights else None, x, weight, mask, out, lse, weights,
+        grad_out,
+        grad_weights if ctx.return_weights else None,
+        x,
+        weight,
+        mask,
+        out,
+        lse,
+        weights,
         ctx.backend,
     )
     # The bias cancels in the softmax over l: its gradient is exactly zero.

@@ -1,0 +1,124 @@
+"""The whole model: per-video inference latency (batch 1, eval) and the training step (batch 8: forward, loss,
+backward) of the ``tiny`` and ``paper`` presets, with mvfast's kernels against the same model on the
+reference backend (eager PyTorch) and torch.compile of it, in the same run. CUDA cases run where a GPU is.
+
+    pytest benchmarks/test_bench_models.py --benchmark-only
+
+Inputs are random tensors of the shapes the data pipeline gives the preset (4 s of audio: 100 windows; one
+sample in four without audio, one without a title). The paper preset's training step is skipped on the CPU:
+one step of batch 8 is about 9 TFLOP (two C3Ds at 16x112x112, VGG16 and VGG19 on 64 frames at 224) and
+needs more than 20 GB of activations, minutes per round on a small CPU. Its inference runs two rounds.
+
+Most of the tiny model's time is convolutions, which mvfast only fuses once Conv3dBNReLU is in (issue 4);
+what the kernels speed up here is NetVLAD (three of them) and the attention pooling, so the ratio of the
+whole step is bounded by their share of it.
+"""
+
+import pytest
+import torch
+from benchutil import BARS, GPU, measure
+
+import mvfast
+from mvfast.models import create_model
+
+CASES = ("tiny", "paper")
+MODES = {"infer-b1": 1, "train-b8": 8}
+DEVICES = ["cpu"] + (["cuda"] if GPU else [])
+IMPLS = {"cpu": ["eager", "compile", "cpu"], "cuda": ["eager", "compile", "cuda", "triton"]}
+ROUNDS = {("tiny", "cpu"): 10, ("paper", "cpu"): 2, ("tiny", "cuda"): 30, ("paper", "cuda"): 5}
+NUM_CLASSES = 10
+
+BARS.append(
+    dict(op="model", case="tiny", device="cpu", mode="train-b8", impl="cpu", base="eager", at_least=1.2)
+)
+
+_models: dict = {}
+_compiled: dict = {}
+
+
+def _model(case, device):
+    if (case, device) not in _models:
+        torch.manual_seed(0)
+        _models[(case, device)] = create_model(case, NUM_CLASSES).to(device)
+    return _models[(case, device)]
+
+
+def _batch(cfg, B, device):
+    g = torch.Generator().manual_seed(0)
+    A, W = 100, cfg.max_title_tokens // 2
+    audio_mask = torch.ones(B, A, dtype=torch.bool)
+    text_mask = torch.ones(B, W, dtype=torch.bool)
+    audio_mask[1::4] = False  # no audio track
+    text_mask[2::4] = False  # no title
+    batch = {
+        "rgb": torch.randn(B, 3, cfg.clip_len, cfg.size, cfg.size, generator=g),
+        "motion": torch.randn(B, 2, cfg.clip_len, cfg.size, cfg.size, generator=g),
+        "frames": torch.randn(B, cfg.scene_frames, 3, cfg.scene_size, cfg.scene_size, generator=g),
+        "audio": torch.randn(B, A, 64, generator=g) * audio_mask.unsqueeze(2),
+        "audio_mask": audio_mask,
+        "has_audio": audio_mask.any(1),
+        "text": torch.randint(1, cfg.vocab_size, (B, W), generator=g) * text_mask,
+        "text_mask": text_mask,
+        "has_text": text_mask.any(1),
+        "label": torch.randint(0, cfg.num_classes, (B,), generator=g),
+    }
+    return {k: v.to(device) for k, v in batch.items()}
+
+
+def _forward(impl, case, device, mode):
+    """model(batch) for this implementation: the reference backend eagerly or compiled, or a kernel
+    backend."""
+    model = _model(case, device)
+    if impl == "compile":
+        key = (case, device, mode)
+        if key not in _compiled:
+            _compiled[key] = torch.compile(model, dynamic=False)
+        fn = _compiled[key]
+    else:
+        fn = model
+    backend = "reference" if impl in ("eager", "compile") else impl
+
+    def forward(batch):
+        with mvfast.backend(backend):
+            return fn(batch)
+
+    return model, forward
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("case", CASES)
+@pytest.mark.parametrize("mode", list(MODES))
+@pytest.mark.parametrize("impl", ["eager", "compile", "cpu", "cuda", "triton"])
+def test_model(benchmark, device, case, mode, impl):
+    if impl not in IMPLS[device]:
+        pytest.skip(f"{impl} does not run on {device}")
+    if impl in ("cpu", "cuda", "triton") and not mvfast.backends(device)[impl]["available"]:
+        pytest.skip(f"{impl}: {mvfast.backends(device)[impl]['reason']}")
+    if case == "paper" and mode == "train-b8" and device == "cpu":
+        pytest.skip("the paper preset's training step (~9 TFLOP, >20 GB of activations) is for a GPU")
+    model, forward = _forward(impl, case, device, mode)
+    batch = _batch(model.config, MODES[mode], device)
+    benchmark.group = f"model {case} {device} {mode}"
+    info = dict(op="model", case=case, device=device, mode=mode, impl=impl)
+
+    if mode.startswith("infer"):
+        model.eval()
+
+        def step():
+            with torch.no_grad():
+                forward(batch)
+    else:
+        model.train()
+
+        def step():
+            model.zero_grad(set_to_none=True)
+            out = forward(batch)
+            model.loss(out, batch["label"]).backward()
+
+    rounds = ROUNDS[(case, device)]
+    if case == "paper":
+        benchmark.extra_info.update(info)
+        target = (lambda: (step(), torch.cuda.synchronize())) if device == "cuda" else step
+        benchmark.pedantic(target, rounds=rounds, warmup_rounds=1, iterations=1)
+    else:
+        measure(benchmark, step, device, rounds=rounds, info=info)

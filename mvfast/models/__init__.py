@@ -1,0 +1,22 @@
+"""The multimodal micro-video model of the paper and its presets.
+
+model = mvfast.models.create_model("tiny", num_classes=10)     # or "paper", "frame2d"
+out = model(batch)                    # batch: the dict of mvfast.data.collate
+loss = model.loss(out, batch["label"])
+data_config = model.config.data_config()   # the DataConfig whose samples this model eats
+"""
+
+from mvfast.models.branches import VGG, Behaviour3D
+from mvfast.models.config import MODALITIES, PRESETS, MicroVideoConfig, preset_config
+from mvfast.models.micro_video import MicroVideoNet, create_model
+
+__all__ = [
+    "MODALITIES",
+    "PRESETS",
+    "VGG",
+    "Behaviour3D",
+    "MicroVideoConfig",
+    "MicroVideoNet",
+    "create_model",
+    "preset_config",
+]

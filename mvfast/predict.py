@@ -1,0 +1,201 @@
+"""Classify video files with a trained checkpoint.
+
+    python -m mvfast.predict runs/train/best.pt clip.mp4 other.avi
+    python -m mvfast.predict best.pt clip.mp4 --title "sunset at the beach" --top-k 3
+    python -m mvfast.predict best.pt *.mp4 --json > predictions.json
+
+For each video: the top-k classes with their probabilities (the mean over the test-time clips), the time to
+decode it and the model's time, and the attention weights of the key (scene) frames with their times in the
+video, highest first.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from mvfast._cli import (
+    CLIError,
+    load_checkpoint,
+    model_from_checkpoint,
+    pick_device,
+    run_main,
+    set_backend,
+    to_device,
+)
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def prepare(path, data_cfg, title: str | None = None) -> tuple[dict, dict]:
+    """Decodes a file into a batch of its data_cfg.test_clips evenly spaced clips; returns (batch, facts)."""
+    from mvfast.data import collate, decode_video, sample_clip, tokenize
+
+    video = decode_video(path, data_cfg)
+    samples = []
+    for clip in range(data_cfg.test_clips):
+        s = sample_clip(video, data_cfg, train=False, clip=clip)
+        s["text"], s["text_mask"] = tokenize(title or "", data_cfg.vocab_size, data_cfg.max_title_tokens)
+        samples.append(s)
+    n = video.frames.shape[0]
+    # the scene frames sample_clip takes: evenly spread, at these timeline indices
+    scene_idx = np.minimum(
+        ((np.arange(data_cfg.scene_frames) + 0.5) * n / data_cfg.scene_frames).astype(int), n - 1
+    )
+    facts = {
+        "frames_decoded": int(n),
+        "scene_frame_seconds": [round(float(i) / data_cfg.fps, 3) for i in scene_idx],
+        "has_audio": video.audio is not None and len(video.audio) > 0,
+    }
+    return collate(samples), facts
+
+
+@torch.no_grad()
+def predict_file(model, path, data_cfg, device, title: str | None = None) -> dict:
+    """probs (float[C], mean over the clips), attention (float[F, H] mean over the clips, or None),
+    decode_ms, model_ms and the facts of :func:`prepare`."""
+    t0 = time.perf_counter()
+    batch, facts = prepare(path, data_cfg, title)
+    batch = to_device(batch, device)
+    _sync(device)
+    t1 = time.perf_counter()
+    out = model(batch)
+    probs = out["logits"].float().softmax(1).mean(0).cpu()
+    _sync(device)
+    t2 = time.perf_counter()
+    attention = out.get("attention")
+    return {
+        "probs": probs,
+        "attention": attention.float().mean(0).cpu() if attention is not None else None,
+        "decode_ms": (t1 - t0) * 1e3,
+        "model_ms": (t2 - t1) * 1e3,
+        **facts,
+    }
+
+
+def time_inference(model, items, data_cfg, device, use_titles: bool = True) -> dict:
+    """Median per-video inference time over some videos (each: decode without cache, its test clips, one
+    forward pass), after one warm-up: model_ms (the forward pass) and total_ms (decoding included)."""
+    was_training = model.training
+    model.eval()
+    model_ms, total_ms = [], []
+    for i, item in enumerate([items[0], *items]):
+        try:
+            r = predict_file(model, item.path, data_cfg, device, item.title if use_titles else None)
+        except (OSError, ValueError):
+            continue
+        if i > 0:
+            model_ms.append(r["model_ms"])
+            total_ms.append(r["model_ms"] + r["decode_ms"])
+    model.train(was_training)
+    if not model_ms:
+        return {}
+    return {
+        "model_ms": statistics.median(model_ms),
+        "total_ms": statistics.median(total_ms),
+        "videos": len(model_ms),
+        "clips_per_video": data_cfg.test_clips,
+    }
+
+
+def predict(argv=None) -> list[dict]:
+    from mvfast.data import VideoDecodeError
+
+    parser = argparse.ArgumentParser(
+        prog="python -m mvfast.predict",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("checkpoint", help="a checkpoint of python -m mvfast.train (or its output folder)")
+    parser.add_argument("videos", nargs="+", metavar="VIDEO", help="video files")
+    parser.add_argument("--top-k", type=int, default=5, help="classes shown per video (default: 5)")
+    parser.add_argument("--title", action="append", help="title of a video (once per video, in order)")
+    parser.add_argument("--test-clips", type=int, help="clips averaged per video (default: the checkpoint's)")
+    parser.add_argument("--json", action="store_true", help="print JSON instead of text")
+    parser.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N (default: auto)")
+    parser.add_argument("--backend", default="auto", help="mvfast kernels (default: auto)")
+    args = parser.parse_args(argv)
+    if args.title and len(args.title) != len(args.videos):
+        raise CLIError(f"--title given {len(args.title)} times for {len(args.videos)} videos")
+    if args.top_k < 1:
+        raise CLIError(f"--top-k must be >= 1, got {args.top_k}")
+    missing = [v for v in args.videos if not Path(v).is_file()]
+    if missing:
+        raise CLIError(
+            f"video file {missing[0]!r} does not exist"
+            + (f" (and {len(missing) - 1} more)" if len(missing) > 1 else "")
+        )
+    ckpt = load_checkpoint(args.checkpoint)
+    device = pick_device(args.device)
+    set_backend(args.backend, device)
+    model, data_cfg, classes = model_from_checkpoint(ckpt, device)
+    if args.test_clips:
+        data_cfg = data_cfg.replace(test_clips=args.test_clips)
+    results, failed = [], 0
+    for i, path in enumerate(args.videos):
+        title = args.title[i] if args.title else None
+        try:
+            r = predict_file(model, path, data_cfg, device, title)
+        except (VideoDecodeError, OSError) as e:
+            failed += 1
+            results.append({"video": path, "error": str(e)})
+            if not args.json:
+                print(f"{path}: skipped: {e}", file=sys.stderr)
+            continue
+        k = min(args.top_k, len(classes))
+        top = r["probs"].topk(k)
+        entry = {
+            "video": path,
+            "top": [
+                {"label": str(classes[j]), "index": int(j), "prob": float(p)}
+                for p, j in zip(top.values, top.indices, strict=True)
+            ],
+            "decode_ms": round(r["decode_ms"], 2),
+            "model_ms": round(r["model_ms"], 2),
+            "clips": data_cfg.test_clips,
+        }
+        if r["attention"] is not None:
+            weights = r["attention"][:, 0] if r["attention"].dim() == 2 else r["attention"]  # first head
+            order = weights.argsort(descending=True).tolist()
+            entry["key_frames"] = [
+                {
+                    "frame": int(f),
+                    "seconds": r["scene_frame_seconds"][f],
+                    "weight": round(float(weights[f]), 4),
+                }
+                for f in order
+            ]
+        results.append(entry)
+        if not args.json:
+            print(
+                f"{path}  (decode {entry['decode_ms']:.1f} ms, model {entry['model_ms']:.1f} ms, "
+                f"{entry['clips']} clips)"
+            )
+            for t in entry["top"]:
+                print(f"  {t['prob']:6.3f}  {t['label']}")
+            if "key_frames" in entry:
+                frames = ", ".join(f"{f['seconds']:.2f}s: {f['weight']:.3f}" for f in entry["key_frames"])
+                print(f"  key frames (attention): {frames}")
+    if args.json:
+        print(json.dumps({"checkpoint": ckpt["path"], "predictions": results}, indent=1))
+    if failed == len(args.videos):
+        raise CLIError(f"none of the {failed} videos could be decoded")
+    return results
+
+
+def main(argv=None) -> int:
+    return run_main("mvfast.predict", predict, argv)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
