@@ -9,9 +9,12 @@ sample in four without audio, one without a title). The paper preset's training 
 one step of batch 8 is about 9 TFLOP (two C3Ds at 16x112x112, VGG16 and VGG19 on 64 frames at 224) and
 needs more than 20 GB of activations, minutes per round on a small CPU. Its inference runs two rounds.
 
-Most of the tiny model's time is convolutions, which mvfast only fuses once Conv3dBNReLU is in (issue 4);
-what the kernels speed up here is NetVLAD (three of them) and the attention pooling, so the ratio of the
-whole step is bounded by their share of it.
+Most of the tiny model's training step is convolution backward through oneDNN (measured single-threaded on
+the 2-core development CPU: about half of it, the scene branch's 29 narrow 2D convolutions a large part),
+which is the same work on every backend: mvfast fuses only the 3D Conv+BN+ReLU blocks, NetVLAD (three of
+them) and the attention pooling, so the whole step's ratio is bounded by their share. On a machine that
+other processes load, kernels that open an OpenMP parallel region for tiny work stall for whole scheduler
+slices; compare ratios from quiet runs only.
 """
 
 import pytest

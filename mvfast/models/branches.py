@@ -125,9 +125,8 @@ class VGG(nn.Module):
         ]
         if wrong:
             raise ValueError(
-                f"scene weights {str(path)!r} do not fit the scene net (set num_scenes to the file's "
-                f"classes, "
-                f"scene_width=1, scene_pool=7, scene_fc=4096, and scene_batch_norm as the file was trained): "
-                + "; ".join(wrong[:4])
+                f"scene weights {str(path)!r} do not fit the scene net (set num_scenes, or num_classes for "
+                f"frame2d, to the file's classes, scene_width=1, scene_pool=7, scene_fc=4096, and "
+                f"scene_batch_norm as the file was trained): " + "; ".join(wrong[:4])
             )
         self.load_state_dict(state)
