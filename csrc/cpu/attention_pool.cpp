@@ -24,6 +24,7 @@ namespace {
 
 using at::vec::Vectorized;
 using cpu::dot;
+using cpu::grain_for;
 using cpu::hsum;
 
 // x . p and x . q in one sweep over x.
@@ -110,7 +111,7 @@ struct CpuKernels {
       acc_t* pa = part_acc.data_ptr<acc_t>();
       acc_t* sc = scores.defined() ? scores.data_ptr<acc_t>() : nullptr;
       const int64_t chunk = S > 0 ? (L + S - 1) / S : L;
-      at::parallel_for(0, B * S, 1, [&](int64_t begin, int64_t end) {
+      at::parallel_for(0, B * S, grain_for(2 * chunk * D * H), [&](int64_t begin, int64_t end) {
         std::vector<acc_t> buf(std::is_same_v<scalar_t, acc_t> ? 0 : D);
         for (int64_t item = begin; item < end; ++item) {
           const int64_t b = item / S, l0 = (item % S) * chunk, l1 = std::min(L, l0 + chunk);
@@ -154,7 +155,7 @@ struct CpuKernels {
         const acc_t* pa = part_acc.data_ptr<acc_t>();
         acc_t* lp = lse.data_ptr<acc_t>();
         out_t* op = out.data_ptr<out_t>();
-        at::parallel_for(0, B * H, 1, [&](int64_t begin, int64_t end) {
+        at::parallel_for(0, B * H, grain_for(2 * S * D), [&](int64_t begin, int64_t end) {
           std::vector<acc_t> acc(D);
           for (int64_t bh = begin; bh < end; ++bh) {
             const int64_t b = bh / H, h = bh % H;
@@ -220,7 +221,7 @@ struct CpuKernels {
       // it, measured faster on the 2-core development machine: minimum 11-13 ms against 19-21 ms for the
       // (32, 300, 1024) backward (noisy; touching one element per page instead did not help).
       grad_x.zero_();
-      at::parallel_for(0, B * S, 1, [&](int64_t begin, int64_t end) {
+      at::parallel_for(0, B * S, grain_for(4 * chunk * D * H), [&](int64_t begin, int64_t end) {
         std::vector<acc_t> buf(same ? 0 : D), dxbuf(same ? 0 : D), a(H), ds(H);
         for (int64_t item = begin; item < end; ++item) {
           const int64_t b = item / S, l0 = (item % S) * chunk, l1 = std::min(L, l0 + chunk);

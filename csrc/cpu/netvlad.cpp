@@ -28,6 +28,7 @@ namespace {
 using at::vec::Vectorized;
 using cpu::axpy;
 using cpu::dot;
+using cpu::grain_for;
 using cpu::hsum;
 
 // Sum over the M rows of one item's assign (M, KG) of its first K columns.
@@ -154,7 +155,7 @@ struct CpuKernels {
     AT_DISPATCH_FLOATING_TYPES(logits.scalar_type(), "netvlad_softmax_cpu", [&] {
       scalar_t* l = logits.data_ptr<scalar_t>();
       const scalar_t* b = bias.defined() ? bias.data_ptr<scalar_t>() : nullptr;
-      at::parallel_for(0, rows, 64, [&](int64_t begin, int64_t end) {
+      at::parallel_for(0, rows, grain_for(8 * KG), [&](int64_t begin, int64_t end) {
         for (int64_t r = begin; r < end; ++r) softmax_row(l + r * KG, b, KG, m ? m[r] : true);
       });
     });
@@ -171,7 +172,7 @@ struct CpuKernels {
         const acc_t* a = assign.data_ptr<acc_t>();
         const acc_t* c = centroids.data_ptr<acc_t>();
         scalar_t* o = out.data_ptr<scalar_t>();
-        at::parallel_for(0, B, 1, [&](int64_t begin, int64_t end) {
+        at::parallel_for(0, B, grain_for(M * K + 4 * K * D), [&](int64_t begin, int64_t end) {
           for (int64_t b = begin; b < end; ++b) {
             epilogue_item(v + b * K * D, a + b * M * KG, c, o + b * K * D, M, K, KG, D, normalize);
           }
@@ -189,7 +190,7 @@ struct CpuKernels {
       const scalar_t* c = centroids.data_ptr<scalar_t>();
       scalar_t* out = dv.data_ptr<scalar_t>();
       scalar_t* cd = cdv.data_ptr<scalar_t>();
-      at::parallel_for(0, B, 1, [&](int64_t begin, int64_t end) {
+      at::parallel_for(0, B, grain_for(6 * K * D), [&](int64_t begin, int64_t end) {
         for (int64_t b = begin; b < end; ++b) {
           norm_backward_item(g + b * K * D, v ? v + b * K * D : nullptr, c, out + b * K * D, cd + b * K, K, D,
                              normalize);
@@ -206,7 +207,7 @@ struct CpuKernels {
       const scalar_t* g = da.data_ptr<scalar_t>();
       const scalar_t* cd = cdv.data_ptr<scalar_t>();
       scalar_t* out = lhs.data_ptr<scalar_t>();
-      at::parallel_for(0, B * M, 64, [&](int64_t begin, int64_t end) {
+      at::parallel_for(0, B * M, grain_for(4 * KG), [&](int64_t begin, int64_t end) {
         assign_backward_rows(a, g, cd, out, begin, end, M, K, KG);
       });
     });
@@ -221,11 +222,11 @@ struct CpuKernels {
       const scalar_t* g = dv.data_ptr<scalar_t>();
       scalar_t* out = grad.data_ptr<scalar_t>();
       std::vector<scalar_t> asum(B * K);
-      at::parallel_for(0, B, 1, [&](int64_t begin, int64_t end) {
+      at::parallel_for(0, B, grain_for(M * K), [&](int64_t begin, int64_t end) {
         for (int64_t b = begin; b < end; ++b) assign_sums(a + b * M * KG, M, K, KG, asum.data() + b * K);
       });
       // dC_k = -sum_b (sum_i a_bik) dV_bk, parallel over clusters so that no two threads write one row
-      at::parallel_for(0, K, 1, [&](int64_t begin, int64_t end) {
+      at::parallel_for(0, K, grain_for(B * D), [&](int64_t begin, int64_t end) {
         for (int64_t k = begin; k < end; ++k) {
           for (int64_t b = 0; b < B; ++b) axpy(-asum[b * K + k], g + (b * K + k) * D, out + k * D, D);
         }
@@ -358,7 +359,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> forward_per_item(const Inputs& in
       const acc_t* xp = in.x.data_ptr<acc_t>();
       const acc_t* bias = in.bias.defined() ? in.bias.data_ptr<acc_t>() : nullptr;
       const int64_t sxb = in.x.stride(0), sxm = in.x.stride(1);
-      at::parallel_for(0, B, 1, [&](int64_t begin, int64_t end) {
+      at::parallel_for(0, B, grain_for(2 * M * D * KG), [&](int64_t begin, int64_t end) {
         const SequentialBlas sequential;
         for (int64_t b = begin; b < end; ++b) {
           forward_item(xp + b * sxb, sxm, in.weight.data_ptr<acc_t>(), bias, m ? m + b * M : nullptr,
@@ -395,7 +396,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> backward_per_item(con
   AT_DISPATCH_FLOATING_TYPES(in.x.scalar_type(), "netvlad_bwd_cpu", [&] {
     const scalar_t* xp = in.x.data_ptr<scalar_t>();
     const int64_t sxb = in.x.stride(0), sxm = in.x.stride(1);
-    at::parallel_for(0, B, 1, [&](int64_t begin, int64_t end) {
+    at::parallel_for(0, B, grain_for(6 * M * D * KG), [&](int64_t begin, int64_t end) {
       const SequentialBlas sequential;
       const int64_t t = at::get_thread_num();
       for (int64_t b = begin; b < end; ++b) {
