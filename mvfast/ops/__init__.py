@@ -6,7 +6,11 @@ from mvfast.ops.conv3d_bn_relu import conv3d_bn_relu, conv3d_bn_relu_reference
 from mvfast.ops.netvlad import netvlad, netvlad_reference
 
 # Each public op and the compiled kernel op that carries its CPU/CUDA kernels.
-OPS = {"netvlad": "netvlad_fwd", "attention_pool": "attention_pool_fwd", "conv3d_bn_relu": "conv3d_bn_relu_fwd"}
+OPS = {
+    "netvlad": "netvlad_fwd",
+    "attention_pool": "attention_pool_fwd",
+    "conv3d_bn_relu": "conv3d_bn_relu_fwd",
+}
 
 __all__ = [
     "OPS",
