@@ -303,7 +303,8 @@ constexpr int64_t kTile = 64;  // rows of x per tile: 64 x D floats stay in L2 a
 
 bool per_item(const at::Tensor& xa) {
   const bool blas = xa.scalar_type() == at::kDouble ? Blas<double>::fn() != nullptr : Blas<float>::fn() != nullptr;
-  return blas && xa.size(0) >= 2 * at::get_num_threads() && xa.stride(2) == 1 && xa.size(2) > 0;
+  return blas && xa.size(0) >= 2 * at::get_num_threads() && xa.stride(2) == 1 && xa.size(1) > 0 &&
+         xa.size(2) > 0;
 }
 
 // One item, streaming x in tiles: logits, softmax and a^T x for each tile while it is in cache.
@@ -324,12 +325,14 @@ void forward_item(const acc_t* x, int64_t sxm, const acc_t* w, const acc_t* bias
 
 // One item's input gradients, streaming x in tiles: dA = x dV^T, the softmax backward into [dS | a],
 // dx = [dS | a] [W; dV], and dW += dS^T x, dbias += sum dS, each tile read from memory once.
-// rhs: (KG + K, D) with W in its first KG rows; lhs: (kTile, KG + K); da: (kTile, K).
+// rhs: (KG + K, D) with W in its first KG rows; lhs: (kTile, KG + K); da: (kTile, K). `first`: dw and db
+// hold nothing yet (this thread's first item) and are overwritten rather than added to.
 template <typename acc_t>
 void backward_item(const acc_t* x, int64_t sxm, const acc_t* a, const acc_t* dv, const acc_t* cdv, acc_t* rhs,
                    acc_t* lhs, acc_t* da, acc_t* dx, acc_t* dw, acc_t* db, int64_t M, int64_t K, int64_t KG,
-                   int64_t D) {
+                   int64_t D, bool first) {
   std::copy(dv, dv + K * D, rhs + KG * D);
+  if (first) std::fill(db, db + KG, acc_t(0));
   for (int64_t m0 = 0; m0 < M; m0 += kTile) {
     const int64_t t = std::min(kTile, M - m0);
     const acc_t* xt = x + m0 * sxm;
@@ -342,7 +345,7 @@ void backward_item(const acc_t* x, int64_t sxm, const acc_t* a, const acc_t* dv,
       axpy(acc_t(1), row, db, KG);
     }
     gemm_rm<acc_t>(false, false, t, D, KG + K, 1, lhs, KG + K, rhs, D, 0, dx + m0 * D, D);
-    gemm_rm<acc_t>(true, false, KG, D, t, 1, lhs, KG + K, xt, sxm, 1, dw, D);
+    gemm_rm<acc_t>(true, false, KG, D, t, 1, lhs, KG + K, xt, sxm, first && m0 == 0 ? 0 : 1, dw, D);
   }
 }
 
@@ -391,8 +394,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> backward_per_item(con
   rhs.narrow(1, 0, KG).copy_(in.weight.unsqueeze(0).expand({threads, KG, D}));
   at::Tensor lhs = at::empty({threads, kTile, KG + K}, in.x.options());
   at::Tensor da = at::empty({threads, kTile, K}, in.x.options());
-  at::Tensor dw = at::zeros({threads, KG, D}, in.x.options());
-  at::Tensor db = at::zeros({threads, KG}, in.x.options());
+  at::Tensor dw = at::empty({threads, KG, D}, in.x.options());
+  at::Tensor db = at::empty({threads, KG}, in.x.options());
+  std::vector<char> used(threads, 0);  // which threads' partial dW and dbias hold anything
   AT_DISPATCH_FLOATING_TYPES(in.x.scalar_type(), "netvlad_bwd_cpu", [&] {
     const scalar_t* xp = in.x.data_ptr<scalar_t>();
     const int64_t sxb = in.x.stride(0), sxm = in.x.stride(1);
@@ -404,11 +408,25 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> backward_per_item(con
                       dv.data_ptr<scalar_t>() + b * K * D, cdv.data_ptr<scalar_t>() + b * K,
                       rhs.data_ptr<scalar_t>() + t * (KG + K) * D, lhs.data_ptr<scalar_t>() + t * kTile * (KG + K),
                       da.data_ptr<scalar_t>() + t * kTile * K, grad_x.data_ptr<scalar_t>() + b * M * D,
-                      dw.data_ptr<scalar_t>() + t * KG * D, db.data_ptr<scalar_t>() + t * KG, M, K, KG, D);
+                      dw.data_ptr<scalar_t>() + t * KG * D, db.data_ptr<scalar_t>() + t * KG, M, K, KG, D,
+                      !used[t]);
+        used[t] = 1;
       }
     });
   });
-  return {grad_x, dw.sum(0), db.sum(0), grad_c};
+  // Sum the partials of the threads that took items (B > 0 here, so at least one did).
+  at::Tensor grad_w, grad_b;
+  for (int t = 0; t < threads; ++t) {
+    if (!used[t]) continue;
+    if (!grad_w.defined()) {
+      grad_w = dw.select(0, t);
+      grad_b = db.select(0, t);
+    } else {
+      grad_w.add_(dw.select(0, t));
+      grad_b.add_(db.select(0, t));
+    }
+  }
+  return {grad_x, grad_w, grad_b, grad_c};
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> netvlad_fwd_cpu(const at::Tensor& x, const at::Tensor& weight,
