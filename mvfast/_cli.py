@@ -10,10 +10,11 @@ from __future__ import annotations
 import dataclasses
 import os
 import sys
-import tempfile
 from pathlib import Path
 
 import torch
+
+from mvfast.utils import atomic_write
 
 MODALITIES = ("rgb", "motion", "frames", "audio", "text")
 DATA_KINDS = ("synthetic", "ucf101", "folder", "csv")
@@ -84,28 +85,14 @@ def atomic_save(obj, path: str | os.PathLike) -> Path:
     new one, never half of one (also when the process is killed while writing)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            torch.save(obj, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except FileNotFoundError:
-            pass
-        raise
+    with atomic_write(path) as f:
+        torch.save(obj, f)
     return path
 
 
 def atomic_write_text(path: str | os.PathLike, text: str) -> None:
-    path = Path(path)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    with os.fdopen(fd, "w", encoding="utf-8") as f:
+    with atomic_write(path, "w", encoding="utf-8") as f:
         f.write(text)
-    os.replace(tmp, path)
 
 
 def load_checkpoint(path: str | os.PathLike, map_location="cpu") -> dict:

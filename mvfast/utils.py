@@ -1,8 +1,14 @@
-"""Measuring what mvfast claims: memory saved for backward."""
+"""Small utilities: memory saved for backward (how mvfast's memory claims are measured) and atomic file
+writes (checkpoints, cache entries)."""
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import contextlib
+import os
+import tempfile
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import IO
 
 import torch
 
@@ -26,3 +32,26 @@ def saved_bytes(fn: Callable[[], object]) -> int:
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
         fn()
     return sum(storages.values())
+
+
+@contextlib.contextmanager
+def atomic_write(path: str | os.PathLike, mode: str = "wb", encoding: str | None = None) -> Iterator[IO]:
+    """A file to write that replaces ``path`` only once the block has finished: it is written beside
+    ``path`` under a temporary name, synced, then renamed over it, so a reader (or a run killed while
+    writing) sees the old file or the new one, never part of one. On an error the temporary file is removed.
+
+    >>> with atomic_write("runs/x/last.pt") as f:  # doctest: +SKIP
+    ...     torch.save(state, f)
+    """
+    path = Path(path)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, mode, encoding=encoding) as f:
+            yield f
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+        raise

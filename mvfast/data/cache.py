@@ -16,11 +16,11 @@ import hashlib
 import json
 import logging
 import os
-import tempfile
 from pathlib import Path
 
 import numpy as np
 
+from ..utils import atomic_write
 from .config import DataConfig
 from .video import DecodedVideo, decode_video
 
@@ -141,17 +141,8 @@ class ClipCache:
         audio = video.audio if video.audio is not None else np.zeros((0, 64), np.float32)
         arrays = {"frames": video.frames, "motion": video.motion, "audio": np.asarray(audio, np.float32)}
         header = {"signature": list(signature), "meta": video.meta}
-        fd, tmp = tempfile.mkstemp(dir=entry.parent, prefix=f".{entry.stem}.", suffix=".tmp")
-        try:
-            with os.fdopen(fd, "wb") as f:
-                _write_entry(f, arrays, header)
-            os.replace(tmp, entry)
-        except BaseException:
-            try:
-                os.unlink(tmp)
-            except FileNotFoundError:
-                pass
-            raise
+        with atomic_write(entry) as f:
+            _write_entry(f, arrays, header)
         return entry
 
     def get_or_decode(self, path: str | os.PathLike, config: DataConfig) -> DecodedVideo:
