@@ -138,17 +138,33 @@ def create_model(name: str, num_classes: int, **overrides) -> MicroVideoNet:
     return MicroVideoNet(dataclasses.replace(PRESETS[name], num_classes=num_classes, **overrides))
 
 
-def install() -> types.ModuleType:
-    """Makes ``import mvfast.models`` give this module's contract."""
-    import mvfast
-
+def _module() -> types.ModuleType:
     module = types.ModuleType("mvfast.models")
     module.create_model = create_model
     module.PRESETS = PRESETS
     module.MicroVideoConfig = MicroVideoConfig
     module.MicroVideoNet = MicroVideoNet
+    return module
+
+
+def install() -> types.ModuleType:
+    """Makes ``import mvfast.models`` give this module's contract, for the rest of the process (a
+    subprocess of the command-line tests)."""
+    import mvfast
+
+    module = _module()
     sys.modules["mvfast.models"] = module
     mvfast.models = module
+    return module
+
+
+def use(monkeypatch) -> types.ModuleType:
+    """``install`` for one test: the real mvfast.models (module and package attribute) come back after it."""
+    import mvfast
+
+    module = _module()
+    monkeypatch.setitem(sys.modules, "mvfast.models", module)
+    monkeypatch.setattr(mvfast, "models", module, raising=False)
     return module
 
 

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from _toy_model import install, run_cli, trained_run
+from _toy_model import run_cli, trained_run, use
 
 import mvfast.evaluate
 import mvfast.predict
@@ -26,7 +26,7 @@ def run(tmp_path_factory):
 def toy(monkeypatch, run):
     # in-process calls: the stand-in model and the run's cache folder
     monkeypatch.setenv("MVFAST_CACHE", str(run[1]))
-    monkeypatch.setitem(__import__("sys").modules, "mvfast.models", install())
+    use(monkeypatch)
 
 
 def synthetic_videos(run):

@@ -224,12 +224,12 @@ def test_corrupt_checkpoint_and_empty_dataset(tmp_path, cache_env):
 
 
 def test_sweep_prints_the_table(run, tmp_path, monkeypatch, capsys):
-    from _toy_model import install
+    from _toy_model import use
 
     import mvfast.sweep
 
     monkeypatch.setenv("MVFAST_CACHE", str(run[1]))
-    monkeypatch.setitem(sys.modules, "mvfast.models", install())
+    use(monkeypatch)
     args = ["baseline", "--out", str(tmp_path), "--", *TINY_DATA, "--epochs", "1", "--batch-size", "3"]
     assert mvfast.sweep.main([*args, "--no-progress", "--workers", "0", "--inference-videos", "1"]) == 0
     printed = capsys.readouterr().out
