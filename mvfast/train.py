@@ -112,7 +112,7 @@ class TrainConfig:
     ckpt_every: int = 100  # steps between checkpoints (also at every epoch end); 0: epoch ends only
     eval_every: int = 1  # epochs between validations (the last epoch is always validated)
     tensorboard: bool = False  # TensorBoard logs in OUT/tensorboard (skipped if tensorboard is missing)
-    progress: bool = True  # a progress bar with the loss and clips/s
+    progress: bool = True  # a progress bar with the loss and clips/s (on a terminal)
     stop_after: int = 0  # stop (saving last.pt) after this many steps of this invocation, like a
     # preempted job; --resume continues. 0: run to the end
     inference_videos: int = 8  # validation videos timed for the per-video inference time
@@ -718,7 +718,8 @@ def train(argv=None) -> dict:
             total=steps_per_epoch,
             initial=position,
             desc=f"epoch {epoch + 1}/{epochs}",
-            disable=not (master and cfg.progress),
+            # None: tqdm shows the bar on a terminal only, so logs and CI output get the epoch lines alone
+            disable=None if (master and cfg.progress) else True,
             dynamic_ncols=True,
             leave=False,
         )
