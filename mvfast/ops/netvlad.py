@@ -102,6 +102,43 @@ _EPS = 1e-12
 
 
 @triton.jit
+def _nv_rows_times_t(
+    x_base,
+    sxm,
+    sxd,
+    rows,
+    row_ok,
+    m_base,
+    smk,
+    smd,
+    cols,
+    col_ok,
+    D,
+    UPCAST: tl.constexpr,
+    PREC: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    BLOCK_KG: tl.constexpr,
+):
+    """x[rows] @ m[cols]^T over D chunks, float32 (BLOCK_M, BLOCK_KG): the logits x W^T (UPCAST False:
+    16-bit inputs multiply as they are) and x dV^T (UPCAST True: x meets float32 dV in float32)."""
+    acc = tl.zeros((BLOCK_M, BLOCK_KG), dtype=tl.float32)
+    for d0 in range(0, D, BLOCK_D):
+        d = d0 + tl.arange(0, BLOCK_D)
+        d_ok = d < D
+        xt = tl.load(
+            x_base + rows[:, None] * sxm + d[None, :] * sxd, mask=row_ok[:, None] & d_ok[None, :], other=0.0
+        )
+        mt = tl.load(
+            m_base + cols[None, :] * smk + d[:, None] * smd, mask=col_ok[None, :] & d_ok[:, None], other=0.0
+        )  # (BLOCK_D, BLOCK_KG)
+        if UPCAST:
+            xt = xt.to(tl.float32)
+        acc = tl.dot(xt, mt, acc, input_precision=PREC)
+    return acc
+
+
+@triton.jit
 def _nv_assign_kernel(
     x_ptr,
     w_ptr,
@@ -129,19 +166,10 @@ def _nv_assign_kernel(
     cols = tl.arange(0, BLOCK_KG)
     row_ok = rows < M
     col_ok = cols < KG
-    logits = tl.zeros((BLOCK_M, BLOCK_KG), dtype=tl.float32)
-    for d0 in range(0, D, BLOCK_D):
-        d = d0 + tl.arange(0, BLOCK_D)
-        d_ok = d < D
-        xt = tl.load(
-            x_ptr + b * sxb + rows[:, None] * sxm + d[None, :] * sxd,
-            mask=row_ok[:, None] & d_ok[None, :],
-            other=0.0,
-        )
-        wt = tl.load(
-            w_ptr + cols[None, :] * swk + d[:, None] * swd, mask=col_ok[None, :] & d_ok[:, None], other=0.0
-        )  # (BLOCK_D, BLOCK_KG)
-        logits = tl.dot(xt, wt, logits, input_precision=PREC)
+    logits = _nv_rows_times_t(
+        x_ptr + b * sxb, sxm, sxd, rows, row_ok, w_ptr, swk, swd, cols, col_ok, D,
+        False, PREC, BLOCK_M, BLOCK_D, BLOCK_KG,
+    )  # fmt: skip
     if HAS_BIAS:
         logits += tl.load(b_ptr + cols, mask=col_ok, other=0.0).to(tl.float32)[None, :]
     logits = tl.where(col_ok[None, :], logits, float("-inf"))
@@ -320,19 +348,10 @@ def _nv_assign_backward_kernel(
     cols = tl.arange(0, BLOCK_KG)
     row_ok = rows < M
     real = cols < K
-    da = tl.zeros((BLOCK_M, BLOCK_KG), dtype=tl.float32)
-    for d0 in range(0, D, BLOCK_D):
-        d = d0 + tl.arange(0, BLOCK_D)
-        d_ok = d < D
-        xt = tl.load(
-            x_ptr + b * sxb + rows[:, None] * sxm + d[None, :] * sxd,
-            mask=row_ok[:, None] & d_ok[None, :],
-            other=0.0,
-        )
-        dvt = tl.load(
-            dv_ptr + (b * K + cols[None, :]) * D + d[:, None], mask=real[None, :] & d_ok[:, None], other=0.0
-        )  # (BLOCK_D, BLOCK_KG)
-        da = tl.dot(xt.to(tl.float32), dvt, da, input_precision=PREC)
+    da = _nv_rows_times_t(
+        x_ptr + b * sxb, sxm, sxd, rows, row_ok, dv_ptr + b * K * D, D, 1, cols, real, D,
+        True, PREC, BLOCK_M, BLOCK_D, BLOCK_KG,
+    )  # fmt: skip
     cdv = tl.load(cdv_ptr + b * K + cols, mask=real, other=0.0)
     g = tl.where(real[None, :], da - cdv[None, :], 0.0)  # ghosts are dropped after the softmax
     m = row_ok[:, None] & (cols < KG)[None, :]
