@@ -181,6 +181,31 @@ def test_backend_matches_reference(backend, dtype, case, training):
     assert got[0].is_contiguous(memory_format=fmt), "the output keeps x's memory format"
 
 
+@pytest.mark.parametrize("C", [1, 3, 4, 8, 13, 16, 40])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.float16], ids=str)
+@pytest.mark.parametrize("layout", ["channels_last", "ncdhw"])
+def test_cpu_kernels_any_channel_count(C, dtype, layout):
+    """The CPU kernels walk channels-last tiles in whole vectors against per-channel values repeated along
+    the lanes (a period of lcm(C, lanes) values) and finish each tile's partial period in scalar code:
+    channel counts below, at, between and above the vector width, with tiles of many periods and a
+    ragged last one, in both input layouts, every output and gradient against float64."""
+    if not mvfast.backends("cpu")["cpu"]["available"]:
+        pytest.skip(mvfast.backends("cpu")["cpu"]["reason"])
+    leaves, rm, rv, kw = sample_inputs(
+        dtype, N=3, Cin=3, C=C, size=(2, 9, 11), padding=1, channels_last=layout == "channels_last", seed=C
+    )
+    gy = grad_out_off_the_kink(leaves, rm, rv, kw, True, torch.float32 if dtype == torch.float64 else dtype)
+    got = run("cpu", leaves, rm.clone(), rv.clone(), kw, True, gy)
+    up, rm64, rv64 = upcast(leaves, rm, rv)
+    ref64 = run("reference", up, rm64, rv64, kw, True, gy)
+    if dtype == torch.float64:
+        for name, g, r in zip(names_for(False), got, ref64, strict=True):
+            torch.testing.assert_close(g, r, rtol=1e-10, atol=1e-10, msg=lambda m, n=name: f"{n}: {m}")
+    else:
+        lowp = eager_in_dtype(leaves, rm.clone(), rv.clone(), kw, True, gy)
+        check_close(got, ref64, lowp, dtype, names_for(False))
+
+
 @pytest.mark.parametrize("backend", kernel_backends())
 @pytest.mark.parametrize("momentum", [0.1, None])
 def test_running_statistics_follow_batchnorm3d(backend, momentum):

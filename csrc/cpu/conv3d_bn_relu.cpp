@@ -2,9 +2,9 @@
 // apply and their backward are fused here, at::parallel_for over tiles of (sample, block of positions).
 // The flow and the per-element math are in csrc/conv3d_bn_relu.h.
 //
-// A tile is read in z's layout: in channels_last_3d its rows are positions (C contiguous values, so the
-// per-channel loops run down contiguous memory and vectorise), in NCDHW its rows are channels (a block of
-// contiguous positions). A tensor in the other layout (grad_out, or the output when the user's layout is
+// A tile is read in z's layout: in channels_last_3d it is one flat run of rows of C values (positions),
+// walked in whole vectors against per-channel parameters repeated along the vector lanes (see "lanes"
+// below), in NCDHW its rows are channels (a block of contiguous positions). A tensor in the other layout (grad_out, or the output when the user's layout is
 // not the conv's) is transposed through a small buffer while the tile is in cache, so the switch of
 // layout costs no pass over memory of its own.
 //
@@ -22,6 +22,7 @@
 #include <torch/library.h>
 
 #include <algorithm>
+#include <numeric>
 #include <type_traits>
 #include <vector>
 
@@ -48,14 +49,15 @@ struct Geom {
     tiles = S > 0 ? (S + ts - 1) / ts : 0;
   }
   int64_t items() const { return N * tiles; }
-  int64_t rows(int64_t len) const { return cl ? len : C; }
-  int64_t cols(int64_t len) const { return cl ? C : len; }
 };
 
-// Chunks of consecutive tiles, one partial result each: a fixed split that does not depend on which
-// thread runs what.
-int64_t num_chunks(int64_t items) {
-  return std::max<int64_t>(1, std::min<int64_t>(items, 4 * static_cast<int64_t>(at::get_num_threads())));
+// Chunks of consecutive tiles, one partial result each: a fixed split that depends only on the sizes and
+// the thread count, not on which thread runs what. At least 32k values a chunk: below that, opening a
+// parallel region costs more than the work (the narrow layers of a small model are a few thousand values).
+int64_t num_chunks(const Geom& g) {
+  const int64_t values = g.N * g.S * g.C;
+  const int64_t most = std::min<int64_t>(g.items(), 4 * static_cast<int64_t>(at::get_num_threads()));
+  return std::max<int64_t>(1, std::min<int64_t>(most, values / 32768));
 }
 
 template <typename F>
@@ -74,7 +76,7 @@ void for_chunks(const Geom& g, int64_t chunks, F f) {
 
 template <typename F>
 void for_tiles(const Geom& g, F f) {
-  for_chunks(g, num_chunks(g.items()), [&](int64_t, int64_t n, int64_t s0, int64_t len) { f(n, s0, len); });
+  for_chunks(g, num_chunks(g), [&](int64_t, int64_t n, int64_t s0, int64_t len) { f(n, s0, len); });
 }
 
 // The tile (n, s0..s0+len) of src, in the tile layout of g, as acc_t rows with stride ld: a pointer into
@@ -176,10 +178,137 @@ T vsumsq_dev(const T* a, T m, int64_t n) {
   return s;
 }
 
+// ---- channels-last tiles: flat runs of rows of C values ----------------------------------------------
+//
+// In channels_last_3d a tile is len rows of C contiguous values, one flat run of len * C values where the
+// value at flat index i belongs to channel i % C. Looping over rows and then over the C channels leaves
+// most of each vector empty when C is small (the narrow layers of a small model have 4 to 32 channels).
+// Instead the per-channel parameters are repeated along a period of P = lcm(C, V) values (V: values per
+// vector), and the run is walked period by period with whole vectors whose lanes line up with the
+// repeated parameters; the tail (fewer than P values, whole rows) is scalar. Per-lane sums are folded
+// back into channels (lane j is channel j % C) at the end.
+
+int64_t lane_period(int64_t C, int64_t V) {
+  return C / std::gcd(C, V) * V;
+}
+
+// dst[j] = src[j % C] for j < P
+template <typename T>
+void repeat_lanes(const T* src, int64_t C, int64_t P, T* dst) {
+  for (int64_t j = 0; j < P; ++j) dst[j] = src[j % C];
+}
+
+// out[c] = sum of lanes[j] over the j < P with j % C == c
+template <typename T>
+void fold_lanes(const T* lanes, int64_t C, int64_t P, T* out) {
+  for (int64_t c = 0; c < C; ++c) out[c] = T(0);
+  for (int64_t j = 0; j < P; ++j) out[j % C] += lanes[j];
+}
+
+// out[j] (j < P) = the sum of a's values in lane j over the n values of a (n a multiple of C).
+template <typename T>
+void lane_sums(const T* a, int64_t n, int64_t P, T* out) {
+  using Vec = Vectorized<T>;
+  const int64_t full = n / P * P;
+  for (int64_t j = 0; j < P; j += Vec::size()) {
+    Vec s(T(0));
+    for (int64_t b = j; b < full; b += P) s = s + Vec::loadu(a + b);
+    s.store(out + j);
+  }
+  for (int64_t i = full; i < n; ++i) out[i - full] += a[i];
+}
+
+// out[j] = sum of (a - m[j])^2 over lane j, m repeated along the period.
+template <typename T>
+void lane_sq_devs(const T* a, int64_t n, int64_t P, const T* m, T* out) {
+  using Vec = Vectorized<T>;
+  const int64_t full = n / P * P;
+  for (int64_t j = 0; j < P; j += Vec::size()) {
+    const Vec vm = Vec::loadu(m + j);
+    Vec s(T(0));
+    for (int64_t b = j; b < full; b += P) {
+      const Vec d = Vec::loadu(a + b) - vm;
+      s = at::vec::fmadd(d, d, s);
+    }
+    s.store(out + j);
+  }
+  for (int64_t i = full; i < n; ++i) out[i - full] += (a[i] - m[i - full]) * (a[i] - m[i - full]);
+}
+
+// y = relu(z * sc + sh) lane by lane. An element lands in the same lane (vector or scalar tail) here as in
+// the backward's recomputed mask (lane_bwd_*), because the tiles of forward and backward are the same.
+template <bool kRelu, typename T>
+void lane_apply(const T* z, int64_t n, int64_t P, const T* sc, const T* sh, T* y) {
+  using Vec = Vectorized<T>;
+  const int64_t full = n / P * P;
+  const Vec zero(T(0));
+  for (int64_t j = 0; j < P; j += Vec::size()) {
+    const Vec vs = Vec::loadu(sc + j), vh = Vec::loadu(sh + j);
+    for (int64_t b = j; b < full; b += P) {
+      Vec v = Vec::loadu(z + b) * vs + vh;
+      if constexpr (kRelu) v = Vec::blendv(v, zero, v < zero);  // y < 0 ? 0 : y keeps a NaN
+      v.store(y + b);
+    }
+  }
+  for (int64_t i = full; i < n; ++i) y[i] = bn_relu(z[i], sc[i - full], sh[i - full], kRelu);
+}
+
+// Per lane: sum of g and of g * xhat, g = relu_grad(gy, z), xhat = (z - mu) * iv.
+template <bool kRelu, typename T>
+void lane_bwd_sums(const T* z, const T* gy, int64_t n, int64_t P, const T* sc, const T* sh, const T* mu,
+                   const T* iv, T* sum_g, T* sum_gx) {
+  using Vec = Vectorized<T>;
+  const int64_t full = n / P * P;
+  const Vec zero(T(0));
+  for (int64_t j = 0; j < P; j += Vec::size()) {
+    const Vec vs = Vec::loadu(sc + j), vh = Vec::loadu(sh + j), vm = Vec::loadu(mu + j),
+              vi = Vec::loadu(iv + j);
+    Vec a(T(0)), c(T(0));
+    for (int64_t b = j; b < full; b += P) {
+      const Vec vz = Vec::loadu(z + b);
+      Vec g = Vec::loadu(gy + b);
+      if constexpr (kRelu) g = Vec::blendv(zero, g, (vz * vs + vh) > zero);
+      a = a + g;
+      c = at::vec::fmadd(g, (vz - vm) * vi, c);
+    }
+    a.store(sum_g + j);
+    c.store(sum_gx + j);
+  }
+  for (int64_t i = full; i < n; ++i) {
+    const int64_t j = i - full;
+    const T g = relu_grad(gy[i], z[i], sc[j], sh[j], kRelu);
+    sum_g[j] += g;
+    sum_gx[j] += g * ((z[i] - mu[j]) * iv[j]);
+  }
+}
+
+// dz = bn_backward(relu_grad(gy, z), xhat) lane by lane.
+template <bool kRelu, typename T>
+void lane_bwd_apply(const T* z, const T* gy, int64_t n, int64_t P, const T* sc, const T* sh, const T* mu,
+                    const T* iv, const T* mg, const T* mgx, T* dz) {
+  using Vec = Vectorized<T>;
+  const int64_t full = n / P * P;
+  const Vec zero(T(0));
+  for (int64_t j = 0; j < P; j += Vec::size()) {
+    const Vec vs = Vec::loadu(sc + j), vh = Vec::loadu(sh + j), vm = Vec::loadu(mu + j),
+              vi = Vec::loadu(iv + j), va = Vec::loadu(mg + j), vb = Vec::loadu(mgx + j);
+    for (int64_t b = j; b < full; b += P) {
+      const Vec vz = Vec::loadu(z + b);
+      Vec g = Vec::loadu(gy + b);
+      if constexpr (kRelu) g = Vec::blendv(zero, g, (vz * vs + vh) > zero);
+      (vs * (g - va - (vz - vm) * vi * vb)).store(dz + b);
+    }
+  }
+  for (int64_t i = full; i < n; ++i) {
+    const int64_t j = i - full;
+    dz[i] = bn_backward(relu_grad(gy[i], z[i], sc[j], sh[j], kRelu), (z[i] - mu[j]) * iv[j], sc[j], mg[j], mgx[j]);
+  }
+}
+
 struct CpuKernels {
   static void stats(const at::Tensor& z, at::Tensor& mean, at::Tensor& m2) {
     const Geom g(z);
-    const int64_t C = g.C, chunks = num_chunks(g.items());
+    const int64_t C = g.C, chunks = num_chunks(g);
     AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, z.scalar_type(), "conv3d_bn_relu_stats_cpu", [&] {
       using acc_t = at::opmath_type<scalar_t>;
       const scalar_t* zp = z.data_ptr<scalar_t>();
@@ -191,19 +320,17 @@ struct CpuKernels {
         tm2.assign(C, acc_t(0));
         int64_t ld;
         const acc_t* zt = load_tile(zp, g.cl, g, n, s0, len, buf.data(), ld);
-        if (g.cl) {  // rows are positions: column sums down contiguous rows
-          for (int64_t t = 0; t < len; ++t) {
-            const acc_t* r = zt + t * ld;
-            for (int64_t c = 0; c < C; ++c) tmean[c] += r[c];
-          }
+        if (g.cl) {  // one flat run of len rows of C values, walked in whole vectors
+          const int64_t P = lane_period(C, Vectorized<acc_t>::size()), nv = len * C;
+          thread_local std::vector<acc_t> lanes, lmean;
+          lanes.resize(P);
+          lmean.resize(P);
+          lane_sums(zt, nv, P, lanes.data());
+          fold_lanes(lanes.data(), C, P, tmean.data());
           for (int64_t c = 0; c < C; ++c) tmean[c] /= static_cast<acc_t>(len);
-          for (int64_t t = 0; t < len; ++t) {
-            const acc_t* r = zt + t * ld;
-            for (int64_t c = 0; c < C; ++c) {
-              const acc_t d = r[c] - tmean[c];
-              tm2[c] += d * d;
-            }
-          }
+          repeat_lanes(tmean.data(), C, P, lmean.data());
+          lane_sq_devs(zt, nv, P, lmean.data(), lanes.data());
+          fold_lanes(lanes.data(), C, P, tm2.data());
         } else {
           for (int64_t c = 0; c < C; ++c) {
             tmean[c] = vsum(zt + c * ld, len) / static_cast<acc_t>(len);
@@ -238,24 +365,38 @@ struct CpuKernels {
       scalar_t* op = out.data_ptr<scalar_t>();
       const acc_t* sc = scale.data_ptr<acc_t>();
       const acc_t* sh = shift.data_ptr<acc_t>();
+      const int64_t P = lane_period(C, Vectorized<acc_t>::size());
+      std::vector<acc_t> lsc(P), lsh(P);
+      repeat_lanes(sc, C, P, lsc.data());
+      repeat_lanes(sh, C, P, lsh.data());
       for_tiles(g, [&](int64_t n, int64_t s0, int64_t len) {
         thread_local std::vector<acc_t> zbuf, ybuf;
         zbuf.resize(g.ts * C);
         ybuf.resize(g.ts * C);
         int64_t ld;
         const acc_t* zt = load_tile(zp, g.cl, g, n, s0, len, zbuf.data(), ld);
-        const int64_t rows = g.rows(len), cols = g.cols(len);
-        for (int64_t i = 0; i < rows; ++i) {
-          const acc_t* zr = zt + i * ld;
-          acc_t* yr = ybuf.data() + i * cols;
-          if (g.cl) {
-            for (int64_t c = 0; c < C; ++c) yr[c] = bn_relu(zr[c], sc[c], sh[c], relu);
-          } else {
-            const acc_t s = sc[i], h = sh[i];
-            for (int64_t t = 0; t < cols; ++t) yr[t] = bn_relu(zr[t], s, h, relu);
+        if (g.cl) {
+          // written in place when the output is channels-last in the accumulation type, else staged
+          constexpr bool same = std::is_same_v<scalar_t, acc_t>;
+          acc_t* yt = ybuf.data();
+          if constexpr (same) {
+            if (out_cl) yt = reinterpret_cast<acc_t*>(op) + (n * g.S + s0) * C;
           }
+          if (relu) {
+            lane_apply<true>(zt, len * C, P, lsc.data(), lsh.data(), yt);
+          } else {
+            lane_apply<false>(zt, len * C, P, lsc.data(), lsh.data(), yt);
+          }
+          if (yt == ybuf.data()) store_tile(yt, C, op, out_cl, g, n, s0, len);
+          return;
         }
-        store_tile(ybuf.data(), cols, op, out_cl, g, n, s0, len);
+        for (int64_t c = 0; c < C; ++c) {
+          const acc_t* zr = zt + c * ld;
+          acc_t* yr = ybuf.data() + c * len;
+          const acc_t s = sc[c], h = sh[c];
+          for (int64_t t = 0; t < len; ++t) yr[t] = bn_relu(zr[t], s, h, relu);
+        }
+        store_tile(ybuf.data(), len, op, out_cl, g, n, s0, len);
       });
     });
   }
@@ -265,7 +406,7 @@ struct CpuKernels {
                          at::Tensor& sum_gx) {
     const Geom g(z);
     const bool gy_cl = is_channels_last(gy);
-    const int64_t C = g.C, chunks = num_chunks(g.items());
+    const int64_t C = g.C, chunks = num_chunks(g);
     AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, z.scalar_type(), "conv3d_bn_relu_bwd_reduce_cpu", [&] {
       using acc_t = at::opmath_type<scalar_t>;
       const scalar_t* zp = z.data_ptr<scalar_t>();
@@ -274,9 +415,15 @@ struct CpuKernels {
       const acc_t* sh = shift.data_ptr<acc_t>();
       const acc_t* mu = mean.data_ptr<acc_t>();
       const acc_t* iv = invstd.data_ptr<acc_t>();
+      const int64_t P = lane_period(C, Vectorized<acc_t>::size());
+      std::vector<acc_t> lsc(P), lsh(P), lmu(P), liv(P);
+      repeat_lanes(sc, C, P, lsc.data());
+      repeat_lanes(sh, C, P, lsh.data());
+      repeat_lanes(mu, C, P, lmu.data());
+      repeat_lanes(iv, C, P, liv.data());
       std::vector<acc_t> psg(chunks * C, acc_t(0)), psgx(chunks * C, acc_t(0));
       for_chunks(g, chunks, [&](int64_t k, int64_t n, int64_t s0, int64_t len) {
-        thread_local std::vector<acc_t> zbuf, gbuf, tg, tgx;
+        thread_local std::vector<acc_t> zbuf, gbuf, tg, tgx, lg, lgx;
         zbuf.resize(g.ts * C);
         gbuf.resize(g.ts * C);
         tg.assign(C, acc_t(0));
@@ -284,26 +431,31 @@ struct CpuKernels {
         int64_t zld, gld;
         const acc_t* zt = load_tile(zp, g.cl, g, n, s0, len, zbuf.data(), zld);
         const acc_t* gt = load_tile(gp, gy_cl, g, n, s0, len, gbuf.data(), gld);
-        const int64_t rows = g.rows(len), cols = g.cols(len);
-        for (int64_t i = 0; i < rows; ++i) {
-          const acc_t* zr = zt + i * zld;
-          const acc_t* gr = gt + i * gld;
-          if (g.cl) {
-            for (int64_t c = 0; c < C; ++c) {
-              const acc_t gg = relu_grad(gr[c], zr[c], sc[c], sh[c], relu);
-              tg[c] += gg;
-              tgx[c] += gg * ((zr[c] - mu[c]) * iv[c]);
-            }
+        if (g.cl) {
+          lg.resize(P);
+          lgx.resize(P);
+          if (relu) {
+            lane_bwd_sums<true>(zt, gt, len * C, P, lsc.data(), lsh.data(), lmu.data(), liv.data(), lg.data(),
+                                lgx.data());
           } else {
-            const acc_t s = sc[i], h = sh[i], m = mu[i], v = iv[i];
+            lane_bwd_sums<false>(zt, gt, len * C, P, lsc.data(), lsh.data(), lmu.data(), liv.data(), lg.data(),
+                                 lgx.data());
+          }
+          fold_lanes(lg.data(), C, P, tg.data());
+          fold_lanes(lgx.data(), C, P, tgx.data());
+        } else {
+          for (int64_t c = 0; c < C; ++c) {
+            const acc_t* zr = zt + c * zld;
+            const acc_t* gr = gt + c * gld;
+            const acc_t s = sc[c], h = sh[c], m = mu[c], v = iv[c];
             acc_t a = 0, b = 0;
-            for (int64_t t = 0; t < cols; ++t) {
+            for (int64_t t = 0; t < len; ++t) {
               const acc_t gg = relu_grad(gr[t], zr[t], s, h, relu);
               a += gg;
               b += gg * ((zr[t] - m) * v);
             }
-            tg[i] += a;
-            tgx[i] += b;
+            tg[c] = a;
+            tgx[c] = b;
           }
         }
         for (int64_t c = 0; c < C; ++c) {
@@ -342,6 +494,11 @@ struct CpuKernels {
       const acc_t* iv = invstd.data_ptr<acc_t>();
       const acc_t* mg = mean_g.data_ptr<acc_t>();
       const acc_t* mgx = mean_gx.data_ptr<acc_t>();
+      const int64_t P = lane_period(C, Vectorized<acc_t>::size());
+      std::vector<acc_t> lanes(6 * P);
+      const acc_t* per_channel[6] = {sc, sh, mu, iv, mg, mgx};
+      for (int i = 0; i < 6; ++i) repeat_lanes(per_channel[i], C, P, lanes.data() + i * P);
+      const acc_t* L = lanes.data();
       for_tiles(g, [&](int64_t n, int64_t s0, int64_t len) {
         thread_local std::vector<acc_t> zbuf, gbuf, dbuf;
         zbuf.resize(g.ts * C);
@@ -350,24 +507,27 @@ struct CpuKernels {
         int64_t zld, gld;
         const acc_t* zt = load_tile(zp, g.cl, g, n, s0, len, zbuf.data(), zld);
         const acc_t* gt = load_tile(gp, gy_cl, g, n, s0, len, gbuf.data(), gld);
-        const int64_t rows = g.rows(len), cols = g.cols(len);
-        for (int64_t i = 0; i < rows; ++i) {
-          const acc_t* zr = zt + i * zld;
-          const acc_t* gr = gt + i * gld;
-          acc_t* dr = dbuf.data() + i * cols;
-          if (g.cl) {
-            for (int64_t c = 0; c < C; ++c) {
-              const acc_t gg = relu_grad(gr[c], zr[c], sc[c], sh[c], relu);
-              dr[c] = bn_backward(gg, (zr[c] - mu[c]) * iv[c], sc[c], mg[c], mgx[c]);
-            }
+        if (g.cl) {  // gz is in z's layout: written in place in the accumulation type, else staged
+          acc_t* dt = dbuf.data();
+          if constexpr (std::is_same_v<scalar_t, acc_t>) dt = reinterpret_cast<acc_t*>(dp) + (n * g.S + s0) * C;
+          if (relu) {
+            lane_bwd_apply<true>(zt, gt, len * C, P, L, L + P, L + 2 * P, L + 3 * P, L + 4 * P, L + 5 * P, dt);
           } else {
-            const acc_t s = sc[i], h = sh[i], m = mu[i], v = iv[i], a = mg[i], b = mgx[i];
-            for (int64_t t = 0; t < cols; ++t) {
-              dr[t] = bn_backward(relu_grad(gr[t], zr[t], s, h, relu), (zr[t] - m) * v, s, a, b);
-            }
+            lane_bwd_apply<false>(zt, gt, len * C, P, L, L + P, L + 2 * P, L + 3 * P, L + 4 * P, L + 5 * P, dt);
+          }
+          if (dt == dbuf.data()) store_tile(dt, C, dp, true, g, n, s0, len);
+          return;
+        }
+        for (int64_t c = 0; c < C; ++c) {
+          const acc_t* zr = zt + c * zld;
+          const acc_t* gr = gt + c * gld;
+          acc_t* dr = dbuf.data() + c * len;
+          const acc_t s = sc[c], h = sh[c], m = mu[c], v = iv[c], a = mg[c], b = mgx[c];
+          for (int64_t t = 0; t < len; ++t) {
+            dr[t] = bn_backward(relu_grad(gr[t], zr[t], s, h, relu), (zr[t] - m) * v, s, a, b);
           }
         }
-        store_tile(dbuf.data(), cols, dp, g.cl, g, n, s0, len);
+        store_tile(dbuf.data(), len, dp, false, g, n, s0, len);
       });
     });
   }
