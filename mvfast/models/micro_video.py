@@ -188,7 +188,7 @@ class MicroVideoNet(nn.Module):
         aux = {}
         for name, net in self.behaviour.items():
             if name in batch:
-                logits = net(batch[name])  # (B, N_a)
+                logits = net(self._layout(batch[name]))  # (B, N_a)
                 f_a = f_a + logits.softmax(dim=1)
                 aux[name] = self.aux_heads[name](logits) if name in self.aux_heads else logits
         return f_a, aux
@@ -201,7 +201,7 @@ class MicroVideoNet(nn.Module):
             mask = torch.zeros(B, F_, dtype=torch.bool, device=self._device())
             return self._zeros(B, cfg.num_scenes), self._zeros(B, F_, cfg.frame_dim), mask
         F_ = frames.shape[1]
-        flat = frames.flatten(0, 1)  # (B * F, 3, h, w)
+        flat = self._layout(frames.flatten(0, 1))  # (B * F, 3, h, w)
         feats, probs = [], 0.0
         for net in self.scene:
             h, scene_logits = net(flat)  # (B * F, hidden), (B * F, N_s)
@@ -238,7 +238,7 @@ class MicroVideoNet(nn.Module):
             logits = self._zeros(B, self.config.num_classes)
         else:
             F_ = frames.shape[1]
-            _, frame_logits = self.frame2d(frames.flatten(0, 1))  # (B * F, C)
+            _, frame_logits = self.frame2d(self._layout(frames.flatten(0, 1)))  # (B * F, C)
             logits = frame_logits.view(B, F_, -1).mean(dim=1)  # (B, C): averaged over the frames
         return {"logits": logits, "aux_logits": {}, "attention": None}
 
@@ -254,6 +254,12 @@ class MicroVideoNet(nn.Module):
             "MicroVideoNet: the batch holds none of rgb, motion, frames, audio, text, label; "
             "cannot tell its size"
         )
+
+    def _layout(self, x: Tensor) -> Tensor:
+        """x in the memory layout the CNN branches run in (config.channels_last)."""
+        if not self.config.channels_last:
+            return x
+        return x.contiguous(memory_format=torch.channels_last if x.dim() == 4 else torch.channels_last_3d)
 
     def _device(self) -> torch.device:
         return (
