@@ -11,8 +11,9 @@ needs more than 20 GB of activations, minutes per round on a small CPU. Its infe
 
 Most of the tiny model's training step is convolution backward through oneDNN (measured single-threaded on
 the 2-core development CPU: about half of it, the scene branch's 29 narrow 2D convolutions a large part),
-which is the same work on every backend: mvfast fuses only the 3D Conv+BN+ReLU blocks, NetVLAD (three of
-them) and the attention pooling, so the whole step's ratio is bounded by their share. On a machine that
+which is the same work on every backend: mvfast fuses the BN+ReLU around the convolutions (the 3D blocks and
+the scene VGGs' 2D ones), NetVLAD (three of them) and the attention pooling, so the whole step's ratio is
+bounded by their share. On a machine that
 other processes load, kernels that open an OpenMP parallel region for tiny work stall for whole scheduler
 slices; compare ratios from quiet runs only.
 """

@@ -8,7 +8,7 @@ Usage::
     model = mvfast.models.create_model("tiny", num_classes=10)       # the paper's multimodal model
     with mvfast.backend("reference"): ...                            # choose the implementation
     mvfast.backends()                                                # what can run here, and why not
-    model, n = mvfast.fuse(model)                                    # Conv3d+BN+ReLU chains -> Conv3dBNReLU
+    model, n = mvfast.fuse(model)                                    # Conv+BN+ReLU (2D, 3D) -> fused
 """
 
 __version__ = "0.1.0"

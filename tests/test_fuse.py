@@ -1,6 +1,7 @@
-"""mvfast.fuse / mvfast.unfuse: torchvision's r3d_18 and mc3_18 (random weights, nothing downloaded) give
-the same eval outputs, the same training step (loss, gradients, running statistics) and the same
-state_dict keys fused as unfused; chains inside longer Sequentials and chains of attributes (fx) fuse too."""
+"""mvfast.fuse / mvfast.unfuse: torchvision's r3d_18 and mc3_18, and in 2D vgg11_bn and resnet18 (random
+weights, nothing downloaded), give the same eval outputs, the same training step (loss, gradients, running
+statistics) and the same state_dict keys fused as unfused; chains inside longer Sequentials and chains of
+attributes (fx) fuse too."""
 
 import copy
 
@@ -9,9 +10,10 @@ import torch
 from torch import nn
 
 import mvfast
-from mvfast.nn import Conv3dBNReLU
+from mvfast.nn import Conv2dBNReLU, Conv3dBNReLU
 
 video = pytest.importorskip("torchvision.models.video")
+vision = pytest.importorskip("torchvision.models")
 
 
 def _randomised(model):
@@ -19,7 +21,7 @@ def _randomised(model):
     g = torch.Generator().manual_seed(0)
     with torch.no_grad():
         for m in model.modules():
-            if isinstance(m, nn.BatchNorm3d):
+            if isinstance(m, (nn.BatchNorm2d, nn.BatchNorm3d)):
                 m.weight.copy_(torch.rand(m.num_features, generator=g) + 0.5)
                 m.bias.copy_(torch.randn(m.num_features, generator=g) * 0.1)
                 m.running_mean.copy_(torch.randn(m.num_features, generator=g) * 0.1)
@@ -181,3 +183,152 @@ def test_attribute_chains_found_by_fx(cls, kw, expected, relu):
         torch.testing.assert_close(fused(x), model(x), rtol=1e-5, atol=1e-5)
     mvfast.unfuse(fused)
     assert type(fused.conv) is nn.Conv3d and type(fused.bn) is nn.BatchNorm3d and type(fused.relu) is nn.ReLU
+
+
+# ---------------------------------------------------------------------------------------------------
+# 2D: torchvision's vgg11_bn and resnet18
+
+# (blocks fused, of which with the ReLU). vgg11_bn: 8 Conv2d -> BatchNorm2d -> ReLU chains in ``features``,
+# fused in place. resnet18: the stem (conv1, bn1, relu: its ReLU is called once) + 8 BasicBlocks x 2 pairs +
+# 3 downsample Sequential(conv, bn), 20 blocks; a BasicBlock calls its one ``self.relu`` twice (after bn1
+# and after the residual add), so its pairs fuse without the ReLU: only the stem keeps it.
+EXPECTED_2D = {"vgg11_bn": (8, 8), "resnet18": (20, 1)}
+SIZE_2D = {"vgg11_bn": 32, "resnet18": 64}  # resnet18: layer4 at 2x2, more than 2 values per BN channel
+
+
+def _model_2d(name):
+    model = getattr(vision, name)(weights=None, num_classes=10)
+    if name == "vgg11_bn":
+        # VGG's classifier (120M parameters of Linear layers) has nothing to fuse: a small head keeps the
+        # test light; ``features`` is torchvision's.
+        model.avgpool = nn.AdaptiveAvgPool2d(1)
+        model.classifier = nn.Linear(512, 10)
+    return _randomised(model)
+
+
+@pytest.fixture(scope="module", params=list(EXPECTED_2D))
+def pair2d(request):
+    torch.manual_seed(0)
+    model = _model_2d(request.param)
+    fused = copy.deepcopy(model)
+    _, n = mvfast.fuse(fused)
+    return request.param, model, fused, n
+
+
+def test_fuse_2d_counts_and_keeps_state_dict_keys(pair2d):
+    name, model, fused, n = pair2d
+    blocks = [m for m in fused.modules() if isinstance(m, Conv2dBNReLU)]
+    n_blocks, n_relu = EXPECTED_2D[name]
+    assert n == len(blocks) == n_blocks and sum(b.relu for b in blocks) == n_relu
+    inside = {id(b.bn) for b in blocks}
+    assert all(id(m) in inside for m in fused.modules() if isinstance(m, nn.BatchNorm2d)), "a BN left unfused"
+    if name == "vgg11_bn":
+        assert isinstance(fused.features[0], Conv2dBNReLU) and isinstance(fused.features[1], nn.Identity)
+    else:
+        assert (
+            isinstance(fused.conv1, Conv2dBNReLU) and fused.conv1.relu and isinstance(fused.relu, nn.Identity)
+        )
+        block = fused.layer2[0]
+        assert isinstance(block.conv1, Conv2dBNReLU) and not block.conv1.relu
+        assert type(block.relu) is nn.ReLU  # shared by two call sites: stays
+        assert isinstance(block.downsample, Conv2dBNReLU) and not block.downsample.relu
+    assert list(fused.state_dict()) == list(model.state_dict())
+    assert mvfast.fuse(fused)[1] == 0
+
+
+def test_eval_outputs_match_2d(pair2d):
+    name, model, fused, _ = pair2d
+    x = torch.randn(2, 3, SIZE_2D[name], SIZE_2D[name])
+    model.eval()
+    fused.eval()
+    with torch.no_grad():
+        want = model(x)
+        torch.testing.assert_close(fused(x), want, rtol=1e-4, atol=1e-4)
+        # channels_last end to end: the model's weights and the input
+        cl = copy.deepcopy(fused).to(memory_format=torch.channels_last)
+        first = next(m for m in cl.modules() if isinstance(m, Conv2dBNReLU))
+        layouts = []
+        first.register_forward_hook(
+            lambda m, i, o: layouts.append(o.is_contiguous(memory_format=torch.channels_last))
+        )
+        torch.testing.assert_close(
+            cl(x.contiguous(memory_format=torch.channels_last)), want, rtol=1e-4, atol=1e-4
+        )
+        assert layouts == [True], "a channels_last input gives a channels_last block output"
+
+
+def test_training_step_matches_2d(pair2d):
+    name, model, fused, _ = pair2d
+    a, b = copy.deepcopy(model).train(), copy.deepcopy(fused).train()
+    x = torch.randn(2, 3, SIZE_2D[name], SIZE_2D[name])
+    y = torch.tensor([1, 7])
+    la = nn.functional.cross_entropy(a(x), y)
+    lb = nn.functional.cross_entropy(b(x), y)
+    torch.testing.assert_close(lb, la, rtol=1e-4, atol=1e-5)
+    ga = torch.autograd.grad(la, list(a.parameters()))
+    gb = torch.autograd.grad(lb, list(b.parameters()))
+    names = [n for n, _ in a.named_parameters()]
+    for pname, u, v in zip(names, ga, gb, strict=True):
+        torch.testing.assert_close(v, u, rtol=1e-3, atol=1e-4, msg=lambda m, pname=pname: f"{pname}: {m}")
+    sa, sb = a.state_dict(), b.state_dict()
+    for k in sa:
+        if "running" in k or "num_batches" in k:
+            torch.testing.assert_close(sb[k], sa[k], rtol=1e-4, atol=1e-5, msg=lambda m, k=k: f"{k}: {m}")
+
+
+def test_checkpoints_load_both_ways_and_unfuse_2d(pair2d):
+    name, model, fused, _ = pair2d
+    other = _randomised(copy.deepcopy(model))
+    with torch.no_grad():
+        for p in other.parameters():
+            p.mul_(1.5)
+    f = copy.deepcopy(fused)
+    f.load_state_dict(other.state_dict())  # a plain model's checkpoint into the fused model
+    plain = copy.deepcopy(model)
+    plain.load_state_dict(f.state_dict())  # and back
+    for k, v in other.state_dict().items():
+        torch.testing.assert_close(plain.state_dict()[k], v)
+    _, n = mvfast.unfuse(f)
+    assert n == EXPECTED_2D[name][0] and not any(isinstance(m, Conv2dBNReLU) for m in f.modules())
+    assert [type(m) for m in f.modules()] == [type(m) for m in model.modules()]
+    assert list(f.state_dict()) == list(model.state_dict())
+    for k, v in other.state_dict().items():
+        torch.testing.assert_close(f.state_dict()[k], v)
+
+
+class _Mixed(nn.Module):
+    """A 2D chain of attributes (found by fx) beside a 3D one, and a 2D pair without ReLU."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv2d = nn.Conv2d(3, 4, 3, padding=1, bias=False)
+        self.bn2d = nn.BatchNorm2d(4)
+        self.relu2d = nn.ReLU(inplace=True)
+        self.conv3d = nn.Conv3d(3, 4, 3, padding=1, bias=False)
+        self.bn3d = nn.BatchNorm3d(4)
+        self.relu3d = nn.ReLU()
+        self.head = nn.Sequential(nn.Conv2d(8, 2, 1), nn.BatchNorm2d(2))
+
+    def forward(self, frames, clip):
+        a = self.relu2d(self.bn2d(self.conv2d(frames)))  # (N, 4, H, W)
+        b = self.relu3d(self.bn3d(self.conv3d(clip))).mean(2)  # (N, 4, H, W)
+        return self.head(torch.cat([a, b], 1))
+
+
+def test_2d_and_3d_chains_in_one_model():
+    torch.manual_seed(0)
+    model = _randomised(_Mixed())
+    fused = copy.deepcopy(model)
+    _, n = mvfast.fuse(fused)
+    assert n == 3
+    assert isinstance(fused.conv2d, Conv2dBNReLU) and fused.conv2d.relu
+    assert isinstance(fused.conv3d, Conv3dBNReLU) and fused.conv3d.relu
+    assert isinstance(fused.head, Conv2dBNReLU) and not fused.head.relu
+    assert list(fused.state_dict()) == list(model.state_dict())
+    frames, clip = torch.randn(2, 3, 5, 6), torch.randn(2, 3, 3, 5, 6)
+    for mode in (True, False):
+        model.train(mode)
+        fused.train(mode)
+        torch.testing.assert_close(fused(frames, clip), model(frames, clip), rtol=1e-5, atol=1e-5)
+    assert mvfast.unfuse(fused)[1] == 3
+    assert [type(m) for m in fused.modules()] == [type(m) for m in model.modules()]

@@ -1,7 +1,8 @@
 """The model's branches: the 3D CNN of the behaviour branch and the VGG of the scene branch.
 
-Both are built of plain PyTorch layers (Conv3d -> BatchNorm3d -> ReLU in an nn.Sequential for each 3D block),
-so their state_dict keys are PyTorch's and ``mvfast.fuse`` swaps the 3D blocks for fused ones in place.
+Both are built of plain PyTorch layers (Conv3d -> BatchNorm3d -> ReLU in an nn.Sequential for each 3D block,
+torchvision's Conv2d -> BatchNorm2d -> ReLU for the VGG's with batch_norm), so their state_dict keys are
+PyTorch's and ``mvfast.fuse`` swaps the blocks for fused ones in place.
 """
 
 from __future__ import annotations

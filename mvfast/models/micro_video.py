@@ -320,7 +320,8 @@ def create_model(name: str, num_classes: int, **overrides) -> MicroVideoNet:
     """The model of preset ``name`` ("tiny", "paper", "frame2d"; see :data:`mvfast.models.PRESETS`) for
     ``num_classes`` classes, with any field of :class:`MicroVideoConfig` overridden.
 
-    Its 3D blocks are fused by ``mvfast.fuse`` where this mvfast has it (same outputs, same state_dict).
+    Its Conv3d and (with ``scene_batch_norm``) Conv2d blocks are fused by ``mvfast.fuse`` where this mvfast
+    has it (same outputs, same state_dict).
 
     >>> model = create_model("tiny", 10, modalities=("rgb", "motion"), dropout=0.25)
     >>> data_config = model.config.data_config()

@@ -1,20 +1,23 @@
 """``mvfast.fuse(model)`` and ``mvfast.unfuse(model)``: swap every Conv3d -> BatchNorm3d (-> ReLU) chain of a
-model for a :class:`~mvfast.nn.Conv3dBNReLU`, in place, and back.
+model for a :class:`~mvfast.nn.Conv3dBNReLU`, and every Conv2d -> BatchNorm2d (-> ReLU) chain for a
+:class:`~mvfast.nn.Conv2dBNReLU`, in place, and back. 2D and 3D chains follow the same rules below.
 
 Which chains are found:
 - in an nn.Sequential (or a subclass that keeps Sequential's forward): consecutive children conv, bn,
   relu. A Sequential that is exactly the chain (torchvision's ``conv1 = Sequential(Conv3DSimple, BN,
   ReLU)``, ``BasicStem``) is replaced whole by the fused block, whose state_dict keys are the
-  Sequential's. A chain inside a longer Sequential (torchvision's ``Conv2Plus1D``) is fused in place:
-  the block takes the conv's slot and the BatchNorm's and ReLU's slots become nn.Identity.
+  Sequential's. A chain inside a longer Sequential (torchvision's ``Conv2Plus1D``, VGG's ``features``) is
+  fused in place: the block takes the conv's slot and the BatchNorm's and ReLU's slots become nn.Identity.
 - in any other module: chains of direct children applied in that order in forward, found by tracing
   that module's forward one level deep with torch.fx (each child a leaf): the conv's only user is the
   BatchNorm and the BatchNorm's only user the ReLU, each called once. A module whose forward fx cannot
   trace (data-dependent control flow) is searched no further at that level; its children still are.
-- a Conv3d -> BatchNorm3d pair with no ReLU after it (torchvision's ``conv2 = Sequential(Conv3DSimple,
-  BN)`` before the residual add, and the ``downsample`` branches) is fused too, with ``relu=False``: in
-  eval its BN folds into the conv, in training it saves one activation fewer. A ReLU module that is also
-  called elsewhere is left in place and the pair fused without it.
+- a conv -> BatchNorm pair with no ReLU after it (torchvision's ``conv2 = Sequential(Conv3DSimple, BN)``
+  before the residual add, and the ``downsample`` branches) is fused too, with ``relu=False``: in eval its
+  BN folds into the conv, in training it saves one activation fewer. A ReLU module that is also called
+  elsewhere is left in place and the pair fused without it (torchvision's 2D ``BasicBlock`` and
+  ``Bottleneck`` call one ``self.relu`` module for every ReLU of the block, the one after the residual
+  add included, so all their pairs fuse with ``relu=False``).
 
 The state_dict of the fused model has the original keys: for a chain fused in place, the parent module
 gets a state_dict hook and a load pre-hook that rename the block's ``conv.0.*`` / ``conv.1.*`` keys to
@@ -27,15 +30,20 @@ from __future__ import annotations
 import torch.fx
 from torch import nn
 
-from mvfast.nn.conv3d_bn_relu import Conv3dBNReLU, fusable
+from mvfast.nn._conv_bn_relu import ConvBNReLU
+from mvfast.nn.conv2d_bn_relu import Conv2dBNReLU
+from mvfast.nn.conv3d_bn_relu import Conv3dBNReLU
 
 _KEYMAP = "_mvfast_fused_slots"  # on a parent: {conv slot: bn slot} of the chains fused in place
 _HANDLES = "_mvfast_fuse_hooks"
+_BLOCKS = (Conv3dBNReLU, Conv2dBNReLU)
+_CONVS = tuple(b.conv_type for b in _BLOCKS)
 
 
 def fuse(model: nn.Module) -> tuple[nn.Module, int]:
     """Replaces, in place, each Conv3d -> BatchNorm3d -> ReLU chain (and each Conv3d -> BatchNorm3d pair)
-    of ``model`` by a Conv3dBNReLU over the same parameters and buffers. Returns ``(model, blocks fused)``.
+    of ``model`` by a Conv3dBNReLU, and each Conv2d -> BatchNorm2d (-> ReLU) one by a Conv2dBNReLU, over
+    the same parameters and buffers. Returns ``(model, blocks fused)``.
 
     Outputs in eval, and losses, gradients and running-statistics updates in training, are those of the
     original model; state_dict keys are unchanged. Fusing an already fused model fuses nothing more.
@@ -44,13 +52,21 @@ def fuse(model: nn.Module) -> tuple[nn.Module, int]:
 
 
 def unfuse(model: nn.Module) -> tuple[nn.Module, int]:
-    """Undoes :func:`fuse` in place (any Conv3dBNReLU created by the user becomes nn.Sequential(conv, bn,
-    ReLU), the same state_dict). Returns ``(model, blocks unfused)``."""
+    """Undoes :func:`fuse` in place (any Conv3dBNReLU or Conv2dBNReLU created by the user becomes
+    nn.Sequential(conv, bn, ReLU), the same state_dict). Returns ``(model, blocks unfused)``."""
     return model, _unfuse_in(model)
 
 
 # ---------------------------------------------------------------------------------------------------
 # fuse
+
+
+def _block_type(conv: nn.Module, bn: nn.Module) -> type[ConvBNReLU] | None:
+    """The fused block that can run conv then bn, or None."""
+    for cls in _BLOCKS:
+        if cls.fusable(conv, bn):
+            return cls
+    return None
 
 
 def _is_plain_sequential(m: nn.Module) -> bool:
@@ -62,7 +78,7 @@ def _exact_chain(seq: nn.Module) -> bool | None:
     if not _is_plain_sequential(seq) or seq._forward_hooks or seq._forward_pre_hooks:
         return None
     mods = list(seq._modules.values())
-    if len(mods) in (2, 3) and fusable(mods[0], mods[1]):
+    if len(mods) in (2, 3) and _block_type(mods[0], mods[1]):
         if len(mods) == 2:
             return False
         if type(mods[2]) is nn.ReLU:
@@ -71,7 +87,7 @@ def _exact_chain(seq: nn.Module) -> bool | None:
 
 
 def _fuse_in(parent: nn.Module) -> int:
-    if isinstance(parent, Conv3dBNReLU):
+    if isinstance(parent, ConvBNReLU):
         return 0
     count = 0
     # Children first: whole-Sequential chains are swapped from their parent.
@@ -81,7 +97,7 @@ def _fuse_in(parent: nn.Module) -> int:
         relu = _exact_chain(child)
         if relu is not None:
             mods = list(child._modules.values())
-            block = Conv3dBNReLU.from_modules(mods[0], mods[1], relu=relu)
+            block = _block_type(mods[0], mods[1]).from_modules(mods[0], mods[1], relu=relu)
             block._mvfast_origin = ("sequential", child)  # given back by unfuse, with its current children
             parent._modules[name] = block
             count += 1
@@ -99,7 +115,7 @@ def _sequential_chains(seq: nn.Sequential) -> list[tuple[str, str, str | None]]:
     mods = [seq._modules[n] for n in names]
     chains, i = [], 0
     while i + 1 < len(mods):
-        if fusable(mods[i], mods[i + 1]):
+        if _block_type(mods[i], mods[i + 1]):
             relu = i + 2 < len(mods) and type(mods[i + 2]) is nn.ReLU
             chains.append((names[i], names[i + 1], names[i + 2] if relu else None))
             i += 3 if relu else 2
@@ -117,7 +133,7 @@ class _OneLevelTracer(torch.fx.Tracer):
 
 def _traced_chains(parent: nn.Module) -> list[tuple[str, str, str | None]]:
     children = {n: m for n, m in parent._modules.items() if m is not None}
-    if not any(isinstance(m, nn.Conv3d) for m in children.values()):
+    if not any(isinstance(m, _CONVS) for m in children.values()):
         return []
     try:
         graph = _OneLevelTracer().trace(parent)
@@ -140,14 +156,14 @@ def _traced_chains(parent: nn.Module) -> list[tuple[str, str, str | None]]:
 
     chains = []
     for node in graph.nodes:
-        if not single_call(node) or not isinstance(children[node.target], nn.Conv3d) or len(node.users) != 1:
+        if not single_call(node) or not isinstance(children[node.target], _CONVS) or len(node.users) != 1:
             continue
         (bn_node,) = node.users
         if not (
             single_call(bn_node)
             and bn_node.args == (node,)
             and not bn_node.kwargs
-            and fusable(children[node.target], children[bn_node.target])
+            and _block_type(children[node.target], children[bn_node.target])
         ):
             continue
         relu_name = None
@@ -161,7 +177,7 @@ def _traced_chains(parent: nn.Module) -> list[tuple[str, str, str | None]]:
 
 def _fuse_slots(parent: nn.Module, conv_name: str, bn_name: str, relu_name: str | None) -> None:
     conv, bn = parent._modules[conv_name], parent._modules[bn_name]
-    block = Conv3dBNReLU.from_modules(conv, bn, relu=relu_name is not None)
+    block = _block_type(conv, bn).from_modules(conv, bn, relu=relu_name is not None)
     relu = parent._modules[relu_name] if relu_name is not None else None
     block._mvfast_origin = ("slots", bn_name, relu_name, relu)
     parent._modules[conv_name] = block
@@ -237,7 +253,7 @@ def _load_original_keys(
 def _unfuse_in(parent: nn.Module) -> int:
     count = 0
     for name, child in list(parent._modules.items()):
-        if isinstance(child, Conv3dBNReLU):
+        if isinstance(child, ConvBNReLU):
             origin = getattr(child, "_mvfast_origin", None)
             if origin is None:
                 mods = [child.conv, child.bn] + ([nn.ReLU()] if child.relu else [])

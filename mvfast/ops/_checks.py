@@ -12,13 +12,16 @@ def _shape(t: torch.Tensor) -> str:
     return "(" + ", ".join(str(s) for s in t.shape) + ")"
 
 
-def tensor(op: str, name: str, t, *, ndim: int | None = None, dtypes=FLOAT_DTYPES, shape=None) -> None:
+def tensor(
+    op: str, name: str, t, *, ndim: int | None = None, dtypes=FLOAT_DTYPES, shape=None, dims: str = ""
+) -> None:
     """Check that ``t`` is a tensor of rank ``ndim`` and one of ``dtypes``; ``shape`` may hold ints
-    (exact) and None (any)."""
+    (exact) and None (any). ``dims`` names the expected dimensions in the rank error, e.g. "(N, C, H, W)"."""
     if not isinstance(t, torch.Tensor):
         raise TypeError(f"{op}: {name} must be a Tensor, got {type(t).__name__}")
     if ndim is not None and t.dim() != ndim:
-        raise ValueError(f"{op}: {name} must have {ndim} dimensions, got shape {_shape(t)}")
+        what = f"{ndim} dimensions {dims}" if dims else f"{ndim} dimensions"
+        raise ValueError(f"{op}: {name} must have {what}, got shape {_shape(t)}")
     if dtypes is not None and t.dtype not in dtypes:
         names = ", ".join(str(d).replace("torch.", "") for d in dtypes)
         raise TypeError(f"{op}: {name} must have dtype {names}; got {str(t.dtype).replace('torch.', '')}")
