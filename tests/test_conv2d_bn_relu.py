@@ -545,10 +545,10 @@ def test_bad_input_names_the_argument(change, exc, pattern):
 
 @pytest.mark.parametrize("backend", [p for p in kernel_backends() if p.id == "triton"])
 def test_a_backend_that_cannot_run_the_call_is_an_error(backend):
-    """The 3D op reports it (the Triton kernels take no float64), naming itself: the 2D op runs on it."""
+    """The Triton kernels take no float64: the error names the 2D op, the backend and the reason."""
     leaves, rm, rv, kw = sample_inputs(torch.float64, backend[1])
     with (
         mvfast.backend("triton"),
-        pytest.raises(RuntimeError, match=r"conv3d_bn_relu: backend 'triton'.*float64"),
+        pytest.raises(RuntimeError, match=r"mvfast\.conv2d_bn_relu: backend 'triton'.*float64"),
     ):
         mvfast.ops.conv2d_bn_relu(*leaves, rm, rv, **kw)

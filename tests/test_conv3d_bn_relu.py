@@ -233,6 +233,27 @@ def test_running_statistics_follow_batchnorm3d(backend, momentum):
 
 
 @pytest.mark.parametrize("backend", kernel_backends())
+@pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
+def test_no_grad_calls_match_autograd_calls(backend, training):
+    """Under torch.no_grad the compiled kernels are called without the autograd custom op: the same output
+    and the same running-statistics update as a call that records the graph."""
+    name, device = backend
+    torch.manual_seed(0)
+    block = mvfast.nn.Conv3dBNReLU(3, 5, 3, padding=1, bias=True).to(device).train(training)
+    twin = mvfast.nn.Conv3dBNReLU(3, 5, 3, padding=1, bias=True).to(device).train(training)
+    twin.load_state_dict(block.state_dict())
+    x = torch.randn(2, 3, 3, 4, 5, device=device)
+    with mvfast.backend(name):
+        with torch.no_grad():
+            y = block(x)
+        y_graph = twin(x)
+    assert not y.requires_grad and y_graph.requires_grad
+    torch.testing.assert_close(y, y_graph.detach(), rtol=0, atol=0)
+    for k, v in block.state_dict().items():
+        torch.testing.assert_close(v, twin.state_dict()[k], rtol=0, atol=0, msg=lambda m, k=k: f"{k}: {m}")
+
+
+@pytest.mark.parametrize("backend", kernel_backends())
 def test_statistics_are_stable_far_from_zero(backend):
     """z around 1e3 with unit spread: E[z^2] - E[z]^2 in float32 would get the variance wrong by percents."""
     name, device = backend

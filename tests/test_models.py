@@ -2,6 +2,7 @@
 values never reaching the output, backends agreeing, torch.compile without graph breaks, eval determinism,
 the paper preset on the meta device, configuration errors and scene weights files."""
 
+import copy
 import dataclasses
 
 import pytest
@@ -260,18 +261,28 @@ def test_behaviour_classes_other_than_video_classes():
 
 @pytest.mark.parametrize("backend", [p for p in kernel_backends() if p.id == "cpu"])
 def test_backends_agree(backend):
+    """The kernel backend against the reference backend on the same model. Gradients are compared in
+    float64: in float32 a ReLU or max-pooling decision within rounding of a tie goes either way, sending a
+    gradient down another path (with channels-last layers the float32 reference itself strays from float64
+    by percents on a few deep VGG weights), so a float32 comparison of gradients measures luck. Logits are
+    also compared in float32, against float64."""
     name, _ = backend
-    model = model_of("tiny")
+    model = model_of("tiny", dropout=0.0, branch_dropout=0.0)  # no dropout masks to keep in step
     batch = make_batch(model.config, 3, mixed=True)
+    model64 = copy.deepcopy(model).double()
+    batch64 = {k: v.double() if torch.is_tensor(v) and v.is_floating_point() else v for k, v in batch.items()}
     with mvfast.backend("reference"):
-        loss_r, out_r, grads_r = step(model, batch)
+        _, out_r, grads_r = step(model64, batch64)
     with mvfast.backend(name):
-        loss_k, out_k, grads_k = step(model, batch)
-    torch.testing.assert_close(out_k["logits"], out_r["logits"], rtol=1e-4, atol=1e-5)
-    torch.testing.assert_close(out_k["attention"], out_r["attention"], rtol=1e-4, atol=1e-6)
+        _, out_k, grads_k = step(model64, batch64)
+        _, out_32, _ = step(model, batch)
+    torch.testing.assert_close(out_k["logits"], out_r["logits"], rtol=1e-9, atol=1e-10)
+    torch.testing.assert_close(out_k["attention"], out_r["attention"], rtol=1e-9, atol=1e-10)
     assert grads_k.keys() == grads_r.keys()
     for n in grads_r:
-        torch.testing.assert_close(grads_k[n], grads_r[n], rtol=1e-3, atol=1e-5, msg=n)
+        torch.testing.assert_close(grads_k[n], grads_r[n], rtol=1e-7, atol=1e-9, msg=n)
+    torch.testing.assert_close(out_32["logits"].double(), out_r["logits"], rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(out_32["attention"].double(), out_r["attention"], rtol=1e-4, atol=1e-6)
 
 
 def test_eval_is_deterministic():

@@ -25,13 +25,11 @@ def tensor(
     if dtypes is not None and t.dtype not in dtypes:
         names = ", ".join(str(d).replace("torch.", "") for d in dtypes)
         raise TypeError(f"{op}: {name} must have dtype {names}; got {str(t.dtype).replace('torch.', '')}")
-    if shape is not None:
+    if shape is not None and (
+        len(shape) != t.dim() or any(s is not None and s != a for s, a in zip(shape, t.shape, strict=False))
+    ):
         want = "(" + ", ".join("*" if s is None else str(s) for s in shape) + ")"
-        mismatch = len(shape) != t.dim() or any(
-            s is not None and s != a for s, a in zip(shape, t.shape, strict=True)
-        )
-        if mismatch:
-            raise ValueError(f"{op}: {name} must have shape {want}, got {_shape(t)}")
+        raise ValueError(f"{op}: {name} must have shape {want}, got {_shape(t)}")
 
 
 def same_dtype(op: str, ref_name: str, ref: torch.Tensor, **others) -> None:

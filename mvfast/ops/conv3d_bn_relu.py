@@ -47,25 +47,33 @@ _CL = torch.channels_last_3d
 _MKLDNN = torch.backends.mkldnn.is_available()  # read once: torch.compile does not trace the query
 
 
-def _triple(op: str, name: str, v, minimum: int) -> list[int]:
-    vals = [v] * 3 if isinstance(v, int) and not isinstance(v, bool) else v
+def _tuple(op: str, name: str, v, minimum: int, nd: int = 3) -> list[int]:
+    vals = [v] * nd if isinstance(v, int) and not isinstance(v, bool) else v
     if (
         not isinstance(vals, (tuple, list))
-        or len(vals) != 3
+        or len(vals) != nd
         or any(isinstance(a, bool) or not isinstance(a, int) or a < minimum for a in vals)
     ):
-        raise ValueError(f"{op}: {name} must be an int >= {minimum} or a tuple of 3 such ints, got {v!r}")
+        raise ValueError(f"{op}: {name} must be an int >= {minimum} or a tuple of {nd} such ints, got {v!r}")
     return [int(a) for a in vals]
 
 
 def _out_spatial(x_shape, w_shape, stride, padding, dilation) -> list[int]:
     return [
         (x_shape[2 + i] + 2 * padding[i] - dilation[i] * (w_shape[2 + i] - 1) - 1) // stride[i] + 1
-        for i in range(3)
+        for i in range(len(stride))
     ]
 
 
+_DIMS = {
+    3: ("(N, C, D, H, W)", "(C, Cin/groups, kD, kH, kW)"),
+    2: ("(N, C, H, W)", "(C, Cin/groups, kH, kW)"),
+}
+
+
 def _validate(
+    op,
+    nd,
     x,
     weight,
     bias,
@@ -79,21 +87,24 @@ def _validate(
     groups,
     eps,
     momentum,
+    batch_stats,
 ):
-    _checks.tensor(OP, "x", x, ndim=5)
-    _checks.tensor(OP, "weight", weight, ndim=5)
+    """The checks of conv{nd}d_bn_relu's arguments, each error in the op's own terms (``nd`` spatial
+    dimensions). Returns (stride, padding, dilation) as lists of nd ints."""
+    _checks.tensor(op, "x", x, ndim=nd + 2, dims=_DIMS[nd][0])
+    _checks.tensor(op, "weight", weight, ndim=nd + 2, dims=_DIMS[nd][1])
     if isinstance(groups, bool) or not isinstance(groups, int) or groups < 1:
-        raise ValueError(f"{OP}: groups must be an int >= 1, got {groups!r}")
+        raise ValueError(f"{op}: groups must be an int >= 1, got {groups!r}")
     C, cin_g = weight.shape[0], weight.shape[1]
     if C < 1 or C % groups:
         raise ValueError(
-            f"{OP}: weight's out channels ({C}) must be a positive multiple of groups ({groups})"
+            f"{op}: weight's out channels ({C}) must be a positive multiple of groups ({groups})"
         )
     if cin_g * groups != x.shape[1]:
+        want = x.shape[1] // groups if x.shape[1] % groups == 0 else "?"
         raise ValueError(
-            f"{OP}: weight must have shape ({C}, {x.shape[1] // groups if x.shape[1] % groups == 0 else '?'}"
-            f", *, *, *) for x with {x.shape[1]} channels and groups={groups}, got "
-            f"{tuple(weight.shape)}"
+            f"{op}: weight must have shape ({C}, {want}{', *' * nd}) for x with {x.shape[1]} channels and "
+            f"groups={groups}, got {tuple(weight.shape)}"
         )
     for name, t in (
         ("bias", bias),
@@ -103,10 +114,10 @@ def _validate(
         ("running_var", running_var),
     ):
         if t is not None:
-            _checks.tensor(OP, name, t, ndim=1, shape=(C,))
+            _checks.tensor(op, name, t, ndim=1, shape=(C,))
     if (running_mean is None) != (running_var is None):
-        raise ValueError(f"{OP}: running_mean and running_var must both be given or both be None")
-    _checks.same_dtype(OP, "x", x, weight=weight, bias=bias)
+        raise ValueError(f"{op}: running_mean and running_var must both be given or both be None")
+    _checks.same_dtype(op, "x", x, weight=weight, bias=bias)
     for name, t in (
         ("bn_weight", bn_weight),
         ("bn_bias", bn_bias),
@@ -115,11 +126,11 @@ def _validate(
     ):
         if t is not None and t.dtype not in (x.dtype, torch.float32):
             raise TypeError(
-                f"{OP}: {name} must have the dtype of x ({str(x.dtype).replace('torch.', '')}) or "
+                f"{op}: {name} must have the dtype of x ({str(x.dtype).replace('torch.', '')}) or "
                 f"float32, got {str(t.dtype).replace('torch.', '')}"
             )
     _checks.same_device(
-        OP,
+        op,
         "x",
         x,
         weight=weight,
@@ -129,22 +140,27 @@ def _validate(
         running_mean=running_mean,
         running_var=running_var,
     )
-    stride = _triple(OP, "stride", stride, 1)
-    padding = _triple(OP, "padding", padding, 0)
-    dilation = _triple(OP, "dilation", dilation, 1)
+    stride = _tuple(op, "stride", stride, 1, nd)
+    padding = _tuple(op, "padding", padding, 0, nd)
+    dilation = _tuple(op, "dilation", dilation, 1, nd)
     if isinstance(eps, bool) or not isinstance(eps, (int, float)) or not eps > 0:
-        raise ValueError(f"{OP}: eps must be a float > 0, got {eps!r}")
+        raise ValueError(f"{op}: eps must be a float > 0, got {eps!r}")
     if momentum is not None and (
         isinstance(momentum, bool) or not isinstance(momentum, (int, float)) or not 0 <= momentum <= 1
     ):
-        raise ValueError(f"{OP}: momentum must be a float in [0, 1] or None, got {momentum!r}")
+        raise ValueError(f"{op}: momentum must be a float in [0, 1] or None, got {momentum!r}")
     out = _out_spatial(x.shape, weight.shape, stride, padding, dilation)
     if min(out) < 1:
         raise ValueError(
-            f"{OP}: x's spatial size {tuple(x.shape[2:])} is too small for the kernel "
+            f"{op}: x's spatial size {tuple(x.shape[2:])} is too small for the kernel "
             f"{tuple(weight.shape[2:])} with padding {padding} and dilation {dilation}"
         )
-    return stride, padding, dilation, out
+    if batch_stats and x.shape[0] * math.prod(out) <= 1:
+        raise ValueError(
+            f"{op}: expected more than 1 value per channel when training, got conv output of shape "
+            f"{(x.shape[0], C, *out)}"
+        )
+    return stride, padding, dilation
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -152,7 +168,7 @@ def _validate(
 
 
 def _factor(momentum, num_batches_tracked):
-    """nn.BatchNorm3d's exponential_average_factor, after counting this batch."""
+    """nn.BatchNorm's exponential_average_factor, after counting this batch."""
     if num_batches_tracked is not None:
         num_batches_tracked.add_(1)
         if momentum is None:
@@ -868,11 +884,16 @@ def _setup_context(ctx, inputs, output):
     else:
         ctx.save_for_backward(x, weight, bias, bn_weight, running_mean, running_var, out if relu else None)
     ctx.mark_non_differentiable(z, mean, invstd, var, x_conv)
+    # The other outputs never carry a gradient: without this autograd would fill a zero tensor of z's size
+    # (and x_conv's) for each backward, which on a small model's training step came to 2 ms of memset.
+    ctx.set_materialize_grads(False)
 
 
 def _backward(ctx, grad_out, *_):
     stride, padding, dilation, groups = ctx.conv
     need = ctx.needs_input_grad
+    if grad_out is None:  # undefined: no gradient reached the output (gradcheck tests this case)
+        return (None,) * len(need)
     if ctx.training:
         x, weight, bn_weight, bn_bias, z, mean, invstd = ctx.saved_tensors
         # The compiled kernels' backward is called directly (it has a fake kernel, so torch.compile traces it
@@ -948,6 +969,29 @@ def _eval_backward(ctx, grad_out):
 _conv3d_bn_relu_op.register_autograd(_backward, setup_context=_setup_context)
 
 
+class _KernelFunction(torch.autograd.Function):
+    """The same forward, context and backward as the custom op ``mvfast::conv3d_bn_relu`` for the compiled
+    CPU/CUDA kernels, as a plain autograd.Function, for eager calls.
+
+    torch.library's autograd layer around a custom op re-binds the op's 16 arguments to its schema on every
+    call in Python (about 50 us of the 0.2 ms a narrow block's whole forward and backward take on the
+    development CPU); a small model's dozens of narrow blocks felt it. torch.compile traces the custom op
+    instead (``run_kernels`` picks), so the graph holds the op, not this Function.
+    """
+
+    @staticmethod
+    def forward(*args):
+        return torch.ops.mvfast.conv3d_bn_relu_fwd(*args[:-1])
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        _setup_context(ctx, inputs, output)
+
+    @staticmethod
+    def backward(ctx, *grads):
+        return _backward(ctx, grads[0])
+
+
 # ---------------------------------------------------------------------------------------------------
 # Public function
 
@@ -1002,7 +1046,10 @@ def conv3d_bn_relu(
     Returns:
         Tensor[N, C, Do, Ho, Wo] in x's dtype and memory format (statistics accumulated in float32).
     """
-    stride, padding, dilation, _ = _validate(
+    batch_stats = training or running_mean is None
+    stride, padding, dilation = _validate(
+        OP,
+        3,
         x,
         weight,
         bias,
@@ -1016,15 +1063,8 @@ def conv3d_bn_relu(
         groups,
         eps,
         momentum,
+        batch_stats,
     )
-    batch_stats = training or running_mean is None
-    if batch_stats:
-        N, C = x.shape[0], weight.shape[0]
-        if N * math.prod(_out_spatial(x.shape, weight.shape, stride, padding, dilation)) <= 1:
-            raise ValueError(
-                f"{OP}: expected more than 1 value per channel when training, got conv output of "
-                f"shape {(N, C, *_out_spatial(x.shape, weight.shape, stride, padding, dilation))}"
-            )
     name = _backend.resolve(OP, x.device, lambda b: _op_reasons(b, x))
     if name == "reference":
         return conv3d_bn_relu_reference(
@@ -1045,28 +1085,68 @@ def conv3d_bn_relu(
             relu,
             num_batches_tracked,
         )
-    C = weight.shape[0]
-    g = bn_weight if bn_weight is not None else x.new_ones((C,))
-    b = bn_bias if bn_bias is not None else x.new_zeros((C,))
-    conv_cl = name == "cpu" and _cpu_conv_channels_last(x)
-    out, _, mean, _, var, _ = torch.ops.mvfast.conv3d_bn_relu(
+    return run_kernels(
+        name,
         x,
         weight,
         bias,
-        g,
-        b,
+        bn_weight,
+        bn_bias,
         running_mean,
         running_var,
         stride,
         padding,
         dilation,
         groups,
-        batch_stats,
-        float(eps),
+        training,
+        momentum,
+        eps,
         relu,
-        conv_cl,
-        name,
+        num_batches_tracked,
     )
+
+
+def run_kernels(
+    backend,
+    x,
+    weight,
+    bias,
+    bn_weight,
+    bn_bias,
+    running_mean,
+    running_var,
+    stride,
+    padding,
+    dilation,
+    groups,
+    training,
+    momentum,
+    eps,
+    relu,
+    num_batches_tracked,
+) -> Tensor:
+    """Kernel backend ``backend`` on arguments that were validated (5-D tensors; stride, padding and
+    dilation lists of 3), and the running-statistics update: what conv3d_bn_relu and conv2d_bn_relu (its
+    tensors given a depth of 1) run after their checks.
+
+    torch.compile and the Triton backend go through the custom op ``mvfast::conv3d_bn_relu``. Eager calls of
+    the CPU and CUDA kernels skip its Python layers, which on a small model's narrow layers cost as much as
+    the convolution: through ``_KernelFunction`` (the same context and backward) when a gradient is
+    wanted, straight to the compiled kernel op when none is (inference, torch.no_grad).
+    """
+    C = weight.shape[0]
+    g = bn_weight if bn_weight is not None else x.new_ones((C,))
+    b = bn_bias if bn_bias is not None else x.new_zeros((C,))
+    batch_stats = training or running_mean is None
+    conv_cl = backend == "cpu" and _cpu_conv_channels_last(x)
+    args = (x, weight, bias, g, b, running_mean, running_var, stride, padding, dilation, groups, batch_stats)
+    grad = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (x, weight, bias, g, b))
+    if backend == "triton" or torch.compiler.is_compiling():
+        out, _, mean, _, var, _ = torch.ops.mvfast.conv3d_bn_relu(*args, float(eps), relu, conv_cl, backend)
+    elif grad:
+        out, _, mean, _, var, _ = _KernelFunction.apply(*args, float(eps), relu, conv_cl, backend)
+    else:
+        out, _, mean, _, var, _ = torch.ops.mvfast.conv3d_bn_relu_fwd(*args, float(eps), relu, conv_cl)
     if training and running_mean is not None:
         _update_running_stats(running_mean, running_var, num_batches_tracked, mean, var, bias, momentum)
     return out

@@ -664,9 +664,12 @@ def _setup_context(ctx, inputs, output):
     ctx.ghost_clusters, ctx.normalize, ctx.backend = ghost_clusters, normalize, backend
     ctx.has_bias = bias is not None
     ctx.mark_non_differentiable(assign, vlad)
+    ctx.set_materialize_grads(False)  # else each backward would fill zeros of assign's and vlad's size
 
 
 def _backward(ctx, grad_out, _grad_assign, _grad_vlad):
+    if grad_out is None:  # undefined: no gradient reached the output (gradcheck tests this case)
+        return (None,) * 8
     x, weight, centroids, assign, vlad = ctx.saved_tensors
     grad_x, grad_w, grad_b, grad_c = torch.ops.mvfast.netvlad_backward(
         grad_out, x, weight, centroids, assign, vlad, ctx.ghost_clusters, ctx.normalize, ctx.backend
