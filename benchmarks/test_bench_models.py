@@ -9,13 +9,14 @@ sample in four without audio, one without a title). The paper preset's training 
 one step of batch 8 is about 9 TFLOP (two C3Ds at 16x112x112, VGG16 and VGG19 on 64 frames at 224) and
 needs more than 20 GB of activations, minutes per round on a small CPU. Its inference runs two rounds.
 
-Most of the tiny model's training step is convolution backward through oneDNN (measured single-threaded on
-the 2-core development CPU: about half of it, the scene branch's 29 narrow 2D convolutions a large part),
-which is the same work on every backend: mvfast fuses the BN+ReLU around the convolutions (the 3D blocks and
-the scene VGGs' 2D ones), NetVLAD (three of them) and the attention pooling, so the whole step's ratio is
-bounded by their share. On a machine that
-other processes load, kernels that open an OpenMP parallel region for tiny work stall for whole scheduler
-slices; compare ratios from quiet runs only.
+The tiny model's training step is mostly convolution through oneDNN, the same work on every backend; what
+mvfast changes is everything around it: the 37 Conv+BN+ReLU blocks (the 3D CNNs' and, fused by
+``create_model``, the scene VGGs') run their BatchNorm statistics, normalisation, ReLU and backward as
+vectorised kernels over the channels-last tensors the model keeps, plus the three NetVLADs and the
+attention pooling. On such narrow layers (4 to 64 channels) the fixed cost per call matters as much as
+the kernels: see mvfast.ops.conv3d_bn_relu.run_kernels. On a machine that other processes load, kernels
+that open an OpenMP parallel region for tiny work stall for whole scheduler slices; compare ratios from
+quiet runs only.
 """
 
 import pytest
