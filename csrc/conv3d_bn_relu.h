@@ -83,6 +83,8 @@ MVFAST_HD acc_t bn_backward(acc_t g, acc_t xhat, acc_t scale, acc_t mean_g, acc_
 //        two layouts (NCDHW or channels_last_3d) and z's dtype
 //   bwd_reduce(gy, z, scale, shift, mean, invstd, relu, sum_g (C) acc, sum_gx (C) acc)
 //   bwd_apply(gy, z, scale, shift, mean, invstd, mean_g, mean_gx, relu, gz): gz in z's layout
+//   fold(weight, bias, bn_weight, bn_bias, running_mean, running_var, eps, fmt, w, b): BN folded into the
+//        conv's weight (in layout fmt) and bias (see fold_bn)
 //   eval_conv(x, w, b, stride, padding, dilation, groups, relu) -> relu(conv3d(x, w, b)) in x's layout
 // gy is given in one of the two layouts (the flow makes it so); z is dense in one of them.
 
@@ -189,18 +191,27 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> backward_train(
 }
 
 // Eval: BN folded into the conv, w' = w * scale (per output channel), b' = (b - running_mean) * scale +
-// bn_bias, scale = bn_weight / sqrt(running_var + eps); bias and ReLU in the conv's epilogue.
+// bn_bias, scale = bn_weight / sqrt(running_var + eps), computed in the accumulation type: in ATen ops here
+// (what the CUDA kernels use), in one loop by the CPU kernels. w' is in layout fmt, both in weight's dtype.
+inline void fold_bn(const at::Tensor& weight, const std::optional<at::Tensor>& bias, const at::Tensor& bn_weight,
+                    const at::Tensor& bn_bias, const at::Tensor& running_mean, const at::Tensor& running_var,
+                    double eps, at::MemoryFormat fmt, at::Tensor& w, at::Tensor& b) {
+  const auto acc = acc_type(weight.scalar_type());
+  const at::Tensor scale = bn_weight.to(acc) * (running_var.to(acc) + eps).rsqrt();
+  b = bn_bias.to(acc) - running_mean.to(acc) * scale;
+  if (bias.has_value() && bias->defined()) b = b + bias->to(acc) * scale;
+  b = b.to(weight.scalar_type());
+  w = in_layout((weight.to(acc) * scale.view({-1, 1, 1, 1, 1})).to(weight.scalar_type()), fmt);
+}
+
+// bias and ReLU in the conv's epilogue.
 template <class Kernels>
 at::Tensor forward_eval(const at::Tensor& x, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
                         const at::Tensor& bn_weight, const at::Tensor& bn_bias, const at::Tensor& running_mean,
                         const at::Tensor& running_var, const ConvArgs& args, double eps, bool relu) {
-  const auto acc = acc_type(x.scalar_type());
-  const at::Tensor scale = bn_weight.to(acc) * (running_var.to(acc) + eps).rsqrt();
-  at::Tensor b = bn_bias.to(acc) - running_mean.to(acc) * scale;
-  if (bias.has_value() && bias->defined()) b = b + bias->to(acc) * scale;
-  const at::Tensor w = (weight.to(acc) * scale.view({-1, 1, 1, 1, 1})).to(x.scalar_type());
-  return in_layout(Kernels::eval_conv(x, in_layout(w, format_of(x)), b.to(x.scalar_type()), args, relu),
-                   format_of(x));
+  at::Tensor w, b;
+  Kernels::fold(weight, bias, bn_weight, bn_bias, running_mean, running_var, eps, format_of(x), w, b);
+  return in_layout(Kernels::eval_conv(x, w, b, args, relu), format_of(x));
 }
 
 }  // namespace conv3d_bn_relu

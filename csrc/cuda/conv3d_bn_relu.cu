@@ -229,6 +229,12 @@ struct CudaKernels {
     });
   }
 
+  static void fold(const at::Tensor& weight, const std::optional<at::Tensor>& bias, const at::Tensor& bn_weight,
+                   const at::Tensor& bn_bias, const at::Tensor& running_mean, const at::Tensor& running_var,
+                   double eps, at::MemoryFormat fmt, at::Tensor& w, at::Tensor& b) {
+    fold_bn(weight, bias, bn_weight, bn_bias, running_mean, running_var, eps, fmt, w, b);
+  }
+
   // cuDNN's convolution with the folded bias, then ReLU in place.
   static at::Tensor eval_conv(const at::Tensor& x, const at::Tensor& w, const at::Tensor& b, const ConvArgs& a,
                               bool relu) {
