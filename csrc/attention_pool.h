@@ -115,7 +115,6 @@ MVFAST_HD acc_t score_grad(acc_t a, acc_t g, acc_t c) {
 //   weights(scores, lse, mask, weights (B,L,H) in x's dtype)
 //   backward(x, w, mask, lse, dv (B,H,D) acc, c (B,H) acc, grad_weights (B,L,H) acc or undefined, S,
 //            grad_x (B,L,D) in x's dtype, part_dw (B*S,H,D) acc)
-//   empty_output(sizes, options): at::empty for grad_x, allocated as the backend likes it
 // x may have any strides for b and l; its last dimension is contiguous.
 
 inline at::ScalarType acc_type(at::ScalarType t) {
@@ -198,7 +197,7 @@ std::tuple<at::Tensor, at::Tensor> backward(const at::Tensor& grad_out, const st
   c = c.contiguous();
 
   const int64_t S = Kernels::splits(B, L);
-  at::Tensor grad_x = Kernels::empty_output({B, L, D}, x.options());
+  at::Tensor grad_x = at::empty({B, L, D}, x.options());
   at::Tensor part_dw = at::empty({B * S, H, D}, x.options().dtype(acc));
   Kernels::backward(x, wa, ma, la, dv, c, ga, S, grad_x, part_dw);
   at::Tensor grad_w = part_dw.sum(0);

@@ -83,7 +83,6 @@ MVFAST_HD acc_t bn_backward(acc_t g, acc_t xhat, acc_t scale, acc_t mean_g, acc_
 //        two layouts (NCDHW or channels_last_3d) and z's dtype
 //   bwd_reduce(gy, z, scale, shift, mean, invstd, relu, sum_g (C) acc, sum_gx (C) acc)
 //   bwd_apply(gy, z, scale, shift, mean, invstd, mean_g, mean_gx, relu, gz): gz in z's layout
-//   empty_output(sizes, options): at::empty for out and gz, allocated as the backend likes it
 //   fold(weight, bias, bn_weight, bn_bias, running_mean, running_var, eps, fmt, w, b): BN folded into the
 //        conv's weight (in layout fmt) and bias (see fold_bn)
 //   eval_conv(x, w, b, stride, padding, dilation, groups, relu) -> relu(conv3d(x, w, b)) in x's layout
@@ -147,7 +146,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
   const at::Tensor scale = bn_weight.to(acc) * invstd;
   const at::Tensor shift = bn_bias.to(acc) - mean * scale;
 
-  at::Tensor out = Kernels::empty_output(z.sizes(), z.options().memory_format(format_of(x)));
+  at::Tensor out = at::empty(z.sizes(), z.options().memory_format(format_of(x)));
   Kernels::apply(z, scale.contiguous(), shift.contiguous(), relu, out);
   at::Tensor x_conv = xc.is_same(x) ? at::empty({0}, x.options()) : xc;
   return {out, z, mean, invstd, var, x_conv};
@@ -176,7 +175,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> backward_train(
   Kernels::bwd_reduce(gy, z, scale, shift, mean.contiguous(), invstd.contiguous(), relu, sum_g, sum_gx);
   const at::Tensor mean_g = sum_g / static_cast<double>(R);
   const at::Tensor mean_gx = sum_gx / static_cast<double>(R);
-  at::Tensor gz = Kernels::empty_output(z.sizes(), z.options().memory_format(format_of(z)));
+  at::Tensor gz = at::empty(z.sizes(), z.options().memory_format(format_of(z)));
   Kernels::bwd_apply(gy, z, scale, shift, mean.contiguous(), invstd.contiguous(), mean_g, mean_gx, relu, gz);
 
   at::Tensor grad_x = at::empty({0}, z.options()), grad_w = at::empty({0}, weight.options());

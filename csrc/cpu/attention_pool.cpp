@@ -90,10 +90,6 @@ const acc_t* load_row(const scalar_t* row, acc_t* buf, int64_t n) {
 }
 
 struct CpuKernels {
-  static at::Tensor empty_output(at::IntArrayRef sizes, const at::TensorOptions& options) {
-    return cpu::empty_for_output(sizes, options);
-  }
-
   // Enough (sample, split) work items to keep every thread busy when B is small, each at least 64 rows.
   static int64_t splits(int64_t B, int64_t L) {
     const int64_t want = 4 * static_cast<int64_t>(at::get_num_threads());
@@ -220,11 +216,10 @@ struct CpuKernels {
       scalar_t* gx = grad_x.data_ptr<scalar_t>();
       acc_t* pdw = part_dw.data_ptr<acc_t>();
       const int64_t chunk = S > 0 ? (L + S - 1) / S : L;
-      // grad_x is a fresh allocation (39 MB at the benchmark shape), asked for on huge pages
-      // (cpu::empty_for_output), which took forward+backward from about 16.5 to 9 ms on the development CPU.
-      // Where those are off, its 4 KB pages fault in as they are first written: zeroing it in a pass of its
-      // own before the streaming loop measured faster than taking the faults inside it (minimum 11-13 ms
-      // against 19-21 ms, noisy); with huge pages the two measured the same within the noise.
+      // grad_x is a fresh allocation (39 MB at the benchmark shape: fresh mmap pages). Zeroing it in a
+      // pass of its own before the streaming loop, rather than taking the first-touch page faults inside
+      // it, measured faster on the 2-core development machine: minimum 11-13 ms against 19-21 ms for the
+      // (32, 300, 1024) backward (noisy; touching one element per page instead did not help).
       grad_x.zero_();
       at::parallel_for(0, B * S, grain_for(4 * chunk * D * H), [&](int64_t begin, int64_t end) {
         std::vector<acc_t> buf(same ? 0 : D), dxbuf(same ? 0 : D), a(H), ds(H);

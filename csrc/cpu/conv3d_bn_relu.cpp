@@ -28,7 +28,6 @@
 #include <vector>
 
 #include "conv3d_bn_relu.h"
-#include "cpu/vec.h"
 
 namespace mvfast {
 namespace conv3d_bn_relu {
@@ -308,10 +307,6 @@ void lane_bwd_apply(const T* z, const T* gy, int64_t n, int64_t P, const T* sc, 
 }
 
 struct CpuKernels {
-  static at::Tensor empty_output(at::IntArrayRef sizes, const at::TensorOptions& options) {
-    return cpu::empty_for_output(sizes, options);
-  }
-
   static void stats(const at::Tensor& z, at::Tensor& mean, at::Tensor& m2) {
     const Geom g(z);
     const int64_t C = g.C, chunks = num_chunks(g);

@@ -353,9 +353,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> forward_per_item(const Inputs& in
                                                                 bool normalize) {
   const int64_t B = in.B, M = in.M, D = in.D, K = in.K, KG = in.KG;
   at::Tensor assign = at::empty({B, M, KG}, in.x.options());
-  at::Tensor vlad = cpu::empty_for_output({B, K, D}, in.x.options());
-  at::Tensor out = normalize ? cpu::empty_for_output({B, K * D}, x.options())
-                             : cpu::empty_for_output({B, K, D}, x.options());
+  at::Tensor vlad = at::empty({B, K, D}, in.x.options());
+  at::Tensor out = normalize ? at::empty({B, K * D}, x.options()) : at::empty({B, K, D}, x.options());
   const bool* m = in.mask.defined() ? in.mask.data_ptr<bool>() : nullptr;
   AT_DISPATCH_FLOATING_TYPES(in.x.scalar_type(), "netvlad_fwd_cpu", [&] {
     using acc_t = scalar_t;
@@ -384,11 +383,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> backward_per_item(con
                                                                              const at::Tensor& vlad, bool normalize) {
   const int64_t B = in.B, M = in.M, D = in.D, K = in.K, KG = in.KG;
   const at::Tensor grad = grad_out.reshape({B, K, D}).to(in.x.scalar_type()).contiguous();
-  at::Tensor dv = cpu::empty_for_output({B, K, D}, grad.options());
+  at::Tensor dv = at::empty({B, K, D}, grad.options());
   at::Tensor cdv = at::empty({B, K}, grad.options());
   CpuKernels::norm_backward(grad, vlad, in.centroids, normalize, dv, cdv);
   at::Tensor grad_c = CpuKernels::centroid_grad(assign, dv);
-  at::Tensor grad_x = cpu::empty_for_output({B, M, D}, in.x.options());
+  at::Tensor grad_x = at::empty({B, M, D}, in.x.options());
   // Per thread: [W; dV_b], the tile buffers, and partial dW and dbias, summed at the end.
   const int threads = at::get_num_threads();
   at::Tensor rhs = at::empty({threads, KG + K, D}, in.x.options());

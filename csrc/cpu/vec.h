@@ -1,15 +1,10 @@
 // Vectorised loops shared by the CPU kernels (at::vec: AVX2/AVX-512 where the build enables it).
 #pragma once
 
-#include <ATen/ATen.h>
 #include <ATen/cpu/vec/functional.h>
 #include <ATen/cpu/vec/vec.h>
 
 #include <cstdint>
-
-#if defined(__linux__)
-#include <sys/mman.h>
-#endif
 
 namespace mvfast {
 namespace cpu {
@@ -56,26 +51,6 @@ void axpy(T alpha, const T* x, T* y, int64_t n) {
     at::vec::fmadd(va, Vec::loadu(x + d), Vec::loadu(y + d)).store(y + d);
   }
   for (; d < n; ++d) y[d] += alpha * x[d];
-}
-
-// at::empty for a large output that a kernel writes once, on transparent huge pages where the kernel
-// offers them on request (THP "madvise", the common default). A fresh allocation of tens of MB is backed
-// page by page as it is first written: at 4 KB a page, the faults cost more than the kernel's own pass
-// (39 MB, the attention and NetVLAD grad_x at their benchmark shapes: about 8 ms of faults on the
-// development machine against 2 ms on 2 MB pages). The advice covers the 2 MB-aligned interior of the
-// block before anything touches it; where huge pages are off or unavailable it changes nothing.
-inline at::Tensor empty_for_output(at::IntArrayRef sizes, const at::TensorOptions& options) {
-  at::Tensor t = at::empty(sizes, options);
-#if defined(__linux__) && defined(MADV_HUGEPAGE)
-  constexpr uintptr_t kHuge = uintptr_t(2) << 20;
-  const size_t bytes = t.nbytes();
-  if (bytes >= 4 * kHuge) {
-    const uintptr_t begin = reinterpret_cast<uintptr_t>(t.data_ptr());
-    const uintptr_t lo = (begin + kHuge - 1) & ~(kHuge - 1), hi = (begin + bytes) & ~(kHuge - 1);
-    if (hi > lo) madvise(reinterpret_cast<void*>(lo), hi - lo, MADV_HUGEPAGE);  // advice: failure is harmless
-  }
-#endif
-  return t;
 }
 
 }  // namespace cpu

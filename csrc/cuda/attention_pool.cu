@@ -236,10 +236,6 @@ __global__ void backward_kernel(const scalar_t* __restrict__ x, const acc_t* __r
 }
 
 struct CudaKernels {
-  static at::Tensor empty_output(at::IntArrayRef sizes, const at::TensorOptions& options) {
-    return at::empty(sizes, options);
-  }
-
   // Enough (sample, split) blocks for two waves over the SMs when B is small, each at least a tile.
   static int64_t splits(int64_t B, int64_t L) {
     const int64_t sms = at::cuda::getCurrentDeviceProperties()->multiProcessorCount;

@@ -156,10 +156,6 @@ __global__ void bwd_apply_kernel(const scalar_t* __restrict__ gy, Layout Lg, con
 }
 
 struct CudaKernels {
-  static at::Tensor empty_output(at::IntArrayRef sizes, const at::TensorOptions& options) {
-    return at::empty(sizes, options);
-  }
-
   static void stats(const at::Tensor& z, at::Tensor& mean, at::Tensor& m2) {
     const Layout L = layout_of(z);
     const int64_t R = z.numel() / std::max<int64_t>(1, L.C);
