@@ -370,3 +370,30 @@ def test_bad_input_names_the_argument(change, exc, pattern):
     change(args)
     with pytest.raises(exc, match=pattern):
         mvfast.ops.attention_pool(args.pop("x"), args.pop("weight"), args.pop("bias"), args.pop("mask"))
+
+
+@pytest.mark.parametrize("backend", kernel_backends())
+def test_no_grad_calls_match_autograd_calls(backend):
+    """Eager calls of the compiled kernels skip the custom op (mvfast.ops._eager): under torch.no_grad the
+    kernel op alone, with a gradient an autograd.Function with the op's own backward. Both give what the
+    custom op gives, weights and their gradient included."""
+    name, device = backend
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(3, 9, 8, generator=g).to(device)
+    w = torch.randn(2, 8, generator=g).to(device)
+    mask = torch.ones(3, 9, dtype=torch.bool, device=device)
+    mask[2, 5:] = False
+    leaves = [t.clone().requires_grad_() for t in (x, w)]
+    with mvfast.backend(name):
+        with torch.no_grad():
+            plain, plain_w = mvfast.ops.attention_pool(x, w, mask=mask, return_weights=True)
+        out, weights = mvfast.ops.attention_pool(*leaves, mask=mask, return_weights=True)
+        grads = torch.autograd.grad(out.square().sum() + weights[:, 0].sum(), leaves)
+        via_op, via_w, _ = torch.ops.mvfast.attention_pool(*leaves, None, mask, True, name)
+        grads_op = torch.autograd.grad(via_op.square().sum() + via_w[:, 0].sum(), leaves)
+    assert not plain.requires_grad
+    torch.testing.assert_close(plain, out.detach(), rtol=0, atol=0)
+    torch.testing.assert_close(plain_w, weights.detach(), rtol=0, atol=0)
+    torch.testing.assert_close(via_op, out, rtol=0, atol=0)
+    for a, r in zip(grads, grads_op, strict=True):
+        torch.testing.assert_close(a, r, rtol=0, atol=0)

@@ -410,3 +410,31 @@ def test_bad_input_names_the_argument(change, exc, pattern):
             args.pop("mask"),
             **args,
         )
+
+
+@pytest.mark.parametrize("backend", kernel_backends())
+def test_no_grad_calls_match_autograd_calls(backend):
+    """Eager calls of the compiled kernels skip the custom op (mvfast.ops._eager): under torch.no_grad the
+    kernel op alone, with a gradient an autograd.Function with the op's own backward. Both give what the
+    custom op gives."""
+    name, device = backend
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(3, 7, 10, generator=g).to(device)
+    w, c = (torch.randn(6, 10, generator=g).to(device) for _ in range(2))
+    b = torch.randn(6, generator=g).to(device)
+    mask = torch.ones(3, 7, dtype=torch.bool, device=device)
+    mask[1, 4:] = False
+    leaves = [t.clone().requires_grad_() for t in (x, w, b, c[:4])]
+    with mvfast.backend(name):
+        with torch.no_grad():
+            plain = mvfast.ops.netvlad(x, w, b, c[:4], mask, ghost_clusters=2)
+        out = mvfast.ops.netvlad(*leaves, mask, ghost_clusters=2)
+        grads = torch.autograd.grad(out.square().sum(), leaves)
+        # the custom op itself, as torch.compile calls it
+        via_op = torch.ops.mvfast.netvlad(*leaves, mask, 2, True, name)[0]
+        grads_op = torch.autograd.grad(via_op.square().sum(), leaves)
+    assert not plain.requires_grad
+    torch.testing.assert_close(plain, out.detach(), rtol=0, atol=0)
+    torch.testing.assert_close(via_op, out, rtol=0, atol=0)
+    for a, r in zip(grads, grads_op, strict=True):
+        torch.testing.assert_close(a, r, rtol=0, atol=0)

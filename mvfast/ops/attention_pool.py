@@ -21,7 +21,7 @@ import torch
 from torch import Tensor
 
 from mvfast import _backend
-from mvfast.ops import _checks
+from mvfast.ops import _checks, _eager
 from mvfast.ops._triton import dot_precision, next_pow2, tl, triton
 
 OP = "attention_pool"
@@ -525,23 +525,26 @@ def _setup_context(ctx, inputs, output):
 
 def _backward(ctx, grad_out, grad_weights, _grad_lse):
     x, weight, mask, out, lse, weights = ctx.saved_tensors
-    grad_x, grad_w = torch.ops.mvfast.attention_pool_backward(
-        grad_out,
-        grad_weights if ctx.return_weights else None,
-        x,
-        weight,
-        mask,
-        out,
-        lse,
-        weights,
-        ctx.backend,
-    )
+    args = (grad_out, grad_weights if ctx.return_weights else None, x, weight, mask, out, lse, weights)
+    # Triton's Python kernels go through the backward custom op; the compiled kernels' backward op has a
+    # fake kernel of its own and is called directly.
+    if ctx.backend == "triton":
+        grad_x, grad_w = torch.ops.mvfast.attention_pool_backward(*args, ctx.backend)
+    else:
+        grad_x, grad_w = torch.ops.mvfast.attention_pool_bwd(*args)
     # The bias cancels in the softmax over l: its gradient is exactly zero.
     grad_b = weight.new_zeros((weight.shape[0],)) if ctx.has_bias else None
     return grad_x, grad_w, grad_b, None, None, None
 
 
 _attention_pool_op.register_autograd(_backward, setup_context=_setup_context)
+
+
+def _kernel_forward(x, weight, bias, mask, return_weights):
+    return torch.ops.mvfast.attention_pool_fwd(x, weight, mask, return_weights)  # bias cancels
+
+
+_KernelFunction = _eager.kernel_function("AttentionPoolFunction", _kernel_forward, _setup_context, _backward)
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -590,5 +593,7 @@ def attention_pool(
     name = _backend.resolve(OP, x.device, lambda b: _op_reasons(b, x, weight))
     if name == "reference":
         return attention_pool_reference(x, weight, bias, mask, return_weights)
-    out, weights, _ = torch.ops.mvfast.attention_pool(x, weight, bias, mask, return_weights, name)
+    args = (x, weight, bias, mask, return_weights)
+    op = torch.ops.mvfast.attention_pool
+    out, weights, _ = _eager.call(op, _KernelFunction, _kernel_forward, args, name)
     return (out, weights) if return_weights else out

@@ -39,7 +39,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from mvfast import _backend
-from mvfast.ops import _checks
+from mvfast.ops import _checks, _eager
 from mvfast.ops._triton import dot_precision, next_pow2, tl, triton
 
 OP = "conv3d_bn_relu"
@@ -969,27 +969,11 @@ def _eval_backward(ctx, grad_out):
 _conv3d_bn_relu_op.register_autograd(_backward, setup_context=_setup_context)
 
 
-class _KernelFunction(torch.autograd.Function):
-    """The same forward, context and backward as the custom op ``mvfast::conv3d_bn_relu`` for the compiled
-    CPU/CUDA kernels, as a plain autograd.Function, for eager calls.
+def _kernel_forward(*args):
+    return torch.ops.mvfast.conv3d_bn_relu_fwd(*args)
 
-    torch.library's autograd layer around a custom op re-binds the op's 16 arguments to its schema on every
-    call in Python (about 50 us of the 0.2 ms a narrow block's whole forward and backward take on the
-    development CPU); a small model's dozens of narrow blocks felt it. torch.compile traces the custom op
-    instead (``run_kernels`` picks), so the graph holds the op, not this Function.
-    """
 
-    @staticmethod
-    def forward(*args):
-        return torch.ops.mvfast.conv3d_bn_relu_fwd(*args[:-1])
-
-    @staticmethod
-    def setup_context(ctx, inputs, output):
-        _setup_context(ctx, inputs, output)
-
-    @staticmethod
-    def backward(ctx, *grads):
-        return _backward(ctx, grads[0])
+_KernelFunction = _eager.kernel_function("Conv3dBNReLUFunction", _kernel_forward, _setup_context, _backward)
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -1129,10 +1113,8 @@ def run_kernels(
     dilation lists of 3), and the running-statistics update: what conv3d_bn_relu and conv2d_bn_relu (its
     tensors given a depth of 1) run after their checks.
 
-    torch.compile and the Triton backend go through the custom op ``mvfast::conv3d_bn_relu``. Eager calls of
-    the CPU and CUDA kernels skip its Python layers, which on a small model's narrow layers cost as much as
-    the convolution: through ``_KernelFunction`` (the same context and backward) when a gradient is
-    wanted, straight to the compiled kernel op when none is (inference, torch.no_grad).
+    torch.compile and the Triton backend go through the custom op ``mvfast::conv3d_bn_relu``, eager calls
+    of the CPU and CUDA kernels around its Python layers (see mvfast.ops._eager).
     """
     C = weight.shape[0]
     g = bn_weight if bn_weight is not None else x.new_ones((C,))
@@ -1140,13 +1122,13 @@ def run_kernels(
     batch_stats = training or running_mean is None
     conv_cl = backend == "cpu" and _cpu_conv_channels_last(x)
     args = (x, weight, bias, g, b, running_mean, running_var, stride, padding, dilation, groups, batch_stats)
-    grad = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (x, weight, bias, g, b))
-    if backend == "triton" or torch.compiler.is_compiling():
-        out, _, mean, _, var, _ = torch.ops.mvfast.conv3d_bn_relu(*args, float(eps), relu, conv_cl, backend)
-    elif grad:
-        out, _, mean, _, var, _ = _KernelFunction.apply(*args, float(eps), relu, conv_cl, backend)
-    else:
-        out, _, mean, _, var, _ = torch.ops.mvfast.conv3d_bn_relu_fwd(*args, float(eps), relu, conv_cl)
+    out, _, mean, _, var, _ = _eager.call(
+        torch.ops.mvfast.conv3d_bn_relu,
+        _KernelFunction,
+        _kernel_forward,
+        (*args, float(eps), relu, conv_cl),
+        backend,
+    )
     if training and running_mean is not None:
         _update_running_stats(running_mean, running_var, num_batches_tracked, mean, var, bias, momentum)
     return out

@@ -18,7 +18,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from mvfast import _backend
-from mvfast.ops import _checks
+from mvfast.ops import _checks, _eager
 from mvfast.ops._triton import dot_precision, next_pow2, tl, triton
 
 OP = "netvlad"
@@ -671,13 +671,24 @@ def _backward(ctx, grad_out, _grad_assign, _grad_vlad):
     if grad_out is None:  # undefined: no gradient reached the output (gradcheck tests this case)
         return (None,) * 8
     x, weight, centroids, assign, vlad = ctx.saved_tensors
-    grad_x, grad_w, grad_b, grad_c = torch.ops.mvfast.netvlad_backward(
-        grad_out, x, weight, centroids, assign, vlad, ctx.ghost_clusters, ctx.normalize, ctx.backend
-    )
+    args = (grad_out, x, weight, centroids, assign, vlad, ctx.ghost_clusters, ctx.normalize)
+    # Triton's Python kernels go through the backward custom op; the compiled kernels' backward op has a
+    # fake kernel of its own and is called directly.
+    if ctx.backend == "triton":
+        grad_x, grad_w, grad_b, grad_c = torch.ops.mvfast.netvlad_backward(*args, ctx.backend)
+    else:
+        grad_x, grad_w, grad_b, grad_c = torch.ops.mvfast.netvlad_bwd(*args)
     return grad_x, grad_w, grad_b if ctx.has_bias else None, grad_c, None, None, None, None
 
 
 _netvlad_op.register_autograd(_backward, setup_context=_setup_context)
+
+
+def _kernel_forward(*args):
+    return torch.ops.mvfast.netvlad_fwd(*args)
+
+
+_KernelFunction = _eager.kernel_function("NetVLADFunction", _kernel_forward, _setup_context, _backward)
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -729,5 +740,6 @@ def netvlad(
     name = _backend.resolve(OP, x.device, lambda b: _op_reasons(b, x, weight))
     if name == "reference":
         return netvlad_reference(x, weight, bias, centroids, mask, ghost_clusters, normalize)
-    out, _, _ = torch.ops.mvfast.netvlad(x, weight, bias, centroids, mask, ghost_clusters, normalize, name)
+    args = (x, weight, bias, centroids, mask, ghost_clusters, normalize)
+    out, _, _ = _eager.call(torch.ops.mvfast.netvlad, _KernelFunction, _kernel_forward, args, name)
     return out
