@@ -397,3 +397,17 @@ def test_no_grad_calls_match_autograd_calls(backend):
     torch.testing.assert_close(via_op, out, rtol=0, atol=0)
     for a, r in zip(grads, grads_op, strict=True):
         torch.testing.assert_close(a, r, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("backend", kernel_backends())
+def test_second_derivative_is_an_error(backend):
+    """The kernels' backward is not differentiable: backpropagating through a graph recorded by
+    create_graph=True must fail loudly, not drop the kernels' part of the second derivative."""
+    name, device = backend
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(2, 5, 8, generator=g).to(device).requires_grad_()
+    w = torch.randn(1, 8, generator=g).to(device).requires_grad_()
+    with mvfast.backend(name):
+        (gx,) = torch.autograd.grad(mvfast.ops.attention_pool(x, w).square().sum(), [x], create_graph=True)
+        with pytest.raises(RuntimeError, match="attention_pool"):
+            torch.autograd.grad(gx.square().sum(), [w])

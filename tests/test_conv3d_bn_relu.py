@@ -503,3 +503,16 @@ def test_bad_input_names_the_argument(change, exc, pattern):
             args.pop("running_var"),
             **kw,
         )
+
+
+@pytest.mark.parametrize("backend", kernel_backends())
+def test_second_derivative_is_an_error(backend):
+    """In training the kernels' backward is not differentiable: backpropagating through a graph recorded by
+    create_graph=True must fail loudly, not drop the kernels' part of the second derivative."""
+    name, device = backend
+    leaves, rm, rv, kw = sample_inputs(torch.float32, device, padding=1)
+    with mvfast.backend(name):
+        y = mvfast.ops.conv3d_bn_relu(*leaves, rm, rv, training=True, **kw)
+        (gx,) = torch.autograd.grad(y.square().sum(), [leaves[0]], create_graph=True)
+        with pytest.raises(RuntimeError, match="conv3d_bn_relu"):
+            torch.autograd.grad(gx.square().sum(), [leaves[1]])

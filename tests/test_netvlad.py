@@ -438,3 +438,37 @@ def test_no_grad_calls_match_autograd_calls(backend):
     torch.testing.assert_close(via_op, out, rtol=0, atol=0)
     for a, r in zip(grads, grads_op, strict=True):
         torch.testing.assert_close(a, r, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("backend", kernel_backends())
+def test_second_derivative_is_an_error(backend):
+    """The kernels' backward is not differentiable: backpropagating through a graph recorded by
+    create_graph=True must fail loudly, not drop the kernels' part of the second derivative."""
+    name, device = backend
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(2, 5, 8, generator=g).to(device).requires_grad_()
+    w = torch.randn(4, 8, generator=g).to(device).requires_grad_()
+    c = torch.randn(4, 8, generator=g).to(device).requires_grad_()
+    with mvfast.backend(name):
+        (gx,) = torch.autograd.grad(mvfast.ops.netvlad(x, w, None, c).square().sum(), [x], create_graph=True)
+        with pytest.raises(RuntimeError, match="netvlad"):
+            torch.autograd.grad(gx.square().sum(), [w])
+
+
+@pytest.mark.filterwarnings("ignore:There is a performance drop because we have not yet implemented")
+@pytest.mark.parametrize("backend", [p for p in kernel_backends() if p.id == "cpu"])
+def test_vmap_matches_a_loop(backend):
+    """torch.func.vmap over the op with parameters that require grad (the eager autograd.Function route)."""
+    name, device = backend
+    g = torch.Generator().manual_seed(0)
+    xs = torch.randn(3, 2, 5, 8, generator=g)
+    w = torch.randn(4, 8, generator=g).requires_grad_()
+    c = torch.randn(4, 8, generator=g).requires_grad_()
+    with mvfast.backend(name):
+        batched = torch.func.vmap(lambda x: mvfast.ops.netvlad(x, w, None, c))(xs)
+        looped = torch.stack([mvfast.ops.netvlad(x, w, None, c) for x in xs])
+    torch.testing.assert_close(batched, looped)
+    gb = torch.autograd.grad(batched.square().sum(), [w, c])
+    gl = torch.autograd.grad(looped.square().sum(), [w, c])
+    for a, b in zip(gb, gl, strict=True):
+        torch.testing.assert_close(a, b)

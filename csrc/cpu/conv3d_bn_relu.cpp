@@ -4,9 +4,9 @@
 //
 // A tile is read in z's layout: in channels_last_3d it is one flat run of rows of C values (positions),
 // walked in whole vectors against per-channel parameters repeated along the vector lanes (see "lanes"
-// below), in NCDHW its rows are channels (a block of contiguous positions). A tensor in the other layout (grad_out, or the output when the user's layout is
-// not the conv's) is transposed through a small buffer while the tile is in cache, so the switch of
-// layout costs no pass over memory of its own.
+// below), in NCDHW its rows are channels (a block of contiguous positions). A tensor in the other layout
+// (grad_out, or the output when the user's layout is not the conv's) is transposed through a small buffer
+// while the tile is in cache, so the switch of layout costs no pass over memory of its own.
 //
 // Statistics: each tile's mean and M2 are computed in two passes over the tile while it is in L1 (never
 // E[x^2] - E[x]^2), then folded into the chunk's running statistics with the Chan/Welford combine; the
@@ -535,18 +535,22 @@ struct CpuKernels {
 
   // The fold of fold_bn in one pass: a small model's eval spent more in the eight ATen ops of the fold
   // than in its narrowest convolutions. An output channel's weights are one contiguous block in NCDHW and
-  // in channels_last_3d alike (dim 0 is outermost in both), so the block is scaled in whatever order it is
-  // stored once weight is in layout fmt.
+  // in channels_last_3d alike (dim 0 is outermost in both), so each block is scaled as it is stored when
+  // weight is already in layout fmt, and transposed from (Cin, taps) to (taps, Cin) on the way when it is
+  // NCDHW and fmt is channels_last_3d (a model's parameters are NCDHW, its activations channels-last).
   static void fold(const at::Tensor& weight, const std::optional<at::Tensor>& bias, const at::Tensor& bn_weight,
                    const at::Tensor& bn_bias, const at::Tensor& running_mean, const at::Tensor& running_var,
                    double eps, at::MemoryFormat fmt, at::Tensor& w, at::Tensor& b) {
     const auto acc = acc_type(weight.scalar_type());
-    const at::Tensor src = in_layout(weight, fmt);
+    const bool transpose = !weight.is_contiguous(fmt) && fmt == at::MemoryFormat::ChannelsLast3d &&
+                           weight.is_contiguous();
+    const at::Tensor src = transpose ? weight : in_layout(weight, fmt);
     const at::Tensor g = bn_weight.to(acc).contiguous(), beta = bn_bias.to(acc).contiguous();
     const at::Tensor rm = running_mean.to(acc).contiguous(), rv = running_var.to(acc).contiguous();
     const bool has_bias = bias.has_value() && bias->defined();
     const at::Tensor cb = has_bias ? bias->to(acc).contiguous() : at::Tensor();
     const int64_t C = weight.size(0), per = C > 0 ? weight.numel() / C : 0;
+    const int64_t cin = weight.size(1), taps = cin > 0 ? per / cin : 0;
     w = at::empty(weight.sizes(), weight.options().memory_format(fmt));
     b = at::empty({C}, weight.options());
     AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, weight.scalar_type(), "conv3d_bn_relu_fold_cpu", [&] {
@@ -561,8 +565,16 @@ struct CpuKernels {
         const acc_t scale = gp[c] / std::sqrt(vp[c] + static_cast<acc_t>(eps));
         const acc_t centred = (cp ? cp[c] : acc_t(0)) - mp[c];
         bd[c] = static_cast<scalar_t>(centred * scale + bp[c]);
-        for (int64_t j = c * per; j < (c + 1) * per; ++j) {
-          wd[j] = static_cast<scalar_t>(static_cast<acc_t>(ws[j]) * scale);
+        const scalar_t* sb = ws + c * per;
+        scalar_t* db = wd + c * per;
+        if (transpose) {  // sb[i * taps + t] -> db[t * cin + i]
+          for (int64_t i = 0; i < cin; ++i) {
+            for (int64_t t = 0; t < taps; ++t) {
+              db[t * cin + i] = static_cast<scalar_t>(static_cast<acc_t>(sb[i * taps + t]) * scale);
+            }
+          }
+        } else {
+          for (int64_t j = 0; j < per; ++j) db[j] = static_cast<scalar_t>(static_cast<acc_t>(sb[j]) * scale);
         }
       }
     });

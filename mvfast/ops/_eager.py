@@ -7,7 +7,7 @@ Each op is a ``torch.library`` custom op with a fake kernel and registered autog
 the autograd layer re-binds the op's arguments to its schema (about 50 us for the 16 of conv3d_bn_relu on
 the development CPU), then redispatches to a Python function that calls the compiled kernel op. Where the
 tensors are large it does not matter; a small model's dozens of narrow layers felt it as much as their
-kernels. So eager calls of the ``cpu`` and ``cuda`` backends go
+kernels. So eager calls of the ``cpu`` and ``cuda`` backends (not traced by torch.compile or torch.jit) go
 
 - through :func:`kernel_function`'s autograd.Function (the custom op's own setup_context and backward
   around the compiled kernel op) when a gradient is wanted,
@@ -36,6 +36,8 @@ def kernel_function(name: str, forward: Callable, setup_context: Callable, backw
         name,
         (torch.autograd.Function,),
         {
+            # vmap runs the forward per sample, as it does the custom op
+            "generate_vmap_rule": True,
             "forward": staticmethod(fwd),
             "setup_context": staticmethod(setup_context),
             "backward": staticmethod(bwd),
@@ -45,7 +47,7 @@ def kernel_function(name: str, forward: Callable, setup_context: Callable, backw
 
 def call(custom_op, function: type, forward: Callable, args: tuple, backend: str):
     """The op's outputs for ``args`` (the custom op's arguments without the backend) on ``backend``."""
-    if backend == "triton" or torch.compiler.is_compiling():
+    if backend == "triton" or torch.compiler.is_compiling() or torch.jit.is_tracing():
         return custom_op(*args, backend)
     if torch.is_grad_enabled() and any(isinstance(a, Tensor) and a.requires_grad for a in args):
         return function.apply(*args, backend)

@@ -526,9 +526,11 @@ def _setup_context(ctx, inputs, output):
 def _backward(ctx, grad_out, grad_weights, _grad_lse):
     x, weight, mask, out, lse, weights = ctx.saved_tensors
     args = (grad_out, grad_weights if ctx.return_weights else None, x, weight, mask, out, lse, weights)
-    # Triton's Python kernels go through the backward custom op; the compiled kernels' backward op has a
-    # fake kernel of its own and is called directly.
-    if ctx.backend == "triton":
+    # The compiled kernels' backward op (it has a fake kernel of its own) is called directly in an ordinary
+    # backward. Triton's Python kernels, and a backward that records a graph (create_graph=True), go
+    # through the backward custom op: it has no derivative and says so, where the compiled op would be
+    # dropped from the graph with a warning and the second derivative silently wrong.
+    if ctx.backend == "triton" or torch.is_grad_enabled():
         grad_x, grad_w = torch.ops.mvfast.attention_pool_backward(*args, ctx.backend)
     else:
         grad_x, grad_w = torch.ops.mvfast.attention_pool_bwd(*args)

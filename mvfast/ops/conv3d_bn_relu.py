@@ -896,9 +896,12 @@ def _backward(ctx, grad_out, *_):
         return (None,) * len(need)
     if ctx.training:
         x, weight, bn_weight, bn_bias, z, mean, invstd = ctx.saved_tensors
-        # The compiled kernels' backward is called directly (it has a fake kernel, so torch.compile traces it
-        # as it is); only Triton's Python kernels go through the backward custom op. The extra hop cost
-        # ~0.1 ms of Python per block, which a small model's many narrow blocks felt.
+        # The compiled kernels' backward op (it has a fake kernel, so torch.compile traces it as it is) is
+        # called directly in an ordinary backward: the Python backward custom op cost ~0.1 ms per block,
+        # which a small model's many narrow blocks felt. Triton's Python kernels, and a backward that
+        # records a graph (create_graph=True), go through the backward custom op: it has no derivative
+        # and says so, where the compiled op would be dropped from the graph and the second derivative
+        # silently wrong.
         args = (
             grad_out,
             x,
@@ -916,7 +919,7 @@ def _backward(ctx, grad_out, *_):
             need[0],
             need[1],
         )
-        if ctx.backend == "triton":
+        if ctx.backend == "triton" or torch.is_grad_enabled():
             gx, gw, gg, gb = torch.ops.mvfast.conv3d_bn_relu_backward(*args, ctx.backend)
         else:
             gx, gw, gg, gb = torch.ops.mvfast.conv3d_bn_relu_bwd(*args)
@@ -1136,7 +1139,8 @@ def run_kernels(
 
 def _update_running_stats(running_mean, running_var, num_batches_tracked, mean, var, bias, momentum):
     """running += f (batch - running), f = momentum (or 1 / num_batches_tracked), in the statistics' float32
-    / float64 as ATen's batch_norm does: one lerp_ each when the buffers are in that dtype."""
+    / float64 (ATen's batch_norm computes f batch + (1 - f) running: the same up to rounding), one lerp_
+    each when the buffers are in that dtype."""
     with torch.no_grad():
         if num_batches_tracked is not None:
             num_batches_tracked.add_(1)

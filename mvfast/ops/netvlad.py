@@ -672,9 +672,11 @@ def _backward(ctx, grad_out, _grad_assign, _grad_vlad):
         return (None,) * 8
     x, weight, centroids, assign, vlad = ctx.saved_tensors
     args = (grad_out, x, weight, centroids, assign, vlad, ctx.ghost_clusters, ctx.normalize)
-    # Triton's Python kernels go through the backward custom op; the compiled kernels' backward op has a
-    # fake kernel of its own and is called directly.
-    if ctx.backend == "triton":
+    # The compiled kernels' backward op (it has a fake kernel of its own) is called directly in an ordinary
+    # backward. Triton's Python kernels, and a backward that records a graph (create_graph=True), go
+    # through the backward custom op: it has no derivative and says so, where the compiled op would be
+    # dropped from the graph with a warning and the second derivative silently wrong.
+    if ctx.backend == "triton" or torch.is_grad_enabled():
         grad_x, grad_w, grad_b, grad_c = torch.ops.mvfast.netvlad_backward(*args, ctx.backend)
     else:
         grad_x, grad_w, grad_b, grad_c = torch.ops.mvfast.netvlad_bwd(*args)
