@@ -25,7 +25,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from mvfast import _backend
-from mvfast.ops.conv3d_bn_relu import _factor, _op_reasons, _validate, run_kernels
+from mvfast.ops.conv3d_bn_relu import _batch_norm_relu, _op_reasons, _validate, run_kernels
 
 OP = "conv2d_bn_relu"
 
@@ -49,14 +49,12 @@ def conv2d_bn_relu_reference(
     num_batches_tracked=None,
 ) -> Tensor:
     """The eager chain ``relu(batch_norm(conv2d(x)))`` exactly as nn.Conv2d, nn.BatchNorm2d and nn.ReLU run
-    it (running statistics updated in place in training); differentiable by autograd. Independent of the
-    3D op: the oracle of the tests and the ``reference`` backend."""
+    it (running statistics updated in place in training); differentiable by autograd. Its convolution
+    is F.conv2d, not the 3D op over a depth of 1: the oracle of the tests and the ``reference`` backend."""
     z = F.conv2d(x, weight, bias, stride, padding, dilation, groups)
-    factor = _factor(momentum, num_batches_tracked) if training and running_mean is not None else 0.0
-    y = F.batch_norm(
-        z, running_mean, running_var, bn_weight, bn_bias, training or running_mean is None, factor, eps
+    return _batch_norm_relu(
+        z, bn_weight, bn_bias, running_mean, running_var, training, momentum, eps, relu, num_batches_tracked
     )
-    return F.relu(y) if relu else y
 
 
 def conv2d_bn_relu(

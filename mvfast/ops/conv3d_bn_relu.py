@@ -197,6 +197,15 @@ def conv3d_bn_relu_reference(
     """The eager chain ``relu(batch_norm(conv3d(x)))`` exactly as nn.Conv3d, nn.BatchNorm3d and nn.ReLU run
     it (running statistics updated in place in training); differentiable by autograd."""
     z = F.conv3d(x, weight, bias, stride, padding, dilation, groups)
+    return _batch_norm_relu(
+        z, bn_weight, bn_bias, running_mean, running_var, training, momentum, eps, relu, num_batches_tracked
+    )
+
+
+def _batch_norm_relu(
+    z, bn_weight, bn_bias, running_mean, running_var, training, momentum, eps, relu, num_batches_tracked
+) -> Tensor:
+    """relu(batch_norm(z)) as nn.BatchNorm*d and nn.ReLU run it: the eager references' common tail."""
     factor = _factor(momentum, num_batches_tracked) if training and running_mean is not None else 0.0
     y = F.batch_norm(
         z, running_mean, running_var, bn_weight, bn_bias, training or running_mean is None, factor, eps
