@@ -7,6 +7,7 @@ fusable check, and bad input named in 2D terms."""
 import pytest
 import torch
 from backend_params import kernel_backends
+from conv_checks import check_close, grads, names_for, off_the_kink
 from torch import nn
 
 import mvfast
@@ -73,14 +74,7 @@ def run(backend, leaves, rm, rv, kw, training, gy=None):
     """[out, grads of (x, weight, bias?, bn_weight, bn_bias)], with rm / rv updated in place."""
     with mvfast.backend(backend):
         y = mvfast.ops.conv2d_bn_relu(*leaves, rm, rv, training=training, **kw)
-    return [y] + _grads(y, leaves, gy)
-
-
-def _grads(y, leaves, gy=None):
-    if gy is None:
-        gy = torch.randn(y.shape, generator=torch.Generator().manual_seed(1))
-    live = [t for t in leaves if t is not None]
-    return list(torch.autograd.grad(y, live, gy.to(y)))
+    return [y] + grads(y, leaves, gy)
 
 
 def upcast(leaves, rm, rv):
@@ -90,36 +84,11 @@ def upcast(leaves, rm, rv):
 
 def grad_out_off_the_kink(leaves, rm, rv, kw, training, dtype):
     """A random grad_out, zero where the float64 pre-activation is within the dtype's rounding of 0: there
-    a low-precision ReLU mask may go either way (see tests/test_conv3d_bn_relu.py)."""
+    a low-precision ReLU mask may go either way (see conv_checks.off_the_kink)."""
     up, rm64, rv64 = upcast(leaves, rm, rv)
     with torch.no_grad():
         pre = conv2d_bn_relu_reference(*up, rm64, rv64, training=training, **dict(kw, relu=False))
-    gy = torch.randn(pre.shape, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
-    tol = {torch.float32: 1e-4, torch.float16: 1e-2, torch.bfloat16: 5e-2}[dtype] * pre.abs().max()
-    return gy.masked_fill(pre.abs() < tol, 0.0)
-
-
-def check_close(got, ref64, lowp, dtype, names):
-    """Each result's error against float64 at most about twice PyTorch's own in that dtype."""
-    floor = {torch.float32: 1e-5, torch.float16: 4e-3, torch.bfloat16: 2e-2}[dtype]
-    for name, g, r, l in zip(names, got, ref64, lowp, strict=True):
-        assert g.dtype == dtype, f"{name}: dtype {g.dtype}, expected {dtype}"
-        assert g.shape == r.shape, f"{name}: shape {tuple(g.shape)}, expected {tuple(r.shape)}"
-        assert torch.isfinite(g).all(), f"{name}: non-finite values"
-        err = (g.double().cpu() - r).abs().max().item()
-        base = (l.double().cpu() - r).abs().max().item()
-        scale = r.abs().max().item()
-        assert err <= 2 * base + floor * max(scale, 1.0), (
-            f"{name}: error {err:.3g} vs PyTorch's own {base:.3g} in {dtype} (scale {scale:.3g})"
-        )
-
-
-def names_for(bias):
-    return (
-        ["out", "grad_x", "grad_weight"]
-        + (["grad_bias"] if bias else [])
-        + ["grad_bn_weight", "grad_bn_bias"]
-    )
+    return off_the_kink(pre, dtype)
 
 
 # ---------------------------------------------------------------------------------------------------

@@ -5,6 +5,7 @@ channels_last_3d, memory saved for backward, the module's state_dict, and bad in
 import pytest
 import torch
 from backend_params import kernel_backends
+from conv_checks import check_close, grads, names_for, off_the_kink
 from torch import nn
 
 import mvfast
@@ -64,26 +65,17 @@ def run(backend, leaves, rm, rv, kw, training, gy=None):
     """[out, grads of (x, weight, bias?, bn_weight, bn_bias)], with rm / rv updated in place."""
     with mvfast.backend(backend):
         y = mvfast.ops.conv3d_bn_relu(*leaves, rm, rv, training=training, **kw)
-    return [y] + _grads(y, leaves, gy)
-
-
-def _grads(y, leaves, gy=None):
-    if gy is None:
-        gy = torch.randn(y.shape, generator=torch.Generator().manual_seed(1))
-    live = [t for t in leaves if t is not None]
-    return list(torch.autograd.grad(y, live, gy.to(y)))
+    return [y] + grads(y, leaves, gy)
 
 
 def grad_out_off_the_kink(leaves, rm, rv, kw, training, dtype):
     """A random grad_out that is zero where the float64 pre-activation lies within the dtype's rounding
     of 0: there the ReLU mask of any low-precision computation may go either way, and the gradient with
-    it, so the comparison would measure a coin toss rather than the kernel."""
+    it (see conv_checks.off_the_kink)."""
     up, rm64, rv64 = upcast(leaves, rm, rv)
     with torch.no_grad():
         pre = conv3d_bn_relu_reference(*up, rm64, rv64, training=training, **dict(kw, relu=False))
-    gy = torch.randn(pre.shape, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
-    tol = {torch.float32: 1e-4, torch.float16: 1e-2, torch.bfloat16: 5e-2}[dtype] * pre.abs().max()
-    return gy.masked_fill(pre.abs() < tol, 0.0)
+    return off_the_kink(pre, dtype)
 
 
 def upcast(leaves, rm, rv):
@@ -96,29 +88,7 @@ def upcast(leaves, rm, rv):
 def eager_in_dtype(leaves, rm, rv, kw, training, gy=None):
     """The eager chain run by PyTorch in the inputs' own dtype: the error it makes sets the tolerance."""
     y = conv3d_bn_relu_reference(*leaves, rm, rv, training=training, **kw)
-    return [y] + _grads(y, leaves, gy)
-
-
-def check_close(got, ref64, lowp, dtype, names):
-    floor = {torch.float32: 1e-5, torch.float16: 4e-3, torch.bfloat16: 2e-2}[dtype]
-    for name, g, r, l in zip(names, got, ref64, lowp, strict=True):
-        assert g.dtype == dtype, f"{name}: dtype {g.dtype}, expected {dtype}"
-        assert g.shape == r.shape, f"{name}: shape {tuple(g.shape)}, expected {tuple(r.shape)}"
-        assert torch.isfinite(g).all(), f"{name}: non-finite values"
-        err = (g.double().cpu() - r).abs().max().item()
-        base = (l.double().cpu() - r).abs().max().item()
-        scale = r.abs().max().item()
-        assert err <= 2 * base + floor * max(scale, 1.0), (
-            f"{name}: error {err:.3g} vs PyTorch's own {base:.3g} in {dtype} (scale {scale:.3g})"
-        )
-
-
-def names_for(bias):
-    return (
-        ["out", "grad_x", "grad_weight"]
-        + (["grad_bias"] if bias else [])
-        + ["grad_bn_weight", "grad_bn_bias"]
-    )
+    return [y] + grads(y, leaves, gy)
 
 
 # ---------------------------------------------------------------------------------------------------
