@@ -66,10 +66,9 @@ def test_eval_outputs_match(pair):
         torch.testing.assert_close(fused(xc), model(x), rtol=1e-4, atol=1e-4)
 
 
-def test_training_step_matches(pair):
-    _, model, fused, _ = pair
+def _assert_training_step_matches(model, fused, x):
+    """One training step of copies of both: loss, every parameter's gradient and the running statistics."""
     a, b = copy.deepcopy(model).train(), copy.deepcopy(fused).train()
-    x = torch.randn(2, 3, 4, 32, 32)
     y = torch.tensor([1, 7])
     la = nn.functional.cross_entropy(a(x), y)
     lb = nn.functional.cross_entropy(b(x), y)
@@ -85,8 +84,14 @@ def test_training_step_matches(pair):
             torch.testing.assert_close(sb[k], sa[k], rtol=1e-4, atol=1e-5, msg=lambda m, k=k: f"{k}: {m}")
 
 
-def test_checkpoints_load_both_ways_and_unfuse(pair):
+def test_training_step_matches(pair):
     _, model, fused, _ = pair
+    _assert_training_step_matches(model, fused, torch.randn(2, 3, 4, 32, 32))
+
+
+def _assert_checkpoints_load_both_ways_and_unfuse(model, fused, blocks, block_type):
+    """A plain model's checkpoint loads into the fused model and back; unfuse gives back ``blocks`` blocks,
+    the original module types and state_dict keys, and the loaded values."""
     other = _randomised(copy.deepcopy(model))
     with torch.no_grad():
         for p in other.parameters():
@@ -98,11 +103,16 @@ def test_checkpoints_load_both_ways_and_unfuse(pair):
     for k, v in other.state_dict().items():
         torch.testing.assert_close(plain.state_dict()[k], v)
     _, n = mvfast.unfuse(f)
-    assert n == 20 and not any(isinstance(m, Conv3dBNReLU) for m in f.modules())
+    assert n == blocks and not any(isinstance(m, block_type) for m in f.modules())
     assert [type(m) for m in f.modules()] == [type(m) for m in model.modules()]
     assert list(f.state_dict()) == list(model.state_dict())
     for k, v in other.state_dict().items():
         torch.testing.assert_close(f.state_dict()[k], v)
+
+
+def test_checkpoints_load_both_ways_and_unfuse(pair):
+    _, model, fused, _ = pair
+    _assert_checkpoints_load_both_ways_and_unfuse(model, fused, 20, Conv3dBNReLU)
 
 
 def test_chain_inside_a_longer_sequential_fuses_in_place():
@@ -259,41 +269,12 @@ def test_eval_outputs_match_2d(pair2d):
 
 def test_training_step_matches_2d(pair2d):
     name, model, fused, _ = pair2d
-    a, b = copy.deepcopy(model).train(), copy.deepcopy(fused).train()
-    x = torch.randn(2, 3, SIZE_2D[name], SIZE_2D[name])
-    y = torch.tensor([1, 7])
-    la = nn.functional.cross_entropy(a(x), y)
-    lb = nn.functional.cross_entropy(b(x), y)
-    torch.testing.assert_close(lb, la, rtol=1e-4, atol=1e-5)
-    ga = torch.autograd.grad(la, list(a.parameters()))
-    gb = torch.autograd.grad(lb, list(b.parameters()))
-    names = [n for n, _ in a.named_parameters()]
-    for pname, u, v in zip(names, ga, gb, strict=True):
-        torch.testing.assert_close(v, u, rtol=1e-3, atol=1e-4, msg=lambda m, pname=pname: f"{pname}: {m}")
-    sa, sb = a.state_dict(), b.state_dict()
-    for k in sa:
-        if "running" in k or "num_batches" in k:
-            torch.testing.assert_close(sb[k], sa[k], rtol=1e-4, atol=1e-5, msg=lambda m, k=k: f"{k}: {m}")
+    _assert_training_step_matches(model, fused, torch.randn(2, 3, SIZE_2D[name], SIZE_2D[name]))
 
 
 def test_checkpoints_load_both_ways_and_unfuse_2d(pair2d):
     name, model, fused, _ = pair2d
-    other = _randomised(copy.deepcopy(model))
-    with torch.no_grad():
-        for p in other.parameters():
-            p.mul_(1.5)
-    f = copy.deepcopy(fused)
-    f.load_state_dict(other.state_dict())  # a plain model's checkpoint into the fused model
-    plain = copy.deepcopy(model)
-    plain.load_state_dict(f.state_dict())  # and back
-    for k, v in other.state_dict().items():
-        torch.testing.assert_close(plain.state_dict()[k], v)
-    _, n = mvfast.unfuse(f)
-    assert n == EXPECTED_2D[name][0] and not any(isinstance(m, Conv2dBNReLU) for m in f.modules())
-    assert [type(m) for m in f.modules()] == [type(m) for m in model.modules()]
-    assert list(f.state_dict()) == list(model.state_dict())
-    for k, v in other.state_dict().items():
-        torch.testing.assert_close(f.state_dict()[k], v)
+    _assert_checkpoints_load_both_ways_and_unfuse(model, fused, EXPECTED_2D[name][0], Conv2dBNReLU)
 
 
 class _Mixed(nn.Module):
