@@ -36,6 +36,7 @@ import importlib.util
 import json
 import os
 import platform
+import shlex
 import shutil
 import signal
 import statistics
@@ -43,6 +44,8 @@ import subprocess
 import sys
 import tempfile
 import time
+import traceback
+import warnings
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -54,8 +57,9 @@ import report as bench_report  # noqa: E402
 
 STAGES = ("build", "tests", "ops", "models", "e2e")
 # Nominal seconds of a 450 s run; the budget is shared out in these proportions among the stages still to
-# run, so time a stage leaves unused goes to the ones after it.
-SHARES = {"build": 140, "tests": 110, "ops": 110, "models": 75, "e2e": 15}
+# run, so time a stage leaves unused goes to the ones after it. The build gets the most: a build cut short
+# leaves the cuda backend with nothing to test, and what it does not use goes on to the tests.
+SHARES = {"build": 170, "tests": 110, "ops": 100, "models": 60, "e2e": 10}
 DEFAULT_BUDGET = 450.0
 RESERVE = 5.0  # seconds kept for writing the report
 KILL_WAIT = 3.0  # between SIGTERM and SIGKILL of a stage's process group
@@ -63,13 +67,17 @@ MAX_RESTARTS = 4  # fresh processes after a lost CUDA context or a crash, per st
 OPTIONAL = ("av",)  # modules that some tests and benchmarks need and a device machine may lack
 TESTS_K = "cuda or triton"
 OWN_TEST = "tests/test_gpu_check.py"  # would run this script again
-DTYPES = {"float32": "float32", "bfloat16": "bfloat16"}
+DTYPES = ("float32", "bfloat16")  # of the ops stage
 SMOKE_SHAPES = {  # --cpu-smoke: one tiny case per op suite, in its CASES' format
     "test_bench_netvlad": {"smoke-B2-M8-D16-K4": (2, 8, 16, 4)},
     "test_bench_attention_pool": {"smoke-B2-L8-D16-H2": (2, 8, 16, 2)},
     "test_bench_conv3d_bn_relu": {"smoke-N1-C4-2x6x6": (1, 4, 2, 6, 6)},
 }
-OP_SUITES = ("test_bench_netvlad", "test_bench_attention_pool", "test_bench_conv3d_bn_relu")
+OP_SUITES = {
+    "test_bench_netvlad": "netvlad",
+    "test_bench_attention_pool": "attention_pool",
+    "test_bench_conv3d_bn_relu": "conv3d_bn_relu",
+}
 MODELS_SUITE = "test_bench_models"
 
 
@@ -110,7 +118,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     p.add_argument("--tests-k", default=TESTS_K, help="pytest -k expression of the tests stage")
     p.add_argument(
-        "--tests-path", action="append", default=None, help="what the tests stage runs (default: tests)"
+        "--tests-path",
+        action="append",
+        default=None,
+        help="what the tests stage runs (repeatable; default tests, with --cpu-smoke tests/test_backends.py)",
     )
     p.add_argument(
         "--workers",
@@ -212,14 +223,13 @@ class Budget:
                 min(self.fixed[s], left) for s in self.pending if s in self.fixed and s != stage
             )
             share = max(0.0, left - fixed_after) * weights.get(stage, 0) / max(1, sum(weights.values()))
-        if stage in self.pending:
-            self.pending.remove(stage)
+        self.drop(stage)
         return share
 
-
-def drop(stage: str, budget: Budget) -> None:
-    if stage in budget.pending:
-        budget.pending.remove(stage)
+    def drop(self, stage: str) -> None:
+        """``stage`` will not run: its share goes to the others."""
+        if stage in self.pending:
+            self.pending.remove(stage)
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -231,8 +241,9 @@ def child_env(args, *, extra: dict | None = None) -> dict:
     paths = [str(ROOT), str(BENCH)] + [p for p in env.get("PYTHONPATH", "").split(os.pathsep) if p]
     env["PYTHONPATH"] = os.pathsep.join(dict.fromkeys(paths))
     env["PYTHONUNBUFFERED"] = "1"
-    if args.cpu_smoke:
+    if args.cpu_smoke:  # a CPU run wherever it runs, GPU machines included
         env["TRITON_INTERPRET"] = "1"
+        env["CUDA_VISIBLE_DEVICES"] = ""
     else:
         env.pop("TRITON_INTERPRET", None)  # on a GPU the Triton kernels are compiled, not interpreted
     if args.hide_module:
@@ -348,23 +359,29 @@ def environment(torch, device: str) -> dict:
     text = _run_text([nvcc, "--version"]) if nvcc else None
     env["nvcc"] = text.splitlines()[-1].strip() if text else None
     if device == "cuda":
-        props = torch.cuda.get_device_properties(0)
-        env["gpu"] = props.name
-        env["gpus"] = torch.cuda.device_count()
-        env["capability"] = "{}.{}".format(*torch.cuda.get_device_capability(0))
-        env["sms"] = props.multi_processor_count
-        env["gpu_memory_gib"] = round(props.total_memory / 2**30, 1)
-        env["l2_mib"] = round(getattr(props, "L2_cache_size", 0) / 2**20, 1) or None
-        smi = _run_text(
-            ["nvidia-smi", "--query-gpu=driver_version,clocks.sm,clocks.max.sm", "--format=csv,noheader"]
-        )
-        if smi:
-            parts = [s.strip() for s in smi.splitlines()[0].split(",")]
-            env["driver"] = parts[0]
-            env["sm_clock"] = " / ".join(parts[1:]) or None
-        else:
-            env["driver"] = None
+        try:
+            _gpu_environment(torch, env)
+        except Exception as e:  # the check goes on; its stages will say what does not work
+            env["gpu"] = f"? ({type(e).__name__}: {e})"
     return env
+
+
+def _gpu_environment(torch, env: dict) -> None:
+    props = torch.cuda.get_device_properties(0)
+    env["gpu"] = props.name
+    env["gpus"] = torch.cuda.device_count()
+    env["capability"] = "{}.{}".format(*torch.cuda.get_device_capability(0))
+    env["sms"] = props.multi_processor_count
+    env["gpu_memory_gib"] = round(props.total_memory / 2**30, 1)
+    env["l2_mib"] = round(getattr(props, "L2_cache_size", 0) / 2**20, 1) or None
+    env["driver"] = env["sm_clock"] = None
+    smi = _run_text(
+        ["nvidia-smi", "--query-gpu=driver_version,clocks.sm,clocks.max.sm", "--format=csv,noheader"]
+    )
+    if smi:
+        parts = [s.strip() for s in smi.splitlines()[0].split(",")]
+        env["driver"] = parts[0]
+        env["sm_clock"] = " / ".join(parts[1:]) or None
 
 
 def env_lines(env: dict) -> list[str]:
@@ -449,11 +466,11 @@ def stage_build(args, ctx, seconds: float) -> dict:
                 "-m",
                 "pip",
                 "install",
+                "-v",
                 "-e",
                 ".",
                 "--no-build-isolation",
                 "--no-deps",
-                "-v",
             ]
         else:
             cmd = [sys.executable, "setup.py", "build_ext", "--inplace"]
@@ -846,6 +863,8 @@ class Timer:
 
     def measure(self, step, deadline: float, *, target_s: float, min_reps: int, max_reps: int) -> dict:
         first = self.once(step)  # compiles, autotunes, loads modules: kept out of the median
+        if 3 * first > deadline - time.time():
+            raise BudgetSpent(f"the first call took {first:.1f} s, too long for the time left")
         est = min(self.once(step), self.once(step))
         left = deadline - time.time()
         reps = int(max(min_reps, min(max_reps, target_s / max(est, 1e-6))))
@@ -889,61 +908,37 @@ def child_plan(kind, args, suites) -> list[dict]:
     """Every item of the stage: kernels and eager first, then torch.compile (whose compiles are slow),
     float32 before bfloat16, so that what the budget cuts is what is least needed."""
     device = args.device
-    impls_ok = (
-        (lambda i: i in args.impls) if args.impls else (lambda i: not (args.cpu_smoke and i == "compile"))
-    )
+    if args.impls:
+        wanted = set(args.impls)
+    else:  # compiling on the CPU takes longer than the smoke run's whole budget
+        wanted = {"eager", "compile", "cpu", "cuda", "triton"} - ({"compile"} if args.cpu_smoke else set())
     items = []
+
+    def add(suite, impls, op, case, mode, dtype):
+        items.extend(
+            dict(suite=suite, op=op, case=case, mode=mode, dtype=dtype, impl=impl)
+            for impl in impls[device]
+            if impl in wanted
+        )
+
     if kind == "ops":
-        for name in OP_SUITES:
+        for name, op in OP_SUITES.items():
             suite = suites[name]
             for case in suite.CASES:
                 for mode in suite.MODES:
                     for dtype in args.dtypes:
-                        for impl in suite.IMPLS[device]:
-                            if impls_ok(impl):
-                                items.append(
-                                    dict(suite=name, op=None, case=case, mode=mode, dtype=dtype, impl=impl)
-                                )
+                        add(name, suite.IMPLS, op, case, mode, dtype)
         if not args.cpu_smoke:
             cv = suites["test_bench_conv3d_bn_relu"]
-            for impl in cv.R3D_IMPLS[device]:
-                if impls_ok(impl):
-                    items.append(
-                        dict(
-                            suite="r3d_18",
-                            op="r3d_18",
-                            case="N1-16x112x112",
-                            mode="fwd",
-                            dtype="float32",
-                            impl=impl,
-                        )
-                    )
+            add("r3d_18", cv.R3D_IMPLS, "r3d_18", "N1-16x112x112", "fwd", "float32")
     else:
         tm = suites[MODELS_SUITE]
-        cases = ("tiny",) if args.cpu_smoke else tm.CASES
-        for case in cases:
+        for case in ("tiny",) if args.cpu_smoke else tm.CASES:
             for mode in list(tm.MODES) + list(tm.GPU_MODES):
-                for impl in tm.IMPLS[device]:
-                    if impls_ok(impl):
-                        items.append(
-                            dict(
-                                suite=MODELS_SUITE,
-                                op="model",
-                                case=case,
-                                mode=mode,
-                                dtype="float32",
-                                impl=impl,
-                            )
-                        )
-    for it in items:
-        if it["op"] is None:
-            it["op"] = {"test_bench_netvlad": "netvlad", "test_bench_attention_pool": "attention_pool"}.get(
-                it["suite"], "conv3d_bn_relu"
-            )
+                add(MODELS_SUITE, tm.IMPLS, "model", case, mode, "float32")
     order = {d: i for i, d in enumerate(args.dtypes)}
     return sorted(
-        items,
-        key=lambda it: (it["impl"] == "compile", order.get(it["dtype"], 0) if it["impl"] == "compile" else 0),
+        items, key=lambda it: (it["impl"] == "compile", it["impl"] == "compile" and order[it["dtype"]])
     )
 
 
@@ -954,7 +949,7 @@ def run_child(args) -> int:
         import benchutil
         import torch
 
-        names = OP_SUITES if args.child == "ops" else (MODELS_SUITE,)
+        names = list(OP_SUITES) if args.child == "ops" else [MODELS_SUITE]
         suites = {n: importlib.import_module(n) for n in names}
     except Exception as e:
         _append(
@@ -1036,6 +1031,7 @@ def run_child(args) -> int:
             rec.update(status="budget", message=f"not timed: {e}")
         except Exception as e:
             rec.update(status="error", message=f"{type(e).__name__}: {str(e).strip()[:1500]}")
+            traceback.print_exc(file=sys.stdout)
         _append(results, rec)
         print(f"[{args.child}] {label}: {_describe(rec)}", flush=True)
         if rec["status"] == "error" and device == "cuda":
@@ -1137,14 +1133,16 @@ def problems(rows: list[dict], limit: int) -> list[str]:
     out = []
     for r in rows:
         if r["status"] == "error":
-            out.append(f"ERROR {' '.join(r['key'])}: {_first_line(r.get('message', ''))}")
+            out.append(f"ERROR {' '.join(r['key'])}: {_gist(r.get('message', ''))}")
     return out[:limit] + ([f"... and {len(out) - limit} more"] if len(out) > limit else [])
 
 
-def _first_line(text: str, width: int = 200) -> str:
-    lines = [line.strip() for line in (text or "").splitlines() if line.strip()]
+def _gist(text: str, width: int = 200, *, tail: bool = False) -> str:
+    """The line of a failure's text that says most: pytest's first ``E`` line, else the first line (an
+    exception's message) or, with ``tail``, the last (where a crash report ends)."""
+    lines = [line.strip() for line in (text or "").splitlines() if line.strip()] or [""]
     e_lines = [line for line in lines if line.startswith("E ")]
-    line = (e_lines or lines or [""])[0]
+    line = e_lines[0] if e_lines else lines[-1] if tail else lines[0]
     return line[:width]
 
 
@@ -1173,7 +1171,9 @@ def summary_lines(report: dict) -> list[str]:
     if t and t.get("failures"):
         lines += ["", f"test failures ({len(t['failures'])}; messages in report.md):"]
         for f in t["failures"][:15]:
-            lines.append(f"  {f['outcome'].upper()} {f['nodeid']}: {_first_line(f.get('message', ''), 160)}")
+            lines.append(
+                f"  {f['outcome'].upper()} {f['nodeid']}: {_gist(f.get('message', ''), 160, tail=True)}"
+            )
         if len(t["failures"]) > 15:
             lines.append(f"  ... and {len(t['failures']) - 15} more")
     for name, per_second in (("ops", False), ("models", True)):
@@ -1309,9 +1309,12 @@ def main(argv: list[str] | None = None) -> int:
     except ImportError as e:
         say(f"gpu_check: torch cannot be imported ({e}); nothing to check")
         return 2
+    with warnings.catch_warnings():  # a driver that cannot start warns; the one line below says it all
+        warnings.simplefilter("ignore")
+        gpu = not args.cpu_smoke and torch.cuda.is_available()
     if args.cpu_smoke:
         device = "cpu"
-    elif not torch.cuda.is_available():
+    elif not gpu:
         cuda = f"CUDA {torch.version.cuda} build" if torch.version.cuda else "CPU build"
         say(f"gpu_check: no CUDA GPU is visible (torch {torch.__version__}, {cuda}); nothing to check here")
         return 0
@@ -1327,13 +1330,15 @@ def main(argv: list[str] | None = None) -> int:
         say(line)
     missing = missing_modules(args)
     stages = list(args.stages)
+    if "e2e" in stages and "av" in missing:
+        budget.drop("e2e")  # it will be skipped
     caps = (
         sorted({torch.cuda.get_device_capability(i) for i in range(torch.cuda.device_count())})
         if device == "cuda"
         else []
     )
     report = {
-        "command": " ".join([Path(sys.argv[0]).name] + (argv if argv is not None else sys.argv[1:])),
+        "command": shlex.join([Path(sys.argv[0]).name] + (argv if argv is not None else sys.argv[1:])),
         "env": env,
         "budget_s": args.budget,
         "out": str(out),

@@ -32,6 +32,8 @@ import pytest
 
 BUDGET_REASON = "gpu_check: the stage's time budget is spent"
 LOST_REASON = "gpu_check: CUDA context lost in this process after"
+# other names an ImportError's message may give a missing module by (its distribution's name)
+ALIASES = {"av": ("PyAV",)}
 
 _state: dict = {"log": None, "deadline": None, "skip": set(), "missing": (), "lost": None, "results": {}}
 
@@ -128,10 +130,14 @@ def _missing_cause(excinfo) -> str | None:
             if name in _state["missing"]:
                 return name
             for mod in _state["missing"]:
-                if f"No module named '{mod}'" in str(exc):
+                if _names(mod, str(exc)):
                     return mod
         exc = exc.__cause__ or exc.__context__
     return None
+
+
+def _names(mod: str, text: str) -> bool:
+    return f"No module named '{mod}'" in text or any(alias in text for alias in ALIASES.get(mod, ()))
 
 
 def _context_lost() -> bool:
@@ -233,5 +239,7 @@ def pytest_runtest_logreport(report):
 def pytest_collectreport(report):
     if report.failed:
         text = _text(report)
-        needs = next((m for m in _state["missing"] if f"No module named '{m}'" in text), None)
+        needs = None
+        if "ImportError" in text or "ModuleNotFoundError" in text:
+            needs = next((m for m in _state["missing"] if _names(m, text)), None)
         _write({"event": "collect_error", "nodeid": report.nodeid, "message": text, "needs": needs})

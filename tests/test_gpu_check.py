@@ -158,6 +158,9 @@ def test_tests_stage_counts_outcomes_and_what_needs_a_missing_module(tmp_path):
 
                 def test_decodes():
                     import av  # noqa: F401
+
+                def test_decodes_through_a_helper_that_names_the_package():
+                    raise ImportError("decoding video needs PyAV (pip install av)")
             """,
             "test_needs_av_at_import.py": """
                 import av  # noqa: F401
@@ -169,7 +172,7 @@ def test_tests_stage_counts_outcomes_and_what_needs_a_missing_module(tmp_path):
     )
     p, t = run_tests_stage(tmp_path, folder, "--hide-module", "av")
     assert p.returncode == 1, p.stdout + p.stderr  # a failure: the command says so
-    assert t["counts"] == {"passed": 1, "failed": 1, "error": 1, "skipped": 2, "xfailed": 1, "xpassed": 0}
+    assert t["counts"] == {"passed": 1, "failed": 1, "error": 1, "skipped": 3, "xfailed": 1, "xpassed": 0}
     assert t["status"] == "failed" and t["not_run"] == 0
     assert {f["nodeid"].split("::")[-1]: f["outcome"] for f in t["failures"]} == {
         "test_fail": "failed",
@@ -177,7 +180,7 @@ def test_tests_stage_counts_outcomes_and_what_needs_a_missing_module(tmp_path):
     }
     assert "one is not two" in next(f["message"] for f in t["failures"] if f["outcome"] == "failed")
     assert [Path(m).name for m in t["skipped_modules"]["av"]] == ["test_needs_av_at_import.py"]
-    assert t["skipped_tests_needing"] == {"av": 1}
+    assert t["skipped_tests_needing"] == {"av": 2}
     assert "need av" in t["note"]
     assert p.stdout.rstrip().splitlines()[-1].startswith("report: ")  # the summary is printed last
 
