@@ -5,12 +5,24 @@ from __future__ import annotations
 
 import torch
 
+import mvfast
+from mvfast._backend import KERNEL_BACKENDS
 from mvfast.utils import saved_bytes  # noqa: F401  (re-exported to the suites)
 
 GPU = torch.cuda.is_available()
 
 # Bars the issues require, declared by the suites: dicts of op, case, device, mode, impl, base, at_least.
 BARS: list[dict] = []
+
+
+def unavailable(impls: dict, device: str, impl: str) -> str | None:
+    """Why ``impl`` cannot run on ``device`` (a skip reason), or None: an implementation the suite does not
+    time on that device, or a kernel backend that mvfast says cannot run there."""
+    if impl not in impls[device]:
+        return f"{impl} does not run on {device}"
+    if impl in KERNEL_BACKENDS and not mvfast.backends(device)[impl]["available"]:
+        return f"{impl}: {mvfast.backends(device)[impl]['reason']}"
+    return None
 
 
 def sync(device: str) -> None:

@@ -72,6 +72,24 @@ def ratio(benchmarks: list[dict], op: str, case: str, device: str, mode: str, im
     return None if mi is None or mb is None else mb / mi
 
 
+def verdict(benchmarks: list[dict], bar: dict) -> str:
+    """One line: whether a bar of benchutil.BARS was met in these results, missed, or not measured."""
+    where = (bar["op"], bar["case"], bar["device"], bar["mode"])
+    if "max_ms" in bar:
+        what = f"{' '.join(where)}: {bar['impl']} median"
+        need = f"needs at most {bar['max_ms']:.2f} ms"
+        t = median(benchmarks, *where, bar["impl"])
+        if t is None:
+            return f"{'not measured':<12}  {what} ({need})"
+        return f"{'met' if t * 1e3 <= bar['max_ms'] else 'MISSED':<12}  {what}: {t * 1e3:.2f} ms ({need})"
+    what = f"{' '.join(where)}: {bar['impl']} vs {bar['base']}"
+    need = f"needs {bar['at_least']:.2f}x"
+    r = ratio(benchmarks, *where, bar["impl"], bar["base"])
+    if r is None:
+        return f"{'not measured':<12}  {what} ({need})"
+    return f"{'met' if r >= bar['at_least'] else 'MISSED':<12}  {what}: {r:.2f}x ({need})"
+
+
 def main(argv: list[str]) -> int:
     if len(argv) != 1:
         print(__doc__.strip(), file=sys.stderr)

@@ -6,7 +6,7 @@ and torch.compile of the reference, in the same run. CUDA cases run where a GPU 
 
 import pytest
 import torch
-from benchutil import BARS, GPU, measure, saved_bytes
+from benchutil import BARS, GPU, measure, saved_bytes, unavailable
 
 import mvfast
 from mvfast.ops.attention_pool import attention_pool_reference
@@ -15,9 +15,10 @@ CASES = {"B32-L300-D1024-H1": (32, 300, 1024, 1), "B64-L32-D512-H4": (64, 32, 51
 DEVICES = ["cpu"] + (["cuda"] if GPU else [])
 IMPLS = {"cpu": ["eager", "compile", "cpu"], "cuda": ["eager", "compile", "cuda", "triton"]}
 ROUNDS = {"cpu": 10, "cuda": 50}
+MODES = ["fwd", "fwd+bwd"]
 
 # The issue's bars on the 2-core development CPU, at the paper's shape.
-for _mode in ("fwd", "fwd+bwd"):
+for _mode in MODES:
     BARS.append(
         dict(
             op="attention_pool",
@@ -44,22 +45,22 @@ BARS.append(
 _compiled = {}
 
 
-def _inputs(case, device):
+def _inputs(case, device, dtype=torch.float32):
     B, L, D, H = CASES[case]
     g = torch.Generator().manual_seed(0)
     x = torch.randn(B, L, D, generator=g)
     w = torch.randn(H, D, generator=g) * D**-0.5
     b = torch.zeros(H)
     mask = torch.arange(L).expand(B, L) < torch.randint(L // 2, L + 1, (B, 1), generator=g)
-    x, w, b, mask = (t.to(device) for t in (x, w, b, mask))
-    return [t.requires_grad_() for t in (x, w, b)], mask
+    x, w, b = (t.to(device, dtype) for t in (x, w, b))
+    return [t.requires_grad_() for t in (x, w, b)], mask.to(device)
 
 
-def _fn(impl, case, mode):
+def _fn(impl, case, mode, dtype):
     if impl == "eager":
         return attention_pool_reference
     if impl == "compile":
-        key = (case, mode)
+        key = (case, mode, dtype)
         if key not in _compiled:
             _compiled[key] = torch.compile(attention_pool_reference, dynamic=False)
         return _compiled[key]
@@ -71,18 +72,10 @@ def _fn(impl, case, mode):
     return kernel
 
 
-@pytest.mark.parametrize("device", DEVICES)
-@pytest.mark.parametrize("case", list(CASES))
-@pytest.mark.parametrize("mode", ["fwd", "fwd+bwd"])
-@pytest.mark.parametrize("impl", ["eager", "compile", "cpu", "cuda", "triton"])
-def test_attention_pool(benchmark, device, case, mode, impl):
-    if impl not in IMPLS[device]:
-        pytest.skip(f"{impl} does not run on {device}")
-    if impl in ("cpu", "cuda", "triton") and not mvfast.backends(device)[impl]["available"]:
-        pytest.skip(f"{impl}: {mvfast.backends(device)[impl]['reason']}")
-    (x, w, b), mask = _inputs(case, device)
-    f = _fn(impl, case, mode)
-    benchmark.group = f"attention_pool {case} {device} {mode}"
+def case_step(device, case, mode, impl, dtype=torch.float32):
+    """The step one benchmark times and its extra_info; benchmarks/gpu_check.py times the same steps."""
+    (x, w, b), mask = _inputs(case, device, dtype)
+    f = _fn(impl, case, mode, dtype)
     info = dict(op="attention_pool", case=case, device=device, mode=mode, impl=impl)
     if mode == "fwd":
 
@@ -96,4 +89,17 @@ def test_attention_pool(benchmark, device, case, mode, impl):
             torch.autograd.grad(f(x, w, b, mask), (x, w, b), gy)
 
         info["saved_bytes"] = saved_bytes(lambda: f(x, w, b, mask))
+    return step, info
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("case", list(CASES))
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("impl", ["eager", "compile", "cpu", "cuda", "triton"])
+def test_attention_pool(benchmark, device, case, mode, impl):
+    reason = unavailable(IMPLS, device, impl)
+    if reason:
+        pytest.skip(reason)
+    step, info = case_step(device, case, mode, impl)
+    benchmark.group = f"attention_pool {case} {device} {mode}"
     measure(benchmark, step, device, rounds=ROUNDS[device], info=info)

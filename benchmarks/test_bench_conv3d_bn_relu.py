@@ -10,7 +10,7 @@ import copy
 
 import pytest
 import torch
-from benchutil import BARS, GPU, measure, saved_bytes
+from benchutil import BARS, GPU, measure, saved_bytes, unavailable
 
 import mvfast
 from mvfast.ops.conv3d_bn_relu import conv3d_bn_relu_reference
@@ -19,6 +19,7 @@ CASES = {"N8-C64-8x56x56": (8, 64, 8, 56, 56)}
 DEVICES = ["cpu"] + (["cuda"] if GPU else [])
 IMPLS = {"cpu": ["eager", "compile", "cpu"], "cuda": ["eager", "compile", "cuda", "triton"]}
 ROUNDS = {"cpu": 5, "cuda": 50}
+MODES = ["fwd", "fwd+bwd"]
 
 # The issue's bars on the 2-core development CPU.
 _BLOCK = "N8-C64-8x56x56"
@@ -46,25 +47,26 @@ BARS.append(
 _compiled = {}
 
 
-def _inputs(case, device):
+def _inputs(case, device, dtype=torch.float32):
     N, C, D, H, W = CASES[case]
     g = torch.Generator().manual_seed(0)
     x = torch.randn(N, C, D, H, W, generator=g)
     w = torch.randn(C, C, 3, 3, 3, generator=g) * (C * 27) ** -0.5
     gamma, beta = torch.rand(C, generator=g) + 0.5, torch.randn(C, generator=g) * 0.1
     rm, rv = torch.zeros(C), torch.ones(C)
-    x, w, gamma, beta, rm, rv = (t.to(device) for t in (x, w, gamma, beta, rm, rv))
+    # every tensor in the input's dtype, as model.to(dtype) leaves a BatchNorm3d
+    x, w, gamma, beta, rm, rv = (t.to(device, dtype) for t in (x, w, gamma, beta, rm, rv))
     return [t.requires_grad_() for t in (x, w, gamma, beta)], rm, rv
 
 
-def _fn(impl, case, mode):
+def _fn(impl, case, mode, dtype):
     def eager(x, w, g, b, rm, rv, training):
         return conv3d_bn_relu_reference(x, w, None, g, b, rm, rv, padding=1, training=training)
 
     if impl == "eager":
         return eager
     if impl == "compile":
-        key = (case, mode)
+        key = (case, mode, dtype)
         if key not in _compiled:
             _compiled[key] = torch.compile(eager, dynamic=False)
         return _compiled[key]
@@ -76,18 +78,10 @@ def _fn(impl, case, mode):
     return kernel
 
 
-@pytest.mark.parametrize("device", DEVICES)
-@pytest.mark.parametrize("case", list(CASES))
-@pytest.mark.parametrize("mode", ["fwd", "fwd+bwd"])
-@pytest.mark.parametrize("impl", ["eager", "compile", "cpu", "cuda", "triton"])
-def test_conv3d_bn_relu(benchmark, device, case, mode, impl):
-    if impl not in IMPLS[device]:
-        pytest.skip(f"{impl} does not run on {device}")
-    if impl in ("cpu", "cuda", "triton") and not mvfast.backends(device)[impl]["available"]:
-        pytest.skip(f"{impl}: {mvfast.backends(device)[impl]['reason']}")
-    (x, w, g, b), rm, rv = _inputs(case, device)
-    f = _fn(impl, case, mode)
-    benchmark.group = f"conv3d_bn_relu {case} {device} {mode}"
+def case_step(device, case, mode, impl, dtype=torch.float32):
+    """The step one benchmark times and its extra_info; benchmarks/gpu_check.py times the same steps."""
+    (x, w, g, b), rm, rv = _inputs(case, device, dtype)
+    f = _fn(impl, case, mode, dtype)
     info = dict(op="conv3d_bn_relu", case=case, device=device, mode=mode, impl=impl)
     if mode == "fwd":  # eval: BN folded into the conv
 
@@ -102,37 +96,56 @@ def test_conv3d_bn_relu(benchmark, device, case, mode, impl):
 
         info["saved_bytes"] = saved_bytes(lambda: f(x, w, g, b, rm, rv, True))
         if impl != "eager":
-            eager_saved = saved_bytes(lambda: _fn("eager", case, mode)(x, w, g, b, rm, rv, True))
+            eager_saved = saved_bytes(lambda: _fn("eager", case, mode, dtype)(x, w, g, b, rm, rv, True))
             info["saved_vs_eager"] = info["saved_bytes"] / eager_saved
-            if impl in ("cpu", "cuda", "triton"):  # the issue: at least 30% fewer bytes saved for backward
-                assert info["saved_bytes"] <= 0.7 * eager_saved, info
+    return step, info
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("case", list(CASES))
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("impl", ["eager", "compile", "cpu", "cuda", "triton"])
+def test_conv3d_bn_relu(benchmark, device, case, mode, impl):
+    reason = unavailable(IMPLS, device, impl)
+    if reason:
+        pytest.skip(reason)
+    step, info = case_step(device, case, mode, impl)
+    benchmark.group = f"conv3d_bn_relu {case} {device} {mode}"
+    if impl in ("cpu", "cuda", "triton") and mode == "fwd+bwd":
+        # the issue: at least 30% fewer bytes saved for backward than the eager chain
+        assert info["saved_vs_eager"] <= 0.7, info
     measure(benchmark, step, device, rounds=ROUNDS[device], info=info)
+
+
+R3D_IMPLS = {"cpu": ["eager", "cpu"], "cuda": ["eager", "cuda", "triton"]}
+
+
+def r3d_18_step(device, impl):
+    """torchvision's r3d_18 (random weights) on one 16x112x112 clip, unfused ("eager") or fused: the step
+    and its extra_info."""
+    from torchvision.models import video
+
+    torch.manual_seed(0)
+    model = video.r3d_18(weights=None).to(device).eval()
+    if impl != "eager":
+        model = mvfast.fuse(copy.deepcopy(model))[0]
+    x = torch.randn(1, 3, 16, 112, 112, device=device)
+
+    def step():
+        with torch.no_grad(), mvfast.backend("auto" if impl == "eager" else impl):
+            model(x)
+
+    return step, dict(op="r3d_18", case="N1-16x112x112", device=device, mode="fwd", impl=impl)
 
 
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("impl", ["eager", "cpu", "cuda", "triton"])
 def test_r3d_18_eval(benchmark, device, impl):
     """torchvision's r3d_18 (random weights) on one 16x112x112 clip: unfused ("eager") against fused."""
-    video = pytest.importorskip("torchvision.models.video")
-    if impl == "cpu" and device != "cpu" or impl in ("cuda", "triton") and device != "cuda":
-        pytest.skip(f"{impl} does not run on {device}")
-    if impl != "eager" and not mvfast.backends(device)[impl]["available"]:
-        pytest.skip(f"{impl}: {mvfast.backends(device)[impl]['reason']}")
-    torch.manual_seed(0)
-    model = video.r3d_18(weights=None).to(device).eval()
-    if impl != "eager":
-        model = mvfast.fuse(copy.deepcopy(model))[0]
-    x = torch.randn(1, 3, 16, 112, 112, device=device)
+    pytest.importorskip("torchvision.models.video")
+    reason = unavailable(R3D_IMPLS, device, impl)
+    if reason:
+        pytest.skip(reason)
+    step, info = r3d_18_step(device, impl)
     benchmark.group = f"r3d_18 N1-16x112x112 {device} fwd"
-
-    def step():
-        with torch.no_grad(), mvfast.backend("auto" if impl == "eager" else impl):
-            model(x)
-
-    measure(
-        benchmark,
-        step,
-        device,
-        rounds=ROUNDS[device],
-        info=dict(op="r3d_18", case="N1-16x112x112", device=device, mode="fwd", impl=impl),
-    )
+    measure(benchmark, step, device, rounds=ROUNDS[device], info=info)

@@ -1,6 +1,7 @@
-"""The whole model: per-video inference latency (batch 1, eval) and the training step (batch 8: forward, loss,
-backward) of the ``tiny`` and ``paper`` presets, with mvfast's kernels against the same model on the
-reference backend (eager PyTorch) and torch.compile of it, in the same run. CUDA cases run where a GPU is.
+"""The whole model: per-video inference latency (batch 1, eval), throughput (batch 64, eval; GPU only)
+and the training step (batch 8: forward, loss, backward) of the ``tiny`` and ``paper`` presets, with
+mvfast's kernels against the same model on the reference backend (eager PyTorch) and torch.compile of it,
+in the same run. CUDA cases run where a GPU is.
 
     pytest benchmarks/test_bench_models.py --benchmark-only
 
@@ -21,13 +22,15 @@ quiet runs only.
 
 import pytest
 import torch
-from benchutil import BARS, GPU, measure
+from benchutil import BARS, GPU, measure, unavailable
 
 import mvfast
 from mvfast.models import create_model
 
 CASES = ("tiny", "paper")
 MODES = {"infer-b1": 1, "train-b8": 8}
+# throughput: on a GPU, where a batch of 64 videos is a realistic serving batch
+GPU_MODES = {"infer-b64": 64}
 DEVICES = ["cpu"] + (["cuda"] if GPU else [])
 IMPLS = {"cpu": ["eager", "compile", "cpu"], "cuda": ["eager", "compile", "cuda", "triton"]}
 ROUNDS = {("tiny", "cpu"): 10, ("paper", "cpu"): 2, ("tiny", "cuda"): 30, ("paper", "cuda"): 5}
@@ -90,20 +93,23 @@ def _forward(impl, case, device, mode):
     return model, forward
 
 
-@pytest.mark.parametrize("device", DEVICES)
-@pytest.mark.parametrize("case", CASES)
-@pytest.mark.parametrize("mode", list(MODES))
-@pytest.mark.parametrize("impl", ["eager", "compile", "cpu", "cuda", "triton"])
-def test_model(benchmark, device, case, mode, impl):
-    if impl not in IMPLS[device]:
-        pytest.skip(f"{impl} does not run on {device}")
-    if impl in ("cpu", "cuda", "triton") and not mvfast.backends(device)[impl]["available"]:
-        pytest.skip(f"{impl}: {mvfast.backends(device)[impl]['reason']}")
+def unavailable_case(device, case, mode, impl):
+    """Why this case does not run here (a skip reason), or None."""
+    reason = unavailable(IMPLS, device, impl)
+    if reason:
+        return reason
+    if mode in GPU_MODES and device != "cuda":
+        return f"{mode} is measured on a GPU only"
     if case == "paper" and mode == "train-b8" and device == "cpu":
-        pytest.skip("the paper preset's training step (~9 TFLOP, >20 GB of activations) is for a GPU")
+        return "the paper preset's training step (~9 TFLOP, >20 GB of activations) is for a GPU"
+    return None
+
+
+def case_step(device, case, mode, impl, batch_size=None):
+    """The step one benchmark times and its extra_info; benchmarks/gpu_check.py times the same steps.
+    ``batch_size`` overrides the mode's batch (gpu_check's CPU smoke run)."""
     model, forward = _forward(impl, case, device, mode)
-    batch = _batch(model.config, MODES[mode], device)
-    benchmark.group = f"model {case} {device} {mode}"
+    batch = _batch(model.config, batch_size or {**MODES, **GPU_MODES}[mode], device)
     info = dict(op="model", case=case, device=device, mode=mode, impl=impl)
 
     if mode.startswith("infer"):
@@ -120,6 +126,19 @@ def test_model(benchmark, device, case, mode, impl):
             out = forward(batch)
             model.loss(out, batch["label"]).backward()
 
+    return step, info
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("case", CASES)
+@pytest.mark.parametrize("mode", list(MODES) + list(GPU_MODES))
+@pytest.mark.parametrize("impl", ["eager", "compile", "cpu", "cuda", "triton"])
+def test_model(benchmark, device, case, mode, impl):
+    reason = unavailable_case(device, case, mode, impl)
+    if reason:
+        pytest.skip(reason)
+    step, info = case_step(device, case, mode, impl)
+    benchmark.group = f"model {case} {device} {mode}"
     rounds = ROUNDS[(case, device)]
     if case == "paper":
         benchmark.extra_info.update(info)
