@@ -119,6 +119,26 @@ class DataConfig:
         """The settings that determine the decoded (cached) arrays, as a JSON-able dict."""
         return {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.metadata.get("cache")}
 
+    def with_inputs(self, inputs) -> DataConfig:
+        """This config with a model's input sizes, so that its samples are what the model eats.
+
+        ``inputs`` is the model's :class:`mvfast.models.InputSpec` (``model.config.inputs()``): its clip_len,
+        size, scene_frames, scene_size, vocab_size and max_title_tokens replace these, and its resize too
+        where the model fixes one; else resize is this config's, raised to at least size and scene_size.
+        """
+        resize = inputs.resize
+        if resize is None:
+            resize = max(self.resize, inputs.size, inputs.scene_size)
+        return self.replace(
+            clip_len=inputs.clip_len,
+            size=inputs.size,
+            resize=resize,
+            scene_frames=inputs.scene_frames,
+            scene_size=inputs.scene_size,
+            vocab_size=inputs.vocab_size,
+            max_title_tokens=inputs.max_title_tokens,
+        )
+
     def replace(self, **changes) -> DataConfig:
         """A copy with some settings changed (validated again)."""
         return dataclasses.replace(self, **changes)
