@@ -8,6 +8,7 @@ commands print it as one line and exit with status 2. Anything else is a bug and
 from __future__ import annotations
 
 import os
+import signal
 import sys
 from dataclasses import dataclass
 
@@ -113,6 +114,25 @@ class Processes:
     def close(self) -> None:
         if self.ddp:
             dist.destroy_process_group()
+
+
+class StopSignal:
+    """Ctrl-C or SIGTERM inside the block sets `name` (SIGINT, SIGTERM) for a long job to stop at its next
+    boundary, saving what it has (training: last.pt at the next step); a second signal interrupts at once."""
+
+    def __enter__(self):
+        self.name = None
+        self.previous = {s: signal.signal(s, self._on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
+        return self
+
+    def _on_signal(self, signum, _frame):
+        if self.name is not None:
+            raise KeyboardInterrupt
+        self.name = signal.Signals(signum).name
+
+    def __exit__(self, *exc):
+        for s, h in self.previous.items():
+            signal.signal(s, h)
 
 
 def set_backend(name: str, device: torch.device) -> None:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import csv
 import io
+import json
 import logging
 import os
 import shutil
@@ -99,6 +100,41 @@ class RunLog:
             self.file = None
 
 
+def tensorboard(out: Path, log: RunLog):
+    """A TensorBoard SummaryWriter into out/tensorboard, or None (with a note) when it is not installed."""
+    try:
+        from torch.utils.tensorboard import SummaryWriter
+    except ImportError:
+        log("note: --tensorboard skipped: tensorboard is not installed (pip install tensorboard)")
+        return None
+    return SummaryWriter(str(out / "tensorboard"))
+
+
+def epoch_line(row: dict, epochs: int) -> str:
+    """The log line of an epoch's row of metrics.csv."""
+    val = ""
+    if "val_top1" in row:
+        val = f" | val loss {row['val_loss']:.3f} top-1 {row['val_top1']:.3f}"
+        val += f" (clips {row['val_clip_top1']:.3f})"
+    skipped = f" | skipped {row['skipped']} files" if row.get("skipped") else ""
+    return (
+        f"epoch {row['epoch']}/{epochs} step {row['step']} | train loss {row['train_loss']:.3f} top-1 "
+        f"{row['train_top1']:.3f}{val} | {row['time']:.0f} s{skipped}"
+    )
+
+
+def record_epoch(out: Path, history: list[dict], writer=None) -> None:
+    """metrics.csv and the plots of the history so far, and the last row to TensorBoard."""
+    write_metrics_csv(out / "metrics.csv", history)
+    plot_history(out, history)
+    if writer is not None:
+        row = history[-1]
+        for k, v in row.items():
+            if k not in ("epoch", "step"):
+                writer.add_scalar(k.replace("_", "/", 1), v, row["epoch"])
+        writer.flush()
+
+
 def write_metrics_csv(path: Path, history: list[dict]) -> None:
     if not history:
         return
@@ -176,3 +212,12 @@ def summary_table(summary: dict) -> str:
         )
     lines.append(f"| training time | {summary['train_seconds']:.0f} s, {summary['steps']} steps | |")
     return "\n".join(lines)
+
+
+def write_summary(out: Path, summary: dict, log: RunLog) -> None:
+    """summary.json, and summary.md with the table that the log shows."""
+    atomic_write_text(out / "summary.json", json.dumps(summary, indent=1))
+    table = summary_table(summary)
+    atomic_write_text(out / "summary.md", table + "\n")
+    log("\n" + table + "\n")
+    log(f"outputs in {out}/ (train.log, last.pt, best.pt, metrics.csv, precision.png, loss.png, summary.md)")

@@ -25,10 +25,8 @@ Ctrl-C (or SIGTERM) saves last.pt at the next step boundary and exits; --resume 
 from __future__ import annotations
 
 import dataclasses
-import json
 import math
 import random
-import signal
 import sys
 import time
 from dataclasses import dataclass, field
@@ -41,7 +39,7 @@ from torch.utils.data import DataLoader
 
 from mvfast import _checkpoint as ckpt_io
 from mvfast import _run
-from mvfast._cli import CLIError, Processes, run_main, set_backend, to_device
+from mvfast._cli import CLIError, Processes, StopSignal, run_main, set_backend, to_device
 from mvfast._config import (
     TrainConfig,
     data_config,
@@ -134,25 +132,6 @@ class Progress:
     steps_this_run: int = 0
 
 
-class StopSignal:
-    """Ctrl-C or SIGTERM while training: the loop stops at the next step boundary and saves last.pt; a second
-    signal interrupts at once."""
-
-    def __enter__(self):
-        self.name = None
-        self.previous = {s: signal.signal(s, self._on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
-        return self
-
-    def _on_signal(self, signum, _frame):
-        if self.name is not None:
-            raise KeyboardInterrupt
-        self.name = signal.Signals(signum).name
-
-    def __exit__(self, *exc):
-        for s, h in self.previous.items():
-            signal.signal(s, h)
-
-
 # ---------------------------------------------------------------------------------------------------------
 # The run
 
@@ -204,13 +183,7 @@ def setup(cfg: TrainConfig, ckpt: dict | None, data_cfg) -> Job:
         if note:
             job.log(note)
         ckpt_io.atomic_write_text(out / "config.yaml", to_yaml(cfg, data_cfg))
-        if cfg.tensorboard:
-            try:
-                from torch.utils.tensorboard import SummaryWriter
-
-                job.writer = SummaryWriter(str(out / "tensorboard"))
-            except ImportError:
-                job.log("note: --tensorboard skipped: tensorboard is not installed (pip install tensorboard)")
+        job.writer = _run.tensorboard(out, job.log) if cfg.tensorboard else None
     return job
 
 
@@ -455,22 +428,8 @@ def end_of_epoch(job: Job, data: Data, learner: Learner, progress: Progress) -> 
     p.position = 0
     p.train_acc = Accumulator(len(data.classes))
     if job.master:
-        val = ""
-        if "val_top1" in row:
-            val = f" | val loss {row['val_loss']:.3f} top-1 {row['val_top1']:.3f} "
-            val += f"(clips {row['val_clip_top1']:.3f})"
-        job.log(
-            f"epoch {p.epoch}/{data.epochs} step {p.step} | train loss {row['train_loss']:.3f} top-1 "
-            f"{row['train_top1']:.3f}{val} | {p.train_seconds:.0f} s"
-            + (f" | skipped {skipped} files" if skipped else "")
-        )
-        _run.write_metrics_csv(job.out / "metrics.csv", p.history)
-        _run.plot_history(job.out, p.history)
-        if job.writer is not None:
-            for k, v in row.items():
-                if k not in ("epoch", "step"):
-                    job.writer.add_scalar(k.replace("_", "/", 1), v, p.epoch)
-            job.writer.flush()
+        job.log(_run.epoch_line(row, data.epochs))
+        _run.record_epoch(job.out, p.history, job.writer)
     improved = row.get("val_top1", -1.0) > p.best_top1
     if improved:
         p.best_top1 = row["val_top1"]
@@ -552,14 +511,7 @@ def summary(job: Job, data: Data, learner: Learner, progress: Progress) -> dict 
         items = data.source.val_items[: cfg.inference_videos]
         result["inference"] = time_inference(model, items, data.config, job.device, data.source.use_titles)
     result["wall_seconds"] = time.perf_counter() - job.started
-    ckpt_io.atomic_write_text(job.out / "summary.json", json.dumps(result, indent=1))
-    table = _run.summary_table(result)
-    ckpt_io.atomic_write_text(job.out / "summary.md", table + "\n")
-    job.log("\n" + table + "\n")
-    job.log(
-        f"outputs in {job.out}/ (train.log, last.pt, best.pt, metrics.csv, precision.png, loss.png, "
-        "summary.md)"
-    )
+    _run.write_summary(job.out, result, job.log)
     return result
 
 

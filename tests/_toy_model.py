@@ -51,15 +51,7 @@ class MicroVideoConfig:
             )
 
     def inputs(self) -> InputSpec:
-        return InputSpec(
-            modalities=self.modalities,
-            clip_len=self.clip_len,
-            size=self.size,
-            scene_frames=self.scene_frames,
-            scene_size=self.scene_size,
-            vocab_size=self.vocab_size,
-            max_title_tokens=self.max_title_tokens,
-        )
+        return InputSpec.of(self)
 
 
 PRESETS = {

@@ -17,6 +17,11 @@ from .config import DataConfig
 from .datasets import UCF101, VideoCSV, VideoFolder, VideoItem
 
 DATA_KINDS = ("synthetic", "ucf101", "folder", "csv")
+# SyntheticMicroVideos's argument: the settings field synthetic_<name> that gives it
+SYNTHETIC_SETTINGS = {
+    "num_classes": "classes", "videos_per_class": "videos", "seed": "seed", "size": "size",
+    "seconds": "seconds",
+}  # fmt: skip
 
 
 @dataclass
@@ -65,15 +70,11 @@ def select(cfg, config: DataConfig, classes: list | None = None) -> DataSource:
     if kind == "synthetic":
         from .synthetic import SyntheticMicroVideos
 
-        opts = dict(
-            num_classes=cfg.synthetic_classes,
-            videos_per_class=cfg.synthetic_videos,
-            seed=cfg.synthetic_seed,
-            size=cfg.synthetic_size,
-            seconds=cfg.synthetic_seconds,
-            config=config,
-            cache=False,
-        )
+        names = {"num_classes": "classes", "videos_per_class": "videos", "seed": "seed", "size": "size"}
+        opts = {
+            arg: getattr(cfg, f"synthetic_{name}") for arg, name in {**names, "seconds": "seconds"}.items()
+        }
+        opts.update(config=config, cache=False)
         train = SyntheticMicroVideos(root, train=True, **opts)
         val = SyntheticMicroVideos(root, train=False, **opts)
         return DataSource("synthetic", train.classes, train.items, val.items, True)
