@@ -5,9 +5,9 @@
     python -m mvfast.evaluate best.pt --data ucf101 --data-root ~/UCF-101 --split 2
     python -m mvfast.evaluate best.pt --data folder --data-root held_out/ --val-fraction 1 --test-clips 5
 
-Data flags are those of python -m mvfast.train and default to the checkpoint's run (best.pt or last.pt of a
-run folder, or the folder itself for its last.pt). Writes into --out
-(default: the checkpoint's folder / eval-<name>): metrics.json (precision, recall, top-1, top-5, mean class
+The checkpoint is a run's best.pt or last.pt, or the run folder (its last.pt). Data flags are those of
+python -m mvfast.train and default to the checkpoint's run. Writes into --out (default:
+eval-<checkpoint name>-<split> beside the checkpoint): metrics.json (precision, recall, top-1, top-5, mean class
 accuracy, loss; clip and video level), confusion.csv and confusion.png (video level, rows = true class).
 """
 
