@@ -32,6 +32,9 @@ def setting(default, help: str, *, shown: str | None = None, data: bool = False,
 
 @dataclass
 class TrainConfig:
+    """Every setting of a training run, in the order --help lists them; each field's help text and the default
+    --help shows are its metadata (:func:`setting`)."""
+
     # data
     data: str = setting(
         "synthetic",

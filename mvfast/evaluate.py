@@ -7,8 +7,9 @@
 
 The checkpoint is a run's best.pt or last.pt, or the run folder (its last.pt). Data flags are those of
 python -m mvfast.train and default to the checkpoint's run. Writes into --out (default:
-eval-<checkpoint name>-<split> beside the checkpoint): metrics.json (precision, recall, top-1, top-5, mean class
-accuracy, loss; clip and video level), confusion.csv and confusion.png (video level, rows = true class).
+eval-<checkpoint name>-<split> beside the checkpoint): metrics.json (precision, recall, top-1, top-5, mean
+class accuracy, loss; clip and video level), confusion.csv and confusion.png (video level, rows = true
+class).
 """
 
 from __future__ import annotations
