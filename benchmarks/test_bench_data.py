@@ -17,8 +17,9 @@ from benchutil import BARS
 from torch.utils.data import DataLoader
 
 from mvfast.data import ClipCache, DataConfig, SyntheticMicroVideos, collate
+from mvfast.data.encode import encode_video
 from mvfast.data.motion import codec_vectors, rasterize
-from mvfast.data.synthetic import encode_video, render_video
+from mvfast.data.synthetic import render_video
 
 CFG = DataConfig()
 INFO = dict(op="data", case="synthetic-4x3", device="cpu")

@@ -11,10 +11,10 @@ import torch
 from benchutil import BARS, GPU, measure
 
 import mvfast
+from mvfast._inference import predict_file, prepare
 from mvfast.data import SyntheticMicroVideos, collate
+from mvfast.data.samplers import SeededClips
 from mvfast.models import create_model
-from mvfast.predict import predict_file, prepare
-from mvfast.train import SeededClips
 
 BATCH = 8
 DEVICES = ["cpu"] + (["cuda"] if GPU else [])

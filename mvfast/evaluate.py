@@ -5,9 +5,11 @@
     python -m mvfast.evaluate best.pt --data ucf101 --data-root ~/UCF-101 --split 2
     python -m mvfast.evaluate best.pt --data folder --data-root held_out/ --val-fraction 1 --test-clips 5
 
-Data flags are those of python -m mvfast.train and default to the checkpoint's run. Writes into --out
-(default: the checkpoint's folder / eval-<name>): metrics.json (precision, recall, top-1, top-5, mean class
-accuracy, loss; clip and video level), confusion.csv and confusion.png (video level, rows = true class).
+The checkpoint is a run's best.pt or last.pt, or the run folder (its last.pt). Data flags are those of
+python -m mvfast.train and default to the checkpoint's run. Writes into --out (default:
+eval-<checkpoint name>-<split> beside the checkpoint): metrics.json (precision, recall, top-1, top-5, mean
+class accuracy, loss; clip and video level), confusion.csv and confusion.png (video level, rows = true
+class).
 """
 
 from __future__ import annotations
@@ -20,18 +22,11 @@ from pathlib import Path
 
 import torch
 
-from mvfast._cli import (
-    CLIError,
-    atomic_write_text,
-    data_source,
-    load_checkpoint,
-    model_from_checkpoint,
-    pick_device,
-    run_main,
-    set_backend,
-    to_device,
-)
-from mvfast.metrics import classification_metrics, confusion_matrix, video_level
+from mvfast._checkpoint import atomic_write_text, load_checkpoint, model_from_checkpoint
+from mvfast._cli import CLIError, add_device_flags, pick_device, run_main, set_backend
+from mvfast._config import DATA_FIELDS, FIELDS, TrainConfig, build_parser, check, open_source
+from mvfast._inference import infer, validation_metrics
+from mvfast.metrics import confusion_matrix, video_level
 
 METRIC_NAMES = {
     "precision": "precision",
@@ -41,60 +36,6 @@ METRIC_NAMES = {
     "mean_class_accuracy": "mean class accuracy",
     "loss": "loss",
 }
-
-
-@torch.no_grad()
-def infer(model, loader, loss_fn, device, amp_dtype=None, gather=None) -> dict | None:
-    """Runs `model` in eval mode over a test-mode loader.
-
-    Returns {"probs" float[N, C], "labels" int64[N], "video_index" int64[N], "loss" (mean of loss_fn over the
-    batches, weighted by size), "num_skipped", "skipped"}, or None when no clip could be decoded. `gather`
-    (all_gather of a picklable object, under DDP) combines the ranks' shards; every rank gets the result.
-    """
-    was_training = model.training
-    model.eval()
-    probs, labels, videos, loss_sum, skipped = [], [], [], 0.0, []
-    for batch in loader:
-        skipped += batch["skipped"]
-        if batch["label"].numel() == 0:
-            continue
-        batch = to_device(batch, device)
-        with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
-            out = model(batch)
-            loss = loss_fn(out, batch["label"])
-        probs.append(out["logits"].float().softmax(1).cpu())
-        labels.append(batch["label"].cpu())
-        videos.append(batch["video_index"].cpu())
-        loss_sum += float(loss) * batch["label"].numel()
-    model.train(was_training)
-    part = {
-        "probs": torch.cat(probs) if probs else None,
-        "labels": torch.cat(labels) if labels else None,
-        "video_index": torch.cat(videos) if videos else None,
-        "loss_sum": loss_sum,
-        "skipped": skipped,
-    }
-    parts = gather(part) if gather is not None else [part]
-    kept = [p for p in parts if p["probs"] is not None]
-    if not kept:
-        return None
-    count = sum(p["labels"].numel() for p in kept)
-    return {
-        "probs": torch.cat([p["probs"] for p in kept]),
-        "labels": torch.cat([p["labels"] for p in kept]),
-        "video_index": torch.cat([p["video_index"] for p in kept]),
-        "loss": sum(p["loss_sum"] for p in kept) / count,
-        "skipped": [s for p in parts for s in p["skipped"]],
-        "num_skipped": sum(len(p["skipped"]) for p in parts),
-    }
-
-
-def validation_metrics(result: dict, num_classes: int) -> tuple[dict, dict]:
-    """(clip-level, video-level) metrics of an :func:`infer` result. The loss of both is the clips' mean."""
-    clip = classification_metrics(result["probs"], result["labels"], num_classes, loss=result["loss"])
-    vp, vl, _ = video_level(result["probs"], result["labels"], result["video_index"])
-    video = classification_metrics(vp, vl, num_classes, loss=result["loss"])
-    return clip, video
 
 
 def write_confusion(out: Path, cm: torch.Tensor, classes: list[str]) -> None:
@@ -144,27 +85,32 @@ def evaluate(argv=None) -> dict:
     from torch.utils.data import DataLoader
 
     from mvfast.data import Collate, VideoDataset
-    from mvfast.train import DATA_FIELDS, TrainConfig, build_parser, check_config
 
-    parser = build_parser("python -m mvfast.evaluate", fields=DATA_FIELDS, description=__doc__)
+    parser = build_parser("python -m mvfast.evaluate", __doc__, fields=DATA_FIELDS, shown="the checkpoint's")
     parser.add_argument("checkpoint", help="a checkpoint of python -m mvfast.train (or its output folder)")
-    parser.add_argument("--on", choices=("val", "train"), default="val", help="which split (default: val)")
-    parser.add_argument("--out", help="output folder (default: beside the checkpoint, eval-<name>)")
+    parser.add_argument(
+        "--on",
+        choices=("val", "train"),
+        default="val",
+        help="the split of the data to evaluate on (default: val)",
+    )
+    parser.add_argument(
+        "--out", help="output folder (default: eval-<checkpoint name>-<split> beside the checkpoint)"
+    )
     parser.add_argument("--batch-size", type=int, default=16, help="clips per batch (default: 16)")
-    parser.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N (default: auto)")
-    parser.add_argument("--backend", default="auto", help="mvfast kernels (default: auto)")
+    add_device_flags(parser)
     args = vars(parser.parse_args(argv))
     ckpt = load_checkpoint(args.pop("checkpoint"))
     on, out, batch_size = args.pop("on"), args.pop("out", None), args.pop("batch_size")
     device = pick_device(args.pop("device"))
     set_backend(args.pop("backend"), device)
 
-    stored = {k: v for k, v in ckpt["config"].items() if k in {f for f in TrainConfig.__dataclass_fields__}}
+    stored = {k: v for k, v in ckpt["config"].items() if k in FIELDS}
     cfg = TrainConfig(**{**stored, **args})
-    check_config(cfg)
+    check(cfg)
     model, data_cfg, classes = model_from_checkpoint(ckpt, device)
     data_cfg = data_cfg.replace(test_clips=cfg.test_clips)
-    source = data_source(cfg, data_cfg, classes if cfg.data == "csv" else None)
+    source = open_source(cfg, data_cfg, classes if cfg.data == "csv" else None)
     if len(source.classes) != len(classes) or [str(c) for c in source.classes] != [str(c) for c in classes]:
         raise CLIError(
             f"the data's {len(source.classes)} classes differ from the checkpoint's {len(classes)} "

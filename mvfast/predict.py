@@ -13,99 +13,12 @@ from __future__ import annotations
 
 import argparse
 import json
-import statistics
 import sys
-import time
 from pathlib import Path
 
-import numpy as np
-import torch
-
-from mvfast._cli import (
-    CLIError,
-    load_checkpoint,
-    model_from_checkpoint,
-    pick_device,
-    run_main,
-    set_backend,
-    to_device,
-)
-
-
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
-def prepare(path, data_cfg, title: str | None = None) -> tuple[dict, dict]:
-    """Decodes a file into a batch of its data_cfg.test_clips evenly spaced clips; returns (batch, facts)."""
-    from mvfast.data import collate, decode_video, sample_clip, tokenize
-
-    video = decode_video(path, data_cfg)
-    samples = []
-    for clip in range(data_cfg.test_clips):
-        s = sample_clip(video, data_cfg, train=False, clip=clip)
-        s["text"], s["text_mask"] = tokenize(title or "", data_cfg.vocab_size, data_cfg.max_title_tokens)
-        samples.append(s)
-    n = video.frames.shape[0]
-    # the scene frames sample_clip takes: evenly spread, at these timeline indices
-    scene_idx = np.minimum(
-        ((np.arange(data_cfg.scene_frames) + 0.5) * n / data_cfg.scene_frames).astype(int), n - 1
-    )
-    facts = {
-        "frames_decoded": int(n),
-        "scene_frame_seconds": [round(float(i) / data_cfg.fps, 3) for i in scene_idx],
-        "has_audio": video.audio is not None and len(video.audio) > 0,
-    }
-    return collate(samples), facts
-
-
-@torch.no_grad()
-def predict_file(model, path, data_cfg, device, title: str | None = None) -> dict:
-    """probs (float[C], mean over the clips), attention (float[F, H] mean over the clips, or None),
-    decode_ms, model_ms and the facts of :func:`prepare`."""
-    t0 = time.perf_counter()
-    batch, facts = prepare(path, data_cfg, title)
-    batch = to_device(batch, device)
-    _sync(device)
-    t1 = time.perf_counter()
-    out = model(batch)
-    probs = out["logits"].float().softmax(1).mean(0).cpu()
-    _sync(device)
-    t2 = time.perf_counter()
-    attention = out.get("attention")
-    return {
-        "probs": probs,
-        "attention": attention.float().mean(0).cpu() if attention is not None else None,
-        "decode_ms": (t1 - t0) * 1e3,
-        "model_ms": (t2 - t1) * 1e3,
-        **facts,
-    }
-
-
-def time_inference(model, items, data_cfg, device, use_titles: bool = True) -> dict:
-    """Median per-video inference time over some videos (each: decode without cache, its test clips, one
-    forward pass), after one warm-up: model_ms (the forward pass) and total_ms (decoding included)."""
-    was_training = model.training
-    model.eval()
-    model_ms, total_ms = [], []
-    for i, item in enumerate([items[0], *items]):
-        try:
-            r = predict_file(model, item.path, data_cfg, device, item.title if use_titles else None)
-        except (OSError, ValueError):
-            continue
-        if i > 0:
-            model_ms.append(r["model_ms"])
-            total_ms.append(r["model_ms"] + r["decode_ms"])
-    model.train(was_training)
-    if not model_ms:
-        return {}
-    return {
-        "model_ms": statistics.median(model_ms),
-        "total_ms": statistics.median(total_ms),
-        "videos": len(model_ms),
-        "clips_per_video": data_cfg.test_clips,
-    }
+from mvfast._checkpoint import load_checkpoint, model_from_checkpoint
+from mvfast._cli import CLIError, add_device_flags, pick_device, run_main, set_backend
+from mvfast._inference import predict_file
 
 
 def predict(argv=None) -> list[dict]:
@@ -117,13 +30,16 @@ def predict(argv=None) -> list[dict]:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     parser.add_argument("checkpoint", help="a checkpoint of python -m mvfast.train (or its output folder)")
-    parser.add_argument("videos", nargs="+", metavar="VIDEO", help="video files")
+    parser.add_argument(
+        "videos", nargs="+", metavar="VIDEO", help="video files (mp4, avi, mkv, mov, webm, ...)"
+    )
     parser.add_argument("--top-k", type=int, default=5, help="classes shown per video (default: 5)")
-    parser.add_argument("--title", action="append", help="title of a video (once per video, in order)")
+    parser.add_argument(
+        "--title", action="append", help="title of a video (once per video, in order; default: none)"
+    )
     parser.add_argument("--test-clips", type=int, help="clips averaged per video (default: the checkpoint's)")
-    parser.add_argument("--json", action="store_true", help="print JSON instead of text")
-    parser.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N (default: auto)")
-    parser.add_argument("--backend", default="auto", help="mvfast kernels (default: auto)")
+    parser.add_argument("--json", action="store_true", help="print JSON instead of text (default: off)")
+    add_device_flags(parser)
     args = parser.parse_args(argv)
     if args.title and len(args.title) != len(args.videos):
         raise CLIError(f"--title given {len(args.title)} times for {len(args.videos)} videos")

@@ -4,15 +4,17 @@
     python -m mvfast.sweep baseline           # Table 1: the frame2d baseline beside the 3D model (tiny)
     python -m mvfast.sweep dropout --out runs/table2 -- --epochs 8 --batch-size 16
 
-Each setting is one run of python -m mvfast.train (in this process, one after the other) in its own folder
-under --out; arguments after ``--`` go to every run. A run whose folder already holds a finished summary
-is not repeated. Ends with a markdown table of the runs' summaries.
+Each setting is one run of python -m mvfast.train, in a process of its own (one after the other), in its own
+folder under --out; arguments after ``--`` go to every run. A run whose folder already holds a finished
+summary is not repeated (--force trains it again), and one that was interrupted is resumed. Ends with a
+markdown table of the runs' summaries.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import subprocess
 import sys
 from pathlib import Path
 
@@ -55,8 +57,6 @@ def table(columns: list[tuple[str, dict]]) -> str:
 
 
 def sweep(argv=None) -> str:
-    from mvfast import train
-
     argv = list(sys.argv[1:] if argv is None else argv)
     extra = []
     if "--" in argv:
@@ -69,7 +69,11 @@ def sweep(argv=None) -> str:
     )
     parser.add_argument("which", choices=sorted(SWEEPS), help="dropout (Table 2) or baseline (Table 1)")
     parser.add_argument("--out", default=None, help="folder of the runs (default: runs/sweep-<which>)")
-    parser.add_argument("--force", action="store_true", help="train again even where a summary exists")
+    parser.add_argument(
+        "--force",
+        action="store_true",
+        help="train every run again, also where its summary exists (default: off)",
+    )
     args = parser.parse_args(argv)
     if "--out" in extra or any(a.startswith("--out=") for a in extra):
         raise CLIError("give --out before --, to the sweep; each run gets a folder inside it")
@@ -79,8 +83,15 @@ def sweep(argv=None) -> str:
         folder = root / title.split(" (")[0].replace(" ", "-").replace("(", "").replace(")", "")
         summary_file = folder / "summary.json"
         if args.force or not summary_file.is_file():
-            print(f"== {title}: python -m mvfast.train {' '.join([*run_args, *extra, '--out', str(folder)])}")
-            train.train([*run_args, *extra, "--out", str(folder)])
+            train_args = [*run_args, *extra, "--out", str(folder)]
+            if args.force:
+                train_args.append("--force")
+            elif (folder / "last.pt").is_file():
+                train_args.append("--resume")
+            print(f"== {title}: python -m mvfast.train {' '.join(train_args)}", flush=True)
+            done = subprocess.run([sys.executable, "-m", "mvfast.train", *train_args])
+            if done.returncode != 0:
+                raise CLIError(f"{title}: python -m mvfast.train exited with status {done.returncode}")
         columns.append((title, json.loads(summary_file.read_text())))
     result = table(columns)
     print(f"\n{'Table 2' if args.which == 'dropout' else 'Table 1'} on {columns[0][1]['data']}:\n\n{result}")

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import contextlib
 import os
-import tempfile
+import secrets
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import IO
@@ -38,13 +38,14 @@ def saved_bytes(fn: Callable[[], object]) -> int:
 def atomic_write(path: str | os.PathLike, mode: str = "wb", encoding: str | None = None) -> Iterator[IO]:
     """A file to write that replaces ``path`` only once the block has finished: it is written beside
     ``path`` under a temporary name, synced, then renamed over it, so a reader (or a run killed while
-    writing) sees the old file or the new one, never part of one. On an error the temporary file is removed.
+    writing) sees the old file or the new one, never part of one. On an error the temporary file is
+    removed. The file gets the mode the umask gives, like one written in place.
 
     >>> with atomic_write("runs/x/last.pt") as f:  # doctest: +SKIP
     ...     torch.save(state, f)
     """
     path = Path(path)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    fd, tmp = _create_beside(path)
     try:
         with os.fdopen(fd, mode, encoding=encoding) as f:
             yield f
@@ -55,3 +56,16 @@ def atomic_write(path: str | os.PathLike, mode: str = "wb", encoding: str | None
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)
         raise
+
+
+def _create_beside(path: Path) -> tuple[int, Path]:
+    """A new, uniquely named temporary file beside `path`, open for writing, with the mode the umask gives
+    (tempfile.mkstemp would make it 0600, and the rename would keep that: a teammate could not read it)."""
+    flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_BINARY", 0)
+    for _ in range(100):
+        tmp = path.parent / f".{path.name}.{secrets.token_hex(4)}.tmp"
+        try:
+            return os.open(tmp, flags, 0o666), tmp
+        except FileExistsError:
+            continue
+    raise FileExistsError(f"atomic_write: no free temporary name beside {str(path)!r}")

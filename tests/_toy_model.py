@@ -1,9 +1,10 @@
 """A small stand-in for ``mvfast.models`` that follows its contract, so the command-line tools can be tested
 fast and independently of the real model.
 
-Contract: ``create_model(name, num_classes, **overrides)`` with presets "tiny", "paper", "frame2d";
-``model.config`` with ``num_classes``, ``modalities``, ``dropout``, ``aux_weight`` and
-``data_config(base)``; ``model(batch)`` -> {"logits" (B, C), "aux_logits" {name: (B, C)}, "attention"
+Contract: ``create_model(name, num_classes, **overrides)`` and ``preset_config(name, num_classes,
+**overrides)`` with presets "tiny", "paper", "frame2d"; ``MODALITIES``; ``model.config`` with
+``num_classes``, ``modalities``, ``dropout``, ``aux_weight`` and ``inputs()`` (the fields of
+``mvfast.models.InputSpec``); ``model(batch)`` -> {"logits" (B, C), "aux_logits" {name: (B, C)}, "attention"
 (B, F, H) or None}; ``model.loss(out, labels)``.
 
 In a test process: ``install()`` puts it in place of ``mvfast.models``. As a script it does that and then
@@ -24,7 +25,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-MODALITIES = ("rgb", "motion", "frames", "audio", "text")
+from mvfast.models.config import MODALITIES, InputSpec
 
 
 @dataclass(frozen=True)
@@ -49,19 +50,8 @@ class MicroVideoConfig:
                 f"MicroVideoConfig.modalities: expected a non-empty subset of {MODALITIES}, got {bad}"
             )
 
-    def data_config(self, base=None):
-        from mvfast.data import DataConfig
-
-        base = base or DataConfig()
-        return base.replace(
-            clip_len=self.clip_len,
-            size=self.size,
-            resize=max(base.resize, self.size),
-            scene_frames=self.scene_frames,
-            scene_size=self.scene_size,
-            vocab_size=self.vocab_size,
-            max_title_tokens=self.max_title_tokens,
-        )
+    def inputs(self) -> InputSpec:
+        return InputSpec.of(self)
 
 
 PRESETS = {
@@ -126,7 +116,7 @@ class MicroVideoNet(nn.Module):
         return loss
 
 
-def create_model(name: str, num_classes: int, **overrides) -> MicroVideoNet:
+def preset_config(name: str, num_classes: int, **overrides) -> MicroVideoConfig:
     if name not in PRESETS:
         raise ValueError(f"create_model: unknown preset {name!r}; choose one of {', '.join(PRESETS)}")
     fields = {f.name for f in dataclasses.fields(MicroVideoConfig)}
@@ -135,12 +125,18 @@ def create_model(name: str, num_classes: int, **overrides) -> MicroVideoNet:
         raise ValueError(f"create_model: unknown config fields {unknown}")
     if "modalities" in overrides:
         overrides["modalities"] = tuple(overrides["modalities"])
-    return MicroVideoNet(dataclasses.replace(PRESETS[name], num_classes=num_classes, **overrides))
+    return dataclasses.replace(PRESETS[name], num_classes=num_classes, **overrides)
+
+
+def create_model(name: str, num_classes: int, **overrides) -> MicroVideoNet:
+    return MicroVideoNet(preset_config(name, num_classes, **overrides))
 
 
 def _module() -> types.ModuleType:
     module = types.ModuleType("mvfast.models")
     module.create_model = create_model
+    module.preset_config = preset_config
+    module.MODALITIES = MODALITIES
     module.PRESETS = PRESETS
     module.MicroVideoConfig = MicroVideoConfig
     module.MicroVideoNet = MicroVideoNet

@@ -18,7 +18,7 @@ from mvfast.data.audio import (
     mel_filterbank,
     pool_windows,
 )
-from mvfast.data.synthetic import encode_video
+from mvfast.data.encode import encode_video
 from mvfast.data.text import PAD_ID, token_id, tokenize, words
 
 

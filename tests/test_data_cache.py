@@ -8,7 +8,7 @@ import pytest
 
 import mvfast.data.cache as cache_mod
 from mvfast.data import ClipCache, DataConfig, load_video
-from mvfast.data.synthetic import encode_video
+from mvfast.data.encode import encode_video
 
 CFG = DataConfig(clip_len=4, size=32, resize=32, scene_frames=2, scene_size=32)
 

@@ -25,7 +25,7 @@ from mvfast.data import (
     decode_video,
 )
 from mvfast.data import synthetic as syn
-from mvfast.data.synthetic import encode_video
+from mvfast.data.encode import encode_video
 
 CFG = DataConfig(clip_len=4, size=32, resize=32, scene_frames=2, scene_size=32, test_clips=2)
 

@@ -6,8 +6,8 @@ import pytest
 import torch
 
 from mvfast.data import DataConfig, DecodedVideo, decode_video, sample_clip
+from mvfast.data.encode import encode_video
 from mvfast.data.motion import codec_vectors, rasterize, reference_distances, rgb_difference_flow
-from mvfast.data.synthetic import encode_video
 
 MV_DTYPE = np.dtype(
     [

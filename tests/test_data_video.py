@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from mvfast.data import DataConfig, VideoDecodeError, clip_starts, decode_video, load_video, sample_clip
-from mvfast.data.synthetic import encode_video
+from mvfast.data.encode import encode_video
 
 SHARED_VIDEOS = Path(__file__).resolve().parents[1].parent / "shared" / "videos"
 CFG = DataConfig(clip_len=8, size=32, resize=48, scene_frames=3, scene_size=32, test_clips=2)

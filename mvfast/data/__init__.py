@@ -1,6 +1,8 @@
 """Video data pipeline: decoding, sampling, motion, audio, text, cache, datasets and the synthetic set.
 
 Everything here is pure Python over PyAV, NumPy and PyTorch; it does not need the compiled extension.
+PyAV is imported when a video is decoded or encoded: the configs, collate and the datasets' listings work
+without it.
 
 >>> from mvfast.data import load_video, DataConfig
 >>> sample = load_video("clip.mp4", DataConfig(clip_len=16, size=112), title="My first video")
@@ -13,6 +15,7 @@ from .cache import ClipCache, default_cache_dir
 from .collate import Collate, SkipCounter, Skipped, collate
 from .config import DataConfig
 from .datasets import UCF101, VideoCSV, VideoDataset, VideoFolder, VideoItem
+from .encode import encode_video
 from .motion import codec_vectors, rasterize, rgb_difference_flow
 from .sampling import clip_starts, load_video, sample_clip
 from .text import tokenize
@@ -53,8 +56,8 @@ __all__ = [
 def __getattr__(name):
     # The synthetic set is loaded on first use, not with the package, so that
     # `python -m mvfast.data.synthetic` runs the module fresh (runpy warns when it was imported already).
-    if name in ("SyntheticMicroVideos", "encode_video"):
+    if name == "SyntheticMicroVideos":
         from . import synthetic
 
-        return getattr(synthetic, name)
+        return synthetic.SyntheticMicroVideos
     raise AttributeError(f"module 'mvfast.data' has no attribute {name!r}")

@@ -112,33 +112,48 @@ collate = Collate()
 
 
 class SkipCounter:
-    """Adds up the files skipped over an epoch, from the batches (works with any number of workers).
+    """Adds up the files skipped over an epoch, from the batches (works with any number of workers), and warns
+    about each file once: the epoch that first skips it lists it with its reason; the count of every epoch is
+    what :meth:`end_epoch` returns (and logs at INFO level).
 
     >>> skips = SkipCounter()
     >>> for batch in loader:
     ...     skips.update(batch)
     ...     if batch["label"].numel() == 0:
     ...         continue
-    >>> skips.end_epoch(epoch)   # logs "skipped N files" with their reasons, returns N, resets
+    >>> skips.end_epoch(epoch)   # warns "skipped N files" with the new ones and why; returns N, resets
     """
 
     def __init__(self):
         self.count = 0
         self.files: list[tuple[str, str]] = []
+        self.reported: set[str] = set()  # over the counter's life: a run
 
     def update(self, batch: dict) -> int:
-        self.count += batch.get("num_skipped", 0)
-        self.files.extend(batch.get("skipped", []))
-        return batch.get("num_skipped", 0)
+        return self.add(batch.get("skipped", []), batch.get("num_skipped", 0))
+
+    def add(self, skipped: list[tuple[str, str]], count: int | None = None) -> int:
+        """Counts skipped (path, reason) pairs from elsewhere (a validation pass); `count` if they are a
+        sample of more."""
+        n = len(skipped) if count is None else count
+        self.count += n
+        self.files.extend(skipped)
+        return n
 
     def end_epoch(self, epoch: int | None = None) -> int:
         n = self.count
         if n:
             where = f" in epoch {epoch}" if epoch is not None else ""
-            unique = sorted(set(self.files))
-            listing = "; ".join(f"{p}: {r}" for p, r in unique[:20])
-            more = f" (and {len(unique) - 20} more)" if len(unique) > 20 else ""
-            log.warning("skipped %d undecodable file(s)%s: %s%s", n, where, listing, more)
+            new = sorted({(p, r) for p, r in self.files if p not in self.reported})
+            self.reported.update(p for p, _ in new)
+            if new:
+                listing = "; ".join(f"{p}: {r}" for p, r in new[:20])
+                more = f" (and {len(new) - 20} more)" if len(new) > 20 else ""
+                old = {p for p, _ in self.files} - {p for p, _ in new}
+                seen = f" (and {len(old)} reported before)" if old else ""
+                log.warning("skipped %d undecodable file(s)%s: %s%s%s", n, where, listing, more, seen)
+            else:
+                log.info("skipped %d undecodable file(s)%s, all reported before", n, where)
         self.count = 0
         self.files = []
         return n

@@ -119,6 +119,33 @@ class DataConfig:
         """The settings that determine the decoded (cached) arrays, as a JSON-able dict."""
         return {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.metadata.get("cache")}
 
+    @classmethod
+    def for_inputs(cls, inputs, **settings) -> DataConfig:
+        """The DataConfig of `settings` (any other fields) whose samples are what a model eats.
+
+        ``inputs`` is the model's :class:`mvfast.models.InputSpec` (``model.config.inputs()``): its clip_len,
+        size, scene_frames, scene_size, vocab_size and max_title_tokens are taken, and its resize where the
+        model fixes one; else resize is the settings' (or the default), raised to at least size and
+        scene_size.
+        """
+        resize = inputs.resize
+        if resize is None:
+            resize = max(settings.get("resize", cls.resize), inputs.size, inputs.scene_size)
+        sizes = dict(
+            clip_len=inputs.clip_len,
+            size=inputs.size,
+            resize=resize,
+            scene_frames=inputs.scene_frames,
+            scene_size=inputs.scene_size,
+            vocab_size=inputs.vocab_size,
+            max_title_tokens=inputs.max_title_tokens,
+        )
+        return cls(**{**settings, **sizes})
+
+    def with_inputs(self, inputs) -> DataConfig:
+        """This config with a model's input sizes (see :meth:`for_inputs`)."""
+        return self.for_inputs(inputs, **{f.name: getattr(self, f.name) for f in dataclasses.fields(self)})
+
     def replace(self, **changes) -> DataConfig:
         """A copy with some settings changed (validated again)."""
         return dataclasses.replace(self, **changes)

@@ -80,6 +80,9 @@ class VideoDataset(Dataset):
         self.cache = _resolve_cache(cache)
         self.use_titles = use_titles
         self.failures = 0  # in this process only; use the batches' num_skipped with DataLoader workers
+        # Whether a file that fails is logged here, as it fails; off where a SkipCounter reports the skipped
+        # files of the batches instead (once per file, not once per epoch and worker).
+        self.log_skips = True
         self._last = None  # (path, decoded): consecutive test clips of a video decode it once
 
     @property
@@ -125,7 +128,13 @@ class VideoDataset(Dataset):
             )
         except (VideoDecodeError, OSError) as e:
             self.failures += 1
-            log.warning("%s: skipping %s: %s", self.name, item.path, e)
+            log.log(
+                logging.WARNING if self.log_skips else logging.DEBUG,
+                "%s: skipping %s: %s",
+                self.name,
+                item.path,
+                e,
+            )
             return Skipped(item.path, str(e))
         if self.use_titles:
             sample["text"], sample["text_mask"] = tokenize(

@@ -18,7 +18,8 @@ Files are H.264 mp4 with an AAC track (mono, 22.05 kHz, so decoding exercises th
 25 fps, 4 s by default (room for random clip offsets and several test clips; about 50 s to generate the
 default 240 videos on 2 busy cores), listed in ``manifest.csv`` (path, label, title, split, class_name,
 has_audio) with ``classes.txt``. Generation writes into a temporary sibling folder and renames it into
-place, so processes that generate concurrently never see a half-written set. Command line::
+place, so processes that generate concurrently never see a half-written set; a generation that fails or is
+stopped removes its folder, and one killed outright has its folder removed by the next. Command line::
 
     python -m mvfast.data.synthetic --out DIR [--classes 10] [--videos-per-class 24] [--seed 0]
 """
@@ -26,24 +27,31 @@ place, so processes that generate concurrently never see a half-written set. Com
 from __future__ import annotations
 
 import argparse
+import contextlib
 import csv
-import fractions
 import itertools
 import json
 import math
 import os
 import shutil
+import signal
 import sys
 import tempfile
+import threading
 import time
 from pathlib import Path
 
-import av
 import numpy as np
 
 from .cache import default_cache_dir
 from .config import DataConfig
 from .datasets import VideoCSV
+from .encode import encode_video
+
+try:
+    import fcntl
+except ImportError:  # not on Windows: abandoned folders are then left for the user to delete
+    fcntl = None
 
 # Bumped whenever the generated content changes, so an old set on disk is not taken for the new one.
 GENERATOR_VERSION = 1
@@ -91,116 +99,11 @@ FILLER = (
 
 
 # ----------------------------------------------------------------------------------------------------
-# Writing video files (also used by the tests to make every container and codec)
-# ----------------------------------------------------------------------------------------------------
-
-_FAST_OPTIONS = {
-    "libx264": {"preset": "veryfast"},
-    "libvpx-vp9": {"deadline": "realtime", "cpu-used": "8"},
-    "libvpx": {"deadline": "realtime", "cpu-used": "8"},
-}
-
-
-def _audio_array(wave: np.ndarray, fmt: str) -> np.ndarray:
-    # Converts float samples in [-1, 1] to what the encoder's sample format holds.
-    wave = np.clip(wave, -1.0, 1.0)
-    if fmt.startswith("s16"):
-        return (wave * 32767).astype(np.int16)
-    if fmt.startswith("s32"):
-        return (wave * 2147483647).astype(np.int32)
-    if fmt.startswith("dbl"):
-        return wave.astype(np.float64)
-    return wave.astype(np.float32)
-
-
-def encode_video(
-    path: str | os.PathLike,
-    frames,
-    fps: float = 25.0,
-    codec: str = "libx264",
-    audio: np.ndarray | None = None,
-    audio_rate: int = 22050,
-    audio_codec: str = "aac",
-    rotation: int | None = None,
-    pts_ms: list[int] | None = None,
-    container_format: str | None = None,
-    options: dict | None = None,
-) -> Path:
-    """Encodes frames (and optionally a mono audio track) into a file; the container follows the suffix.
-
-    Args:
-        frames (uint8[N, H, W, 3]): RGB frames, H and W even.
-        audio (float[S]): mono samples in [-1, 1] at `audio_rate`.
-        rotation: display rotation in degrees counter-clockwise, stored as the stream's display matrix.
-        pts_ms: presentation times in milliseconds, one per frame, for a variable frame rate file.
-        options: encoder options (default: fast presets for x264 and libvpx).
-    """
-    path = Path(path)
-    frames = np.asarray(frames)
-    if frames.ndim != 4 or frames.shape[-1] != 3 or frames.dtype != np.uint8:
-        raise ValueError(
-            f"encode_video: frames must be uint8 (N, H, W, 3), got {frames.dtype} {frames.shape}"
-        )
-    if pts_ms is not None and len(pts_ms) != len(frames):
-        raise ValueError(
-            f"encode_video: pts_ms must have one time per frame ({len(frames)}), got {len(pts_ms)}"
-        )
-    n, h, w, _ = frames.shape
-    # The MP3 encoder's priming delay gives negative audio timestamps; AVI's default shift of every stream
-    # then shows up as a dropped first video frame. Keep the timestamps as encoded instead.
-    muxer_options = {"avoid_negative_ts": "disabled"} if path.suffix.lower() == ".avi" else {}
-    with av.open(str(path), "w", format=container_format, options=muxer_options) as out:
-        vs = out.add_stream(codec, rate=fractions.Fraction(fps).limit_denominator(1001))
-        vs.width, vs.height, vs.pix_fmt = w, h, "yuv420p"
-        vs.codec_context.options = dict(options if options is not None else _FAST_OPTIONS.get(codec, {}))
-        rate = fractions.Fraction(fps).limit_denominator(1001)
-        vs.codec_context.time_base = fractions.Fraction(1, 1000) if pts_ms is not None else 1 / rate
-        if pts_ms is not None:
-            vs.time_base = fractions.Fraction(1, 1000)
-        if rotation:
-            vs.set_display_rotation(rotation)
-        astream = None
-        if audio is not None:
-            astream = out.add_stream(audio_codec, rate=audio_rate)
-            astream.layout = "mono"
-            wave = _audio_array(np.asarray(audio, dtype=np.float64), astream.codec_context.format.name)
-        chunk = 1024
-        for i in range(n):
-            # Converted here with one thread: FFmpeg's sliced RGB->YUV conversion gave different bytes from
-            # run to run.
-            frame = av.VideoFrame.from_ndarray(frames[i], format="rgb24").reformat(
-                format="yuv420p", threads=1
-            )
-            # Explicit timestamps: left to the encoder, some muxers (AVI with an audio track) skip one.
-            frame.pts = int(pts_ms[i]) if pts_ms is not None else i
-            frame.time_base = vs.codec_context.time_base
-            for packet in vs.encode(frame):
-                out.mux(packet)
-        for packet in vs.encode():
-            out.mux(packet)
-        if astream is not None:
-            # All video first, then all audio: the muxer interleaves by timestamp.
-            for start in range(0, len(wave), chunk):
-                part = wave[start : start + chunk]
-                af = av.AudioFrame.from_ndarray(
-                    part[None, :], format=astream.codec_context.format.name, layout="mono"
-                )
-                af.sample_rate = audio_rate
-                af.pts = start
-                af.time_base = fractions.Fraction(1, audio_rate)
-                for packet in astream.encode(af):
-                    out.mux(packet)
-        if astream is not None:
-            for packet in astream.encode():
-                out.mux(packet)
-    return path
-
-
-# ----------------------------------------------------------------------------------------------------
 # The class design
 # ----------------------------------------------------------------------------------------------------
 
-MODALITIES = ("motion", "scene", "sound", "title")
+FACTORS = ("motion", "scene", "sound", "title")
+"""What each class combines, one factor per modality (the columns of :func:`class_factors`)."""
 
 
 def class_factors(num_classes: int, seed: int = 0) -> np.ndarray:
@@ -216,9 +119,9 @@ def class_factors(num_classes: int, seed: int = 0) -> np.ndarray:
     if values > len(WORD_GROUPS):
         raise ValueError(f"class_factors: at most {2 * len(WORD_GROUPS)} classes, got {num_classes}")
     rng = np.random.default_rng([seed, 7919])
-    best, best_shared = None, len(MODALITIES) + 1
+    best, best_shared = None, len(FACTORS) + 1
     for _ in range(2000):
-        table = np.stack([rng.permutation(np.arange(num_classes) % values) for _ in MODALITIES], axis=1)
+        table = np.stack([rng.permutation(np.arange(num_classes) % values) for _ in FACTORS], axis=1)
         shared = (table[:, None, :] == table[None, :, :]).sum(-1)
         np.fill_diagonal(shared, 0)
         if shared.max() < best_shared:
@@ -381,8 +284,7 @@ def generate(
     names = class_names(factors)
     n_train = max(1, min(videos_per_class - 1, round(videos_per_class * train_fraction)))
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
-    try:
+    with _scratch_folder(out) as tmp:
         rows = []
         started = time.perf_counter()
         total = num_classes * videos_per_class
@@ -413,7 +315,7 @@ def generate(
             writer.writeheader()
             writer.writerows(rows)
         (tmp / "classes.txt").write_text("\n".join(names) + "\n", encoding="utf-8")
-        info = dict(params, factors=factors.tolist(), modalities=list(MODALITIES))
+        info = dict(params, factors=factors.tolist(), modalities=list(FACTORS))
         # Written last: its presence marks a complete set.
         (tmp / "info.json").write_text(json.dumps(info, indent=1), encoding="utf-8")
         try:
@@ -424,10 +326,6 @@ def generate(
             # Another process renamed its copy into place first; the sets are identical, keep that one.
             if not _complete(out, params):
                 raise
-            shutil.rmtree(tmp, ignore_errors=True)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return out
 
 
@@ -440,6 +338,79 @@ def _complete(out: Path, params: dict) -> bool:
     except (OSError, ValueError):
         return False
     return all(stored.get(k) == v for k, v in params.items())
+
+
+@contextlib.contextmanager
+def _scratch_folder(out: Path):
+    """A new temporary sibling folder of `out`, removed after the block unless the block renamed it away.
+
+    It is removed on any exception, and on SIGTERM too (turned into SystemExit inside the block). A process
+    killed outright (SIGKILL, power loss) cannot clean up, so each folder has a lock file, created first and
+    held (flock) while its process writes: the next generation of the same set removes the folders whose
+    lock nobody holds any more, and leaves those of processes still writing.
+    """
+    _remove_abandoned(out)
+    lock_fd, lock_path = tempfile.mkstemp(prefix=f".{out.name}.tmp-", suffix=".lock", dir=out.parent)
+    tmp = Path(lock_path[: -len(".lock")])
+    try:
+        if fcntl is not None:
+            fcntl.flock(lock_fd, fcntl.LOCK_EX)
+        tmp.mkdir()
+        with _sigterm_as_exit():
+            yield tmp
+    finally:
+        # The folder goes before its lock file: a folder without one is never a live process's.
+        shutil.rmtree(tmp, ignore_errors=True)
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(lock_path)
+        os.close(lock_fd)
+
+
+def _remove_abandoned(out: Path) -> None:
+    """Removes the temporary folders of `out` left by processes that died while generating it."""
+    if fcntl is None:
+        return
+    prefix = f".{out.name}.tmp-"
+    for entry in list(out.parent.iterdir()):
+        if not entry.name.startswith(prefix):
+            continue
+        if entry.is_dir() and not entry.with_name(entry.name + ".lock").exists():
+            shutil.rmtree(entry, ignore_errors=True)  # left by a version of mvfast that made no lock file
+        elif entry.name.endswith(".lock"):
+            try:
+                fd = os.open(entry, os.O_RDWR)
+            except OSError:
+                continue
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except OSError:
+                continue  # its process is still writing
+            else:
+                shutil.rmtree(entry.with_name(entry.name[: -len(".lock")]), ignore_errors=True)
+                with contextlib.suppress(FileNotFoundError):
+                    os.unlink(entry)
+            finally:
+                os.close(fd)
+
+
+@contextlib.contextmanager
+def _sigterm_as_exit():
+    """Inside the block SIGTERM raises SystemExit(143), so that cleanup code runs, where by default it ends
+    the process at once. Only in the main thread, and only while nobody else handles SIGTERM."""
+    if threading.current_thread() is not threading.main_thread() or (
+        signal.getsignal(signal.SIGTERM) is not signal.SIG_DFL
+    ):
+        yield
+        return
+
+    def stop(signum, _frame):
+        raise SystemExit(128 + signum)
+
+    signal.signal(signal.SIGTERM, stop)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
 
 
 def default_root() -> Path:

@@ -1,4 +1,5 @@
-"""Decoding a video file with PyAV into the arrays everything else is cut from.
+"""Decoding a video file with PyAV into the arrays everything else is cut from (PyAV is imported on the first
+decode, not with the package).
 
 :func:`decode_video` reads a file once and returns a :class:`DecodedVideo`: the whole video resampled to
 ``DataConfig.fps`` by timestamps (never by the frame count in the header, which VFR files contradict and some
@@ -17,10 +18,10 @@ import math
 import os
 from dataclasses import dataclass, field
 
-import av
 import numpy as np
 
 from . import motion as mo
+from ._av import require_av
 from .audio import SAMPLE_RATE, audio_features, resample, to_mono_float
 from .config import DataConfig
 
@@ -86,8 +87,10 @@ def _describe_streams(container) -> str:
     return ", ".join(kinds) if kinds else "no streams"
 
 
-def open_container(path) -> av.container.InputContainer:
-    """Opens a file for reading, turning every failure into FileNotFoundError or VideoDecodeError."""
+def open_container(path):
+    """Opens a file for reading (an ``av`` InputContainer), turning every failure into FileNotFoundError or
+    VideoDecodeError."""
+    av = require_av()
     path = os.fspath(path)
     if not os.path.exists(path):
         raise FileNotFoundError(errno.ENOENT, "video file not found", path)
@@ -185,199 +188,225 @@ def decode_video(path, config: DataConfig | None = None) -> DecodedVideo:
         FileNotFoundError: the file does not exist.
         VideoDecodeError: the file is not a video, has no video stream, is truncated before its first frame,
             decodes to zero frames, or uses a codec this FFmpeg cannot decode.
+        ModuleNotFoundError: PyAV is not installed.
     """
     config = config or DataConfig()
     path = os.fspath(path)
     with open_container(path) as container:
-        return _decode(container, path, config)
+        return _Decoder(container, path, config).decode()
 
 
-def _decode(container, path: str, cfg: DataConfig) -> DecodedVideo:
-    if not container.streams.video:
-        raise VideoDecodeError(path, f"no video stream (streams: {_describe_streams(container)})")
-    vs = container.streams.video[0]
-    if vs.codec_context is None:
-        raise VideoDecodeError(path, "unsupported codec: this FFmpeg has no decoder for the video stream")
-    # Asking the decoder to export its motion vectors costs little and spares an optical-flow pass.
-    vs.codec_context.options = {"flags2": "+export_mvs"}
-    vs.thread_type = "AUTO"
-    vs.thread_count = cfg.decode_threads
-    streams = [vs]
-    astream = None
-    if container.streams.audio and container.streams.audio[0].codec_context is not None:
-        astream = container.streams.audio[0]
-        streams.append(astream)
+class _Decoder:
+    """One pass over a container: the video frames go onto the timeline as their display intervals end, each
+    with the codec's motion vectors (or, without them, the grey frames for the RGB-difference fallback); the
+    audio samples are collected. :meth:`decode` then builds the motion field, the audio windows and the meta.
 
-    estimate = None
-    if vs.duration and vs.time_base:
-        estimate = float(vs.duration * vs.time_base)
-    elif container.duration:
-        estimate = container.duration / av.time_base
-    if cfg.max_duration is not None:
-        estimate = min(estimate or cfg.max_duration, cfg.max_duration)
-    capacity = math.ceil(estimate * cfg.fps) + 2 if estimate else 64
-    timeline = _Timeline(cfg.fps, cfg.resize, capacity, cfg.max_duration)
+    A frame is placed once the next one's timestamp says how long it lasts, so the decoder keeps the frame
+    waiting for that (`pending`) and the one before it (`previous`, for the RGB difference).
+    """
 
-    R = cfg.resize
-    # slot, vectors, crop geometry of their frame, display index of their frame
-    mv_slots: list[tuple[int, np.ndarray, tuple, int]] = []
-    pict_types: list[int] = []  # of every decoded frame, in display order
-    rgb_slots: list[tuple[int, np.ndarray, np.ndarray]] = []  # slot, grey previous, grey current
-    state = {"pending": None, "before_pending": None, "t0": None, "last_t": None, "intervals": []}
-    state["index"] = -1  # display index of the pending frame
-    rotation = 0
-    decoded_frames = 0
-    truncated = None
-    audio_chunks: list[tuple[int, np.ndarray]] = []  # (sample rate, mono samples)
-    audio_error = None
+    def __init__(self, container, path: str, cfg: DataConfig):
+        self.av = require_av()
+        if not container.streams.video:
+            raise VideoDecodeError(path, f"no video stream (streams: {_describe_streams(container)})")
+        vs = container.streams.video[0]
+        if vs.codec_context is None:
+            raise VideoDecodeError(path, "unsupported codec: this FFmpeg has no decoder for the video stream")
+        # Asking the decoder to export its motion vectors costs little and spares an optical-flow pass.
+        vs.codec_context.options = {"flags2": "+export_mvs"}
+        vs.thread_type = "AUTO"
+        vs.thread_count = cfg.decode_threads
+        self.container, self.path, self.cfg, self.vs = container, path, cfg, vs
+        self.astream = None
+        if container.streams.audio and container.streams.audio[0].codec_context is not None:
+            self.astream = container.streams.audio[0]
+        self.timeline = _Timeline(cfg.fps, cfg.resize, self._capacity(), cfg.max_duration)
 
-    def square(frame, fmt: str) -> np.ndarray:
-        # Geometry per frame: H.264 and VP9 allow the resolution to change mid-stream.
-        rw, rh, x0, y0, _ = _crop_box(frame.width, frame.height, R)
-        # threads=1: no slice threads for frames this small, and none for a forked DataLoader worker to hang
-        # on when it garbage-collects a frame inherited from its parent (seen: pthread_cond_destroy in
-        # sws_freeContext).
-        img = frame.to_ndarray(width=rw, height=rh, format=fmt, interpolation="AREA", threads=1)
-        return img[y0 : y0 + R, x0 : x0 + R]
+        self.pending = self.previous = None
+        self.index = -1  # display index of the pending frame
+        self.t0 = self.last_t = None  # timestamps (s) of the first and the pending frame
+        self.intervals: list[float] = []  # between consecutive frames
+        self.rotation = 0
+        self.decoded_frames = 0
+        self.pict_types: list[int] = []  # of every decoded frame, in display order
+        # slot, vectors, crop geometry of their frame, display index of their frame
+        self.mv_slots: list[tuple[int, np.ndarray, tuple, int]] = []
+        self.rgb_slots: list[tuple[int, np.ndarray, np.ndarray]] = []  # slot, grey previous, grey current
+        self.audio_chunks: list[tuple[int, np.ndarray]] = []  # (sample rate, mono samples)
+        self.audio_error: str | None = None
 
-    def emit(until: float, at_least_one: bool = False):
-        frame = state["pending"]
+    def _capacity(self) -> int:
+        vs, cfg, estimate = self.vs, self.cfg, None
+        if vs.duration and vs.time_base:
+            estimate = float(vs.duration * vs.time_base)
+        elif self.container.duration:
+            estimate = self.container.duration / self.av.time_base
+        if cfg.max_duration is not None:
+            estimate = min(estimate or cfg.max_duration, cfg.max_duration)
+        return math.ceil(estimate * cfg.fps) + 2 if estimate else 64
+
+    def decode(self) -> DecodedVideo:
+        truncated = self._read()
+        if self.decoded_frames == 0:
+            raise VideoDecodeError(self.path, "zero frames: the video stream decodes to no frames")
+        # at_least_one: a single frame shorter than one target step still gives one frame.
+        self._emit(self.last_t - self.t0 + self._last_duration(), at_least_one=True)
+        last = self.pending
+        source_width, source_height = last.width, last.height
+        # No decoded frame outlives this call: they hold their decoder's buffers.
+        self.pending = self.previous = last = None
+
+        cfg, n = self.cfg, self.timeline.count
+        flow, sources = _motion_fields(
+            n, cfg.resize, self.mv_slots, self.rgb_slots, np.array(self.pict_types)
+        )
+        for start, repeats in self.timeline.slots:
+            if repeats > 1:
+                flow[start + 1 : start + repeats] = flow[start]
+                sources[start + 1 : start + repeats] = sources[start]
+        motion = mo.quantize(flow).transpose(1, 0, 2, 3)  # (2, N, R, R)
+        frames, motion = _rotate(self.timeline.frames[:n], motion, self.rotation)
+        audio = self._audio()
+        meta = {
+            "path": self.path,
+            "num_frames": n,
+            "duration": n / cfg.fps,
+            "source_frames": self.decoded_frames,
+            "source_fps": (1.0 / float(np.median(self.intervals))) if self.intervals else None,
+            "width": source_width,  # of the source, before rotation
+            "height": source_height,
+            "rotation": self.rotation,
+            "video_codec": self.vs.codec_context.name,
+            "audio_codec": self.astream.codec_context.name if self.astream is not None else None,
+            "has_audio": audio is not None,
+            "audio_error": self.audio_error,
+            "truncated": truncated,
+            "motion_codec_frames": int((sources == 1).sum()),
+            "motion_rgb_frames": int((sources == 2).sum()),
+        }
+        return DecodedVideo(
+            frames=np.ascontiguousarray(frames), motion=np.ascontiguousarray(motion), audio=audio, meta=meta
+        )
+
+    def _read(self) -> str | None:
+        """Demuxes to the end (or max_duration); returns FFmpeg's complaint when the file was cut short."""
+        streams = [self.vs] + ([self.astream] if self.astream is not None else [])
+        reorder = _Reorder()
+        done, truncated = False, None
+        try:
+            for packet in self.container.demux(streams):
+                if packet.stream.type == "audio":
+                    self._on_audio(packet)
+                    continue
+                for frame in packet.decode():
+                    for ready, t in reorder.push(frame):
+                        done = done or self._on_video(ready, t)
+                if done:
+                    break
+        except self.av.FFmpegError as e:
+            truncated = e
+        if not done:
+            for ready, t in reorder.flush():
+                if self._on_video(ready, t):
+                    break
+        if truncated is None:
+            return None
+        if self.decoded_frames == 0:
+            raise VideoDecodeError(
+                self.path, f"truncated or corrupt before the first frame (FFmpeg: {truncated})"
+            ) from truncated
+        log.warning(
+            "%s: truncated or corrupt after %d frames, keeping those (%s)",
+            self.path,
+            self.decoded_frames,
+            truncated,
+        )
+        return str(truncated)
+
+    def _on_video(self, frame, t: float | None) -> bool:
+        """Takes the next frame in display order; True once max_duration is reached."""
+        if t is None:
+            # No timestamp: assume the nominal rate after the previous frame.
+            t = 0.0 if self.last_t is None else self.last_t + 1.0 / self._nominal_rate()
+        if self.t0 is None:
+            self.t0 = t
+            self.rotation = int(frame.rotation or 0)
+        rel = t - self.t0
+        if self.last_t is not None and t > self.last_t:
+            self.intervals.append(t - self.last_t)
+        self.decoded_frames += 1
+        self._emit(rel)
+        self.pict_types.append(int(frame.pict_type))
+        self.previous, self.pending, self.last_t = self.pending, frame, t
+        self.index += 1
+        return self.cfg.max_duration is not None and rel >= self.cfg.max_duration
+
+    def _emit(self, until: float, at_least_one: bool = False) -> None:
+        """Places the pending frame on every target slot before time `until`, with its motion source."""
+        frame, timeline = self.pending, self.timeline
         n = timeline.targets_before(until)
         if at_least_one and timeline.count == 0:
             n = max(n, 1)
         if frame is None or n == 0:
             return
+        R = self.cfg.resize
         s = timeline.reserve(n)
-        timeline.frames[s] = square(frame, "rgb24")
+        timeline.frames[s] = _square(frame, "rgb24", R)
         mvs = frame.side_data.get("MOTION_VECTORS")
         vectors = mvs.to_ndarray() if mvs is not None else None
         if vectors is not None and vectors.size:
-            mv_slots.append((s.start, vectors, _crop_box(frame.width, frame.height, R), state["index"]))
-        elif state["before_pending"] is not None:
-            rgb_slots.append((s.start, square(state["before_pending"], "gray"), square(frame, "gray")))
+            self.mv_slots.append((s.start, vectors, _crop_box(frame.width, frame.height, R), self.index))
+        elif self.previous is not None:
+            self.rgb_slots.append((s.start, _square(self.previous, "gray", R), _square(frame, "gray", R)))
 
-    def on_video(frame, t):
-        nonlocal rotation, decoded_frames
-        if t is None:
-            # No timestamp: assume the nominal rate after the previous frame.
-            rate = float(vs.average_rate or vs.guessed_rate or 25)
-            t = 0.0 if state["last_t"] is None else state["last_t"] + 1.0 / rate
-        if state["t0"] is None:
-            state["t0"] = t
-            rotation = int(frame.rotation or 0)
-        rel = t - state["t0"]
-        if state["last_t"] is not None and t > state["last_t"]:
-            state["intervals"].append(t - state["last_t"])
-        decoded_frames += 1
-        emit(rel)
-        pict_types.append(int(frame.pict_type))
-        state["before_pending"], state["pending"], state["last_t"] = state["pending"], frame, t
-        state["index"] += 1  # display index of the pending frame
-        return cfg.max_duration is not None and rel >= cfg.max_duration
-
-    def on_audio(packet):
-        nonlocal audio_error
-        if audio_error is not None:
+    def _on_audio(self, packet) -> None:
+        if self.audio_error is not None:
             return
         try:
             for af in packet.decode():
                 mono = to_mono_float(af.to_ndarray(), af.format.is_planar, af.layout.nb_channels)
-                audio_chunks.append((af.sample_rate, mono))
-        except (av.FFmpegError, ValueError) as e:
+                self.audio_chunks.append((af.sample_rate, mono))
+        except (self.av.FFmpegError, ValueError) as e:
             # A damaged audio track does not make the video unusable: drop the audio, say so in meta.
-            audio_error = str(e)
+            self.audio_error = str(e)
 
-    reorder = _Reorder()
-    try:
-        done = False
-        for packet in container.demux(streams):
-            if packet.stream.type == "audio":
-                on_audio(packet)
-                continue
-            for frame in packet.decode():
-                for ready, t in reorder.push(frame):
-                    done = done or on_video(ready, t)
-            if done:
-                break
-    except av.FFmpegError as e:
-        truncated = e
-    if not done:
-        for ready, t in reorder.flush():
-            if on_video(ready, t):
-                break
-    if truncated is not None:
-        if decoded_frames == 0:
-            raise VideoDecodeError(
-                path, f"truncated or corrupt before the first frame (FFmpeg: {truncated})"
-            ) from truncated
-        log.warning(
-            "%s: truncated or corrupt after %d frames, keeping those (%s)", path, decoded_frames, truncated
-        )
-        truncated = str(truncated)
-    if decoded_frames == 0:
-        raise VideoDecodeError(path, "zero frames: the video stream decodes to no frames")
+    def _nominal_rate(self) -> float:
+        return float(self.vs.average_rate or self.vs.guessed_rate or 25)
 
-    # The last frame lasts its own duration, or the typical interval when the container does not say.
-    last = state["pending"]
-    if last.duration and last.time_base:
-        last_duration = float(last.duration * last.time_base)
-    elif state["intervals"]:
-        last_duration = float(np.median(state["intervals"]))
-    else:
-        last_duration = 1.0 / float(vs.average_rate or vs.guessed_rate or 25)
-    # at_least_one: a single frame shorter than one target step still gives one frame.
-    emit(state["last_t"] - state["t0"] + last_duration, at_least_one=True)
+    def _last_duration(self) -> float:
+        """The last frame lasts its own duration, or the typical interval when the container does not say."""
+        last = self.pending
+        if last.duration and last.time_base:
+            return float(last.duration * last.time_base)
+        if self.intervals:
+            return float(np.median(self.intervals))
+        return 1.0 / self._nominal_rate()
 
-    # No decoded frame may outlive this call: the closures above form reference cycles that would keep them
-    # (and their decoder's buffers) alive until the next garbage collection.
-    intervals = state["intervals"]
-    state.clear()
-    source_width, source_height = last.width, last.height
-    del last
-    n = timeline.count
-    frames = timeline.frames[:n]
-    flow, sources = _motion_fields(n, R, mv_slots, rgb_slots, np.array(pict_types))
-    for start, repeats in timeline.slots:
-        if repeats > 1:
-            flow[start + 1 : start + repeats] = flow[start]
-            sources[start + 1 : start + repeats] = sources[start]
-    motion = mo.quantize(flow).transpose(1, 0, 2, 3)  # (2, N, R, R)
-    frames, motion = _rotate(frames, motion, rotation)
-
-    audio = None
-    if astream is not None and audio_error is None:
+    def _audio(self) -> np.ndarray | None:
+        if self.astream is None or self.audio_error is not None:
+            return None
         # Resampled per run of one rate (a stream may change its rate mid-way), then joined.
         runs: list[tuple[int, list[np.ndarray]]] = []
-        for rate, mono in audio_chunks:
+        for rate, mono in self.audio_chunks:
             if not runs or runs[-1][0] != rate:
                 runs.append((rate, []))
             runs[-1][1].append(mono)
         parts = [resample(np.concatenate(chunks), rate, SAMPLE_RATE) for rate, chunks in runs]
         wav = np.concatenate(parts) if parts else np.zeros(0, np.float32)
-        if cfg.max_duration is not None:
-            wav = wav[: int(cfg.max_duration * SAMPLE_RATE)]
-        audio = audio_features(wav, cfg.audio_pool, cfg.max_audio_windows).numpy()
+        if self.cfg.max_duration is not None:
+            wav = wav[: int(self.cfg.max_duration * SAMPLE_RATE)]
+        return audio_features(wav, self.cfg.audio_pool, self.cfg.max_audio_windows).numpy()
 
-    meta = {
-        "path": path,
-        "num_frames": n,
-        "duration": n / cfg.fps,
-        "source_frames": decoded_frames,
-        "source_fps": (1.0 / float(np.median(intervals))) if intervals else None,
-        "width": source_width,  # of the source, before rotation
-        "height": source_height,
-        "rotation": rotation,
-        "video_codec": vs.codec_context.name,
-        "audio_codec": astream.codec_context.name if astream is not None else None,
-        "has_audio": audio is not None,
-        "audio_error": audio_error,
-        "truncated": truncated,
-        "motion_codec_frames": int((sources == 1).sum()),
-        "motion_rgb_frames": int((sources == 2).sum()),
-    }
-    return DecodedVideo(
-        frames=np.ascontiguousarray(frames), motion=np.ascontiguousarray(motion), audio=audio, meta=meta
-    )
+
+def _square(frame, fmt: str, R: int) -> np.ndarray:
+    """The frame resized (short side R) and centre-cropped to R x R, in `fmt` ("rgb24" or "gray")."""
+    # Geometry per frame: H.264 and VP9 allow the resolution to change mid-stream.
+    rw, rh, x0, y0, _ = _crop_box(frame.width, frame.height, R)
+    # threads=1: no slice threads for frames this small, and none for a forked DataLoader worker to hang on
+    # when it garbage-collects a frame inherited from its parent (seen: pthread_cond_destroy in
+    # sws_freeContext).
+    img = frame.to_ndarray(width=rw, height=rh, format=fmt, interpolation="AREA", threads=1)
+    return img[y0 : y0 + R, x0 : x0 + R]
 
 
 def _motion_fields(n: int, R: int, mv_slots, rgb_slots, pict_types) -> tuple[np.ndarray, np.ndarray]:

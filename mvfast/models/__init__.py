@@ -3,11 +3,11 @@
 model = mvfast.models.create_model("tiny", num_classes=10)     # or "paper", "frame2d"
 out = model(batch)                    # batch: the dict of mvfast.data.collate
 loss = model.loss(out, batch["label"])
-data_config = model.config.data_config()   # the DataConfig whose samples this model eats
+model.config.inputs()                 # the inputs it reads and their sizes (an InputSpec)
 """
 
 from mvfast.models.branches import VGG, Behaviour3D
-from mvfast.models.config import MODALITIES, PRESETS, MicroVideoConfig, preset_config
+from mvfast.models.config import MODALITIES, PRESETS, InputSpec, MicroVideoConfig, preset_config
 from mvfast.models.micro_video import MicroVideoNet, create_model
 
 __all__ = [
@@ -15,6 +15,7 @@ __all__ = [
     "PRESETS",
     "VGG",
     "Behaviour3D",
+    "InputSpec",
     "MicroVideoConfig",
     "MicroVideoNet",
     "create_model",

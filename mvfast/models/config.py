@@ -3,15 +3,16 @@
 Every field has the ``paper`` value as its default; a preset is a set of overrides on top::
 
     cfg = mvfast.models.preset_config("tiny", num_classes=10, modalities=("rgb", "motion"))
-    data = cfg.data_config()          # the DataConfig whose sample shapes this model eats
+    cfg.inputs()                      # what it eats: InputSpec(modalities=..., clip_len=8, size=64, ...)
+
+The model does not know the data pipeline: it states its inputs (:class:`InputSpec`) and whoever feeds it
+builds the data settings from them (``DataConfig().with_inputs(cfg.inputs())``).
 """
 
 from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass
-
-from mvfast.data.config import DataConfig
 
 MODALITIES = ("rgb", "motion", "frames", "audio", "text")
 """Every input the model knows: the RGB clip, its motion field, the scene frames, the audio windows and the
@@ -21,6 +22,39 @@ ARCHITECTURES = ("multimodal", "frame2d")
 
 AUDIO_BINS = 64
 """Log-mel bins per audio window (fixed by mvfast.data)."""
+
+
+@dataclass(frozen=True)
+class InputSpec:
+    """What a model needs from the data pipeline: the inputs it reads and their sizes.
+
+    ``DataConfig.with_inputs(spec)`` gives the data settings whose samples have exactly these shapes.
+    """
+
+    modalities: tuple[str, ...]
+    """The batch keys the model reads (out of MODALITIES)."""
+    clip_len: int
+    """T, frames of the rgb and motion clips."""
+    size: int
+    """H = W of the rgb and motion clips."""
+    scene_frames: int
+    """F, scene frames per video."""
+    scene_size: int
+    """h = w of the scene frames."""
+    vocab_size: int
+    """Hashed title vocabulary the token ids index (id 0 is padding)."""
+    max_title_tokens: int
+    """W, title tokens kept."""
+    resize: int | None = None
+    """Side of the decoded square the clips are cut from, where the model fixes it; None leaves it to the data
+    settings (raised to at least `size` and `scene_size`)."""
+
+    @classmethod
+    def of(cls, config) -> InputSpec:
+        """The spec of a model config that has these fields (resize may be missing)."""
+        values = {f.name: getattr(config, f.name, None) for f in dataclasses.fields(cls)}
+        return cls(**{**values, "modalities": tuple(values["modalities"])})
+
 
 # C3D (Tran et al. 2015): conv1a, pool1 (1x2x2), conv2a, pool2, conv3a-b, pool3, conv4a-b, pool4, conv5a-b,
 # pool5. An int is a Conv3d(3x3x3)-BN-ReLU block with that many channels; "S" pools space only (1x2x2),
@@ -45,13 +79,13 @@ class MicroVideoConfig:
     """"multimodal": the paper's model. "frame2d": the "traditional CNN model" of Table 1, a 2D CNN (the
     first of `scene_nets`) on each scene frame with its class logits averaged over the frames."""
 
-    # Inputs: what the data pipeline must produce (see data_config)
+    # Inputs: what the data pipeline must produce (see inputs())
     clip_len: int = 16
     """T, frames of the rgb and motion clips (C3D: 16)."""
     size: int = 112
     """H = W of the rgb and motion clips (C3D: 112)."""
     resize: int | None = None
-    """Side of the decoded square the clips are cropped from; None: the base DataConfig's, raised to at least
+    """Side of the decoded square the clips are cropped from; None: the data settings', raised to at least
     `size` and `scene_size`."""
     scene_frames: int = 8
     """F, scene frames per video."""
@@ -145,21 +179,19 @@ class MicroVideoConfig:
     def uses(self, modality: str) -> bool:
         return modality in self.modalities
 
-    def data_config(self, base: DataConfig | None = None) -> DataConfig:
-        """``base`` (default DataConfig()) with this model's input sizes: clip_len, size, resize,
-        scene_frames, scene_size, vocab_size, max_title_tokens."""
-        base = base if base is not None else DataConfig()
-        resize = self.resize if self.resize is not None else max(base.resize, self.size, self.scene_size)
-        return dataclasses.replace(
-            base,
-            clip_len=self.clip_len,
-            size=self.size,
-            resize=resize,
-            scene_frames=self.scene_frames,
-            scene_size=self.scene_size,
-            vocab_size=self.vocab_size,
-            max_title_tokens=self.max_title_tokens,
-        )
+    def inputs(self) -> InputSpec:
+        """The inputs this model reads and their sizes."""
+        return InputSpec.of(self)
+
+    def data_config(self, base=None):
+        """``base`` (default ``mvfast.data.DataConfig()``) with this model's input sizes, a shortcut for
+        ``base.with_inputs(self.inputs())``."""
+        if base is None:
+            # Imported only here, for this shortcut: the model itself does not depend on the data layer.
+            from mvfast.data.config import DataConfig
+
+            base = DataConfig()
+        return base.with_inputs(self.inputs())
 
     def replace(self, **changes) -> MicroVideoConfig:
         """A copy with some fields changed (validated again; an unknown field is a ValueError)."""
@@ -282,33 +314,40 @@ def _check_behaviour_layers(cfg: MicroVideoConfig) -> None:
 # ---------------------------------------------------------------------------------------------------
 # Presets
 
+# What tiny and frame2d share: 8x64x64 clips cut from an 80 px square, 64 px scene frames, and torchvision's
+# VGG layer structure (13 and 16 convolutions) at 1/16 of its widths, with BatchNorm (fused by mvfast), a
+# 1x1 pooled map and 64-wide hidden layers.
+_SMALL = dict(
+    clip_len=8,
+    size=64,
+    resize=80,
+    scene_size=64,
+    scene_width=1 / 16,
+    scene_pool=1,
+    scene_fc=64,
+    scene_batch_norm=True,
+    branch_dropout=0.1,
+)
+
 _PRESETS: dict[str, dict] = {
     # Narrow everything, 64x64 inputs, small K: trains on a laptop CPU in minutes. The 3D CNNs stride 2 in
     # space at once and have four narrow blocks; the VGGs keep torchvision's layer structure (13 and 16
     # convolutions) at 1/16 of its widths with a 1x1 pooled map and 64-wide hidden layers.
     "tiny": dict(
-        clip_len=8,
-        size=64,
-        resize=80,
+        **_SMALL,
         scene_frames=4,
-        scene_size=64,
         max_title_tokens=16,
         behaviour_layers=(8, "S", 16, "M", 32, "M", 64),
         behaviour_stem_stride=(1, 2, 2),
         behaviour_pool=(1, 1, 1),
         behaviour_fc=(),
         num_scenes=16,
-        scene_width=1 / 16,
-        scene_pool=1,
-        scene_fc=64,
-        scene_batch_norm=True,
         frame_dim=128,
         audio_dim=64,
         text_dim=64,
         frame_clusters=8,
         audio_clusters=8,
         text_clusters=8,
-        branch_dropout=0.1,
     ),
     # The paper's model: C3D-size 3D CNNs at 16x112x112, full VGG16 and VGG19 at 224, K = 64.
     "paper": {},
@@ -316,19 +355,7 @@ _PRESETS: dict[str, dict] = {
     # on every scene frame, logits averaged over the frames. For the paper's scale override
     # scene_width=1.0, scene_pool=7, scene_fc=4096, scene_size=224, scene_batch_norm=False.
     "frame2d": dict(
-        architecture="frame2d",
-        modalities=("frames",),
-        size=64,
-        resize=80,
-        clip_len=8,
-        scene_frames=8,
-        scene_size=64,
-        scene_nets=("vgg16",),
-        scene_width=1 / 16,
-        scene_pool=1,
-        scene_fc=64,
-        scene_batch_norm=True,
-        branch_dropout=0.1,
+        **_SMALL, architecture="frame2d", modalities=("frames",), scene_frames=8, scene_nets=("vgg16",)
     ),
 }
 

@@ -22,10 +22,10 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-import mvfast
 from mvfast.models.branches import VGG, Behaviour3D
 from mvfast.models.config import AUDIO_BINS, MicroVideoConfig, preset_config
 from mvfast.nn import AttentionPool, NetVLAD
+from mvfast.nn.fuse import fuse
 
 
 class MicroVideoNet(nn.Module):
@@ -320,15 +320,14 @@ def create_model(name: str, num_classes: int, **overrides) -> MicroVideoNet:
     """The model of preset ``name`` ("tiny", "paper", "frame2d"; see :data:`mvfast.models.PRESETS`) for
     ``num_classes`` classes, with any field of :class:`MicroVideoConfig` overridden.
 
-    Its Conv3d and (with ``scene_batch_norm``) Conv2d blocks are fused by ``mvfast.fuse`` where this mvfast
-    has it (same outputs, same state_dict).
+    Its Conv3d and (with ``scene_batch_norm``) Conv2d blocks are fused by ``mvfast.fuse`` (same outputs, same
+    state_dict).
 
     >>> model = create_model("tiny", 10, modalities=("rgb", "motion"), dropout=0.25)
-    >>> data_config = model.config.data_config()
+    >>> model.config.inputs()  # InputSpec(modalities=('rgb', 'motion'), clip_len=8, size=64, ...)
 
     Raises ValueError for an unknown preset (listing them) or an unknown field (naming it).
     """
     model = MicroVideoNet(preset_config(name, num_classes, **overrides))
-    if hasattr(mvfast, "fuse"):
-        mvfast.fuse(model)
+    fuse(model)
     return model

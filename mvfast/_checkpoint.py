@@ -1,0 +1,170 @@
+"""Checkpoints of ``python -m mvfast.train``: written atomically, read with ``weights_only=True``.
+
+A run folder holds two kinds:
+
+- ``last.pt``, the training state (kind "training"): the model, optimizer and loss scaler, the step, epoch
+  and batch position, the history, every rank's RNG state and training counts. ``--resume`` continues it
+  bit for bit.
+- ``best.pt``, the model (kind "weights"): its weights and what evaluate and predict need to use them.
+
+Both carry the run's settings (``config``), the model's ``model_spec`` (preset, classes, overrides), its
+``data_config`` and ``classes``, so either builds the model again (:func:`model_from_checkpoint`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import random
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from mvfast._cli import CLIError
+from mvfast.utils import atomic_write
+
+FORMAT = 1
+TRAINING, WEIGHTS = "training", "weights"
+
+
+def atomic_save(obj, path: str | os.PathLike) -> Path:
+    """torch.save into a temporary file beside `path`, then os.replace: readers see the old file or the
+    new one, never half of one (also when the process is killed while writing)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with atomic_write(path) as f:
+        torch.save(obj, f)
+    return path
+
+
+def atomic_write_text(path: str | os.PathLike, text: str) -> None:
+    with atomic_write(path, "w", encoding="utf-8") as f:
+        f.write(text)
+
+
+def load_checkpoint(path: str | os.PathLike, map_location="cpu") -> dict:
+    """A checkpoint written by python -m mvfast.train (or its run folder's last.pt), loaded with
+    weights_only=True; ``ckpt["path"]`` says where it was read from."""
+    path = Path(path)
+    if path.is_dir():
+        found = latest_checkpoint(path)
+        if found is None:
+            raise CLIError(f"no checkpoint (last.pt) in folder {str(path)!r}")
+        path = found
+    if not path.is_file():
+        raise CLIError(f"checkpoint {str(path)!r} does not exist")
+    try:
+        ckpt = torch.load(path, map_location=map_location, weights_only=True)
+    except Exception as e:  # torch raises many types for a damaged file: zip, pickle, EOF, runtime errors
+        reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise CLIError(
+            f"cannot read checkpoint {str(path)!r}: not a valid checkpoint file ({reason})"
+        ) from None
+    if not isinstance(ckpt, dict) or ckpt.get("format") != FORMAT or "model" not in ckpt:
+        raise CLIError(f"{str(path)!r} is not an mvfast training checkpoint")
+    ckpt.setdefault("kind", TRAINING)  # written before best.pt held the weights alone
+    ckpt["path"] = str(path)
+    return ckpt
+
+
+def latest_checkpoint(folder: str | os.PathLike) -> Path | None:
+    """The checkpoint a run in `folder` would resume from (last.pt), or None."""
+    last = Path(folder) / "last.pt"
+    return last if last.is_file() else None
+
+
+def require_training_state(ckpt: dict) -> dict:
+    if ckpt["kind"] != TRAINING:
+        raise CLIError(
+            f"{ckpt['path']!r} holds the model's weights only; resume from the run's last.pt "
+            f"({str(Path(ckpt['path']).with_name('last.pt'))!r})"
+        )
+    return ckpt
+
+
+def plain(value):
+    """Tuples as lists, inside dicts and lists too: what YAML, JSON and weights_only loads keep as written."""
+    if isinstance(value, dict):
+        return {k: plain(v) for k, v in value.items()}
+    if isinstance(value, (tuple, list)):
+        return [plain(v) for v in value]
+    return value
+
+
+def model_spec(preset: str, num_classes: int, overrides: dict) -> dict:
+    """What builds the model again: the preset, the classes and the config fields overridden."""
+    return {"preset": preset, "num_classes": num_classes, "overrides": plain(overrides)}
+
+
+def build_model(spec: dict):
+    """mvfast.models.create_model from a :func:`model_spec`, a bad preset or override as a CLIError."""
+    from mvfast.models import create_model
+
+    overrides = dict(spec["overrides"])
+    if "modalities" in overrides:
+        overrides["modalities"] = tuple(overrides["modalities"])
+    try:
+        return create_model(spec["preset"], spec["num_classes"], **overrides)
+    except (ValueError, TypeError) as e:
+        raise CLIError(
+            f"cannot build model {spec['preset']!r} with {spec['overrides'] or 'no overrides'}: {e}"
+        ) from None
+
+
+def data_config_to_dict(cfg) -> dict:
+    return plain(dataclasses.asdict(cfg))
+
+
+def data_config_from_dict(d: dict):
+    from mvfast.data import DataConfig
+
+    return DataConfig(**{k: tuple(v) if isinstance(v, list) else v for k, v in d.items()})
+
+
+def model_from_checkpoint(ckpt: dict, device="cpu"):
+    """(model in eval mode with the checkpoint's weights, its DataConfig, class names)."""
+    spec = ckpt["model_spec"]
+    model = build_model(spec)
+    try:
+        model.load_state_dict(ckpt["model"])
+    except RuntimeError as e:
+        raise CLIError(
+            f"checkpoint {ckpt.get('path')!r} does not fit model {spec['preset']!r}: {e}"
+        ) from None
+    model.to(device).eval()
+    return model, data_config_from_dict(ckpt["data_config"]), list(ckpt["classes"])
+
+
+def rng_state() -> dict:
+    """Python's, NumPy's, torch's and every GPU's random state, in types torch.load(weights_only) reads."""
+    np_state = np.random.get_state(legacy=False)
+    return {
+        "python": random.getstate(),
+        "numpy": {
+            "bit_generator": np_state["bit_generator"],
+            "key": torch.from_numpy(np_state["state"]["key"].astype(np.int64)),
+            "pos": int(np_state["state"]["pos"]),
+            "has_gauss": int(np_state["has_gauss"]),
+            "gauss": float(np_state["gauss"]),
+        },
+        "torch": torch.get_rng_state(),
+        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+    }
+
+
+def set_rng_state(state: dict) -> None:
+    version, internal, gauss = state["python"]
+    random.setstate((version, tuple(internal), gauss))
+    n = state["numpy"]
+    np.random.set_state(
+        {
+            "bit_generator": n["bit_generator"],
+            "state": {"key": n["key"].numpy().astype(np.uint32), "pos": n["pos"]},
+            "has_gauss": n["has_gauss"],
+            "gauss": n["gauss"],
+        }
+    )
+    torch.set_rng_state(state["torch"])
+    if torch.cuda.is_available() and state["cuda"]:
+        torch.cuda.set_rng_state_all(state["cuda"])
