@@ -5,11 +5,13 @@ plan ahead of time without a GPU.
 ``TRITON_INTERPRET=1`` must be in the environment before this is imported for the kernels to run on CPU
 tensors (Triton reads it when ``@triton.jit`` wraps a function).
 
-Launch plans: each op has one function of its shapes, dtype, flags and target GPU that returns every
-kernel launch it makes (kernel, grid, tile sizes and other constexprs, warps, pipeline stages), and its
-launchers run exactly those launches. The same function feeds the compile check
-(tests/test_triton_compile.py), which compiles each plan with Triton's own compiler for sm_80, sm_86,
-sm_89 and sm_90 and checks its shared memory against the arch, so the check follows the code.
+Launch plans: each op has one function, ``triton_plan``, of its shapes, dtype, precision and target GPU
+that returns every kernel launch it makes (kernel, grid, tile sizes and other constexprs, warps, pipeline
+stages), and its launchers run exactly those launches. The compile check (tests/test_triton_compile.py)
+runs the launchers on meta tensors under :func:`recording`, which lists the launches with their very
+arguments instead of running them, and compiles each with Triton's own compiler for sm_80, sm_86, sm_89
+and sm_90 (:func:`compile_launch`), checking its shared memory against the arch: the check follows the
+code.
 """
 
 from __future__ import annotations
@@ -74,7 +76,10 @@ INTERPRETER = Target(80, 4)
 
 
 def target(device: torch.device) -> Target:
-    """The Target of the GPU that holds ``device`` (INTERPRETER for CPU tensors)."""
+    """The Target of the GPU that holds ``device`` (INTERPRETER for CPU tensors; the recording's target
+    inside :func:`recording`)."""
+    if _recording_target is not None:
+        return _recording_target
     if device.type != "cuda":
         return INTERPRETER
     return _cuda_target(device.index if device.index is not None else torch.cuda.current_device())
@@ -130,41 +135,25 @@ def next_pow2(n: int, at_least: int = 16) -> int:
 # ---------------------------------------------------------------------------------------------------
 # Launch plans
 
-_TRITON_TYPES = {
-    torch.float32: "fp32",
-    torch.float16: "fp16",
-    torch.bfloat16: "bf16",
-    torch.uint8: "u8",
-    torch.int32: "i32",
-    torch.int64: "i64",
-}
-
-
-def ptr(dtype: torch.dtype) -> str:
-    """Triton's name of a pointer to ``dtype`` (as a Launch's ``types`` holds them)."""
-    return "*" + _TRITON_TYPES[dtype]
-
 
 @dataclasses.dataclass(frozen=True)
 class Launch:
-    """One kernel launch of a plan.
-
-    ``types`` gives the Triton type of the arguments that are not the defaults, ``*fp32`` for a name
-    ending in ``_ptr`` and ``i32`` otherwise: what the launcher passes, so that the compile check compiles
-    the kernel the GPU runs. ``scalars`` holds runtime arguments that the plan itself decides (how work
-    is split), passed by name after the launcher's own.
-    """
+    """One kernel launch of a plan: the kernel, its grid, its constexprs (tile sizes, precision, flags),
+    warps and pipeline stages, and ``scalars``, runtime arguments that the plan itself decides (how work
+    is split), passed by name after the launcher's own arguments."""
 
     kernel: object
     grid: tuple[int, ...]
     constexprs: dict
-    types: dict = dataclasses.field(default_factory=dict)
     num_warps: int = 4
     num_stages: int = 3
     scalars: dict = dataclasses.field(default_factory=dict)
 
     def __call__(self, device: torch.device, *args) -> None:
         """Run the launch on ``args`` with ``device`` (the tensors' device) current."""
+        if _recorded is not None:
+            _recorded.append((self, args))
+            return
         if 0 in self.grid:
             return
         with device_guard(device):
@@ -174,32 +163,15 @@ class Launch:
 
     @property
     def name(self) -> str:
-        return getattr(self.kernel, "__name__", None) or self.kernel.fn.__name__
-
-    def signature(self) -> dict[str, str]:
-        """Every argument's Triton type, ``constexpr`` for the constexprs."""
-        sig = {}
-        for name in _arg_names(self.kernel):
-            if name in self.constexprs:
-                sig[name] = "constexpr"
-            else:
-                sig[name] = self.types.get(name, "*fp32" if name.endswith("_ptr") else "i32")
-        return sig
-
-    def key(self) -> tuple:
-        """What makes two launches the same compiled kernel (the grid does not)."""
-        return (
-            self.name,
-            tuple(sorted(self.signature().items())),
-            tuple(sorted(self.constexprs.items())),
-            self.num_warps,
-            self.num_stages,
-        )
+        return _fn(self.kernel).__name__
 
 
-def _arg_names(kernel) -> list[str]:
-    fn = getattr(kernel, "fn", kernel)
-    return list(fn.__code__.co_varnames[: fn.__code__.co_argcount])
+def mask_bytes(mask: torch.Tensor | None, like: torch.Tensor) -> tuple[torch.Tensor, int]:
+    """(the bool mask as bytes, has_mask) as the kernels take them; without a mask an empty byte tensor
+    stands in (never read), of the same type so that both cases are one compiled kernel."""
+    if mask is None:
+        return like.new_empty((0,), dtype=torch.uint8), 0
+    return mask.contiguous().view(torch.uint8), 1
 
 
 def pick(candidates, fits):
@@ -212,29 +184,95 @@ def pick(candidates, fits):
     return candidates[-1]
 
 
+_recorded: list | None = None
+_recording_target: Target | None = None
+
+
+@contextlib.contextmanager
+def recording(on: Target):
+    """Within the block, launches are recorded instead of run, and planned for ``on`` whatever the
+    tensors' device: the launchers can then be called on meta tensors to list what they would launch, with
+    the very arguments (sizes, strides, dtypes). Yields the list of (Launch, args) it fills."""
+    global _recorded, _recording_target
+    previous = _recorded, _recording_target
+    _recorded, _recording_target = [], on
+    try:
+        yield _recorded
+    finally:
+        _recorded, _recording_target = previous
+
+
 # ---------------------------------------------------------------------------------------------------
 # Compiling a launch ahead of time (no GPU needed): Triton's compiler and its bundled ptxas
 
+_TRITON_TYPES = {
+    torch.float32: "fp32",
+    torch.float16: "fp16",
+    torch.bfloat16: "bf16",
+    torch.float64: "fp64",
+    torch.uint8: "u8",
+    torch.int32: "i32",
+    torch.int64: "i64",
+}
 
-def compile_launch(launch: Launch, arch: int) -> dict:
-    """Compile ``launch`` for sm_``arch`` with Triton's own compiler; returns its resource usage: shared
-    memory (bytes), registers per thread, spilled bytes and the compile time.
 
-    Needs a process where TRITON_INTERPRET is not set (the kernels must be JIT functions). Pointer
-    arguments are marked 16-byte aligned, as the JIT marks PyTorch's allocations; integer arguments are
-    compiled as plain i32 (the JIT would also specialise the ones equal to 1).
-    """
+def _fn(kernel):
+    return getattr(kernel, "fn", kernel)
+
+
+def specialization(launch: Launch, args: tuple) -> tuple[dict, dict, dict]:
+    """(signature, constexprs, attrs) of ``launch`` on ``args`` as Triton's JIT specialises them: tensors
+    become typed pointers, 16-byte aligned (as PyTorch allocates them); integers equal to 1 become
+    constexprs and multiples of 16 are marked so, unless the kernel says not to specialise them."""
+    fn = _fn(launch.kernel)
+    names = list(fn.__code__.co_varnames[: fn.__code__.co_argcount])
+    values = dict(zip(names, args, strict=False)) | launch.scalars
+    dns = {names[d] if isinstance(d, int) else d for d in getattr(launch.kernel, "do_not_specialize", ())}
+    signature, constexprs, attrs = {}, dict(launch.constexprs), {}
+    for i, name in enumerate(names):
+        if name in constexprs:
+            signature[name] = "constexpr"
+            continue
+        v = values[name]
+        if isinstance(v, torch.Tensor):
+            signature[name] = "*" + _TRITON_TYPES[v.dtype]
+            attrs[(i,)] = [["tt.divisibility", 16]]
+        elif isinstance(v, float):
+            signature[name] = "fp32"
+        elif isinstance(v, int):
+            if v == 1 and name not in dns:
+                signature[name] = "constexpr"
+                constexprs[name] = 1
+                continue
+            signature[name] = "i32" if -(2**31) <= v < 2**31 else "i64"
+            if v % 16 == 0 and name not in dns:
+                attrs[(i,)] = [["tt.divisibility", 16]]
+        else:
+            raise TypeError(f"{launch.name}: argument {name} is a {type(v).__name__}")
+    return signature, constexprs, attrs
+
+
+def compile_launch(launch: Launch, args: tuple, arch: int) -> dict:
+    """Compile ``launch`` on ``args`` (as recorded) for sm_``arch`` with Triton's own compiler; returns
+    its resource usage: shared memory (bytes), registers per thread, spilled bytes, compile seconds.
+
+    Needs a process where TRITON_INTERPRET is not set (the kernels must be JIT functions)."""
+    signature, constexprs, attrs = specialization(launch, args)
+    return compile_kernel(
+        launch.kernel, signature, constexprs, attrs, launch.num_warps, launch.num_stages, arch
+    )
+
+
+def compile_kernel(kernel, signature, constexprs, attrs, num_warps, num_stages, arch) -> dict:
+    """compile_launch's work on its specialisation (picklable, for a pool of processes). seconds is the
+    wall time, cpu_seconds the CPU time it took (ptxas included)."""
     import time
 
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
 
-    sig = launch.signature()
-    names = list(sig)
-    attrs = {(names.index(n),): [["tt.divisibility", 16]] for n, t in sig.items() if t.startswith("*")}
-    src = ASTSource(fn=launch.kernel, signature=sig, constexprs=dict(launch.constexprs), attrs=attrs)
-    start = time.perf_counter()
-    log = ""
+    src = ASTSource(fn=kernel, signature=signature, constexprs=constexprs, attrs=attrs)
+    start, cpu = time.perf_counter(), _cpu_seconds()
     with tempfile.TemporaryFile(mode="w+") as out:
         # Triton prints ptxas's -v report (registers, spill stores) when asked to.
         env = os.environ.get("TRITON_DUMP_PTXAS_LOG")
@@ -244,7 +282,7 @@ def compile_launch(launch: Launch, arch: int) -> dict:
                 compiled = triton.compile(
                     src,
                     target=GPUTarget("cuda", arch, 32),
-                    options=dict(num_warps=launch.num_warps, num_stages=launch.num_stages),
+                    options=dict(num_warps=num_warps, num_stages=num_stages),
                 )
         finally:
             if env is None:
@@ -253,9 +291,17 @@ def compile_launch(launch: Launch, arch: int) -> dict:
                 os.environ["TRITON_DUMP_PTXAS_LOG"] = env
         out.seek(0)
         log = out.read()
-    seconds = time.perf_counter() - start
+    seconds, cpu = time.perf_counter() - start, _cpu_seconds() - cpu
     usage = _ptxas_usage(log) or _cuobjdump_usage(compiled.asm["cubin"])
-    return dict(shared=int(compiled.metadata.shared), seconds=seconds, **usage)
+    return dict(shared=int(compiled.metadata.shared), seconds=seconds, cpu_seconds=cpu, **usage)
+
+
+def _cpu_seconds() -> float:
+    """CPU time of this process and its finished children (ptxas runs as one)."""
+    import resource
+
+    own, children = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
+    return own.ru_utime + own.ru_stime + children.ru_utime + children.ru_stime
 
 
 def _ptxas_usage(log: str) -> dict | None:

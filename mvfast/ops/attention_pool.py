@@ -24,7 +24,7 @@ from torch import Tensor
 
 from mvfast import _backend
 from mvfast.ops import _checks, _eager
-from mvfast.ops._triton import Launch, Target, matmul_precision, next_pow2, ptr, target, tl, triton
+from mvfast.ops._triton import Launch, Target, mask_bytes, matmul_precision, next_pow2, target, tl, triton
 
 OP = "attention_pool"
 _LOW_PRECISION = (torch.float16, torch.bfloat16)
@@ -107,15 +107,16 @@ def attention_pool_math(x, weight, bias, mask):
 # Backward: a program per (sample, split) recomputes the scores, a = exp(s - lse) and x . dv for a tile,
 # then writes grad_x = a dv + ds w and adds ds^T x to its own slice of the weight-gradient partials; the
 # partials are summed at the end. Products with a float32 intermediate (p, a, ds, dv) take float32
-# operands, 16-bit x upcast, so that no intermediate is rounded to 16 bits; under PREC="tf32" (see
-# mvfast.ops._triton) tl.dot still rounds them to TF32's 10-bit mantissa. The scores take 16-bit x and
+# operands, 16-bit x upcast, so that no intermediate is stored in 16 bits or overflows their range; under
+# PREC="tf32" (see mvfast.ops._triton) tl.dot still rounds them to TF32, float16's 10-bit mantissa with
+# float32's range, and only PREC="ieee" multiplies them as they are. The scores take 16-bit x and
 # weight as they are, accumulating in float32. Masked rows are loaded as zeros wherever x is read, so
 # whatever they hold never reaches a product. Whether there is a mask, and whether the weights are
 # written or have a gradient, are runtime arguments (each guards a load or a store; every constexpr
 # doubles the kernels the JIT compiles). S and CHUNK (how a sample's rows are split) come from the plan.
 
 
-@triton.jit(do_not_specialize=["has_mask", "write_scores"])
+@triton.jit(do_not_specialize=["L", "H", "has_mask", "write_scores", "S", "CHUNK"])
 def _ap_forward_kernel(
     x_ptr,
     w_ptr,
@@ -200,7 +201,7 @@ def _ap_forward_kernel(
     tl.store(ps_ptr + item * H + hs, s, mask=h_ok)
 
 
-@triton.jit(do_not_specialize=["write_weights"])
+@triton.jit(do_not_specialize=["L", "H", "write_weights", "S"])
 def _ap_combine_kernel(
     pm_ptr,
     ps_ptr,
@@ -250,7 +251,7 @@ def _ap_combine_kernel(
             tl.store(weights_ptr + (b * L + rows) * H + h, a.to(weights_ptr.dtype.element_ty), mask=r_ok)
 
 
-@triton.jit(do_not_specialize=["has_mask", "has_ga"])
+@triton.jit(do_not_specialize=["L", "H", "has_mask", "has_ga", "S", "CHUNK"])
 def _ap_backward_kernel(
     x_ptr,
     w_ptr,
@@ -356,29 +357,27 @@ def triton_plan(B: int, L: int, D: int, H: int, dtype: torch.dtype, target: Targ
     the GPU twice over when B is small; the combine kernel merges the splits, in tiles of about 4096
     values of (split, D).
     """
-    block_l, block_d, block_h = 32, min(128, next_pow2(D)), next_pow2(H)
+    # Exact float32 products run on the FMA units, which hold a D chunk of both operands in registers: a
+    # chunk of 128 spilled there.
+    block_l, block_d, block_h = 32, min(64 if prec == "ieee" else 128, next_pow2(D)), next_pow2(H)
     rows = max(L, 1)
     s = max(1, min(triton.cdiv(2 * target.sms, max(B, 1)), triton.cdiv(rows, block_l)))
     chunk = triton.cdiv(triton.cdiv(rows, s), block_l) * block_l
     S = triton.cdiv(rows, chunk)
-    xp = ptr(dtype)
     tiles = dict(PREC=prec, BLOCK_L=block_l, BLOCK_D=block_d, BLOCK_H=block_h)
     block_s = next_pow2(S, 2)
     return {
         "forward": Launch(
-            _ap_forward_kernel, (B, S), tiles, dict(x_ptr=xp, w_ptr=xp, mask_ptr="*u8"),
-            scalars=dict(S=S, CHUNK=chunk),
+            _ap_forward_kernel, (B, S), tiles, num_warps=8, scalars=dict(S=S, CHUNK=chunk),
         ),
         "combine": Launch(
             _ap_combine_kernel,
             (B, H),
             dict(BLOCK_S=block_s, BLOCK_D=max(16, min(block_d, 4096 // block_s)), BLOCK_L=128),
-            dict(out_ptr=xp, weights_ptr=xp),
             scalars=dict(S=S),
         ),
         "backward": Launch(
-            _ap_backward_kernel, (B, S), tiles, dict(x_ptr=xp, w_ptr=xp, mask_ptr="*u8", dx_ptr=xp),
-            scalars=dict(S=S, CHUNK=chunk),
+            _ap_backward_kernel, (B, S), tiles, num_warps=8, scalars=dict(S=S, CHUNK=chunk),
         ),
     }  # fmt: skip
 
@@ -386,13 +385,6 @@ def triton_plan(B: int, L: int, D: int, H: int, dtype: torch.dtype, target: Targ
 def _plan(x: Tensor, H: int) -> dict:
     B, L, D = x.shape
     return triton_plan(B, L, D, H, x.dtype, target(x.device), matmul_precision(x.dtype))
-
-
-def _mask_arg(mask: Tensor | None, dummy: Tensor) -> tuple[Tensor, int]:
-    """(the mask as bytes, has_mask); any tensor stands in for a missing mask (it is never read)."""
-    if mask is None:
-        return dummy, 0
-    return mask.contiguous().view(torch.uint8), 1
 
 
 def _triton_forward(x, weight, mask, return_weights):
@@ -407,7 +399,7 @@ def _triton_forward(x, weight, mask, return_weights):
     part_s = torch.empty_like(part_m)
     part_acc = x.new_zeros((B, S, H, D), dtype=torch.float32)
     scores = x.new_empty((B, L, H), dtype=torch.float32) if return_weights else part_m
-    mask_u8, has_mask = _mask_arg(mask, part_m)
+    mask_u8, has_mask = mask_bytes(mask, x)
     dev = x.device
     plan["forward"](
         dev, x, weight, mask_u8, scores, part_m, part_s, part_acc, L, D, H, *x.stride(), *weight.stride(),
@@ -435,7 +427,7 @@ def _triton_backward(grad_out, grad_weights, x, weight, mask, out, lse, weights)
     if has_ga:
         c = c + (weights.float() * ga).sum(1)
     part_dw = x.new_zeros((B * S, H, D), dtype=torch.float32)
-    mask_u8, has_mask = _mask_arg(mask, dv)
+    mask_u8, has_mask = mask_bytes(mask, x)
     plan["backward"](
         x.device, x, weight, dv, lse.contiguous(), c.contiguous(), ga, mask_u8, grad_x, part_dw, L, D, H,
         *x.stride(), *weight.stride(), *grad_x.stride(), has_mask, int(has_ga),

@@ -41,7 +41,7 @@ from torch import Tensor
 
 from mvfast import _backend
 from mvfast.ops import _checks, _eager
-from mvfast.ops._triton import Launch, Target, conv_precision, next_pow2, pick, ptr, target, tl, triton
+from mvfast.ops._triton import Launch, Target, conv_precision, next_pow2, pick, target, tl, triton
 
 OP = "conv3d_bn_relu"
 _CL = torch.channels_last_3d
@@ -236,7 +236,14 @@ def _batch_norm_relu(
 # default), exact float32 otherwise; 16-bit inputs multiply as they are, accumulating in float32.
 
 
-@triton.jit(do_not_specialize=["KD", "KH", "KW", "has_bias", "relu", "stats"])
+# Sizes, paddings and dilations are not specialised on (a value of 1 would make a kernel of its own); the
+# strides are, so that a unit stride gives vector accesses.
+@triton.jit(
+    do_not_specialize=[
+        "CIN_G", "COUT_G", "C", "D", "H", "W", "DO", "HO", "WO", "PD", "PH", "PW", "DD", "DH", "DW",
+        "KD", "KH", "KW", "has_bias", "relu", "stats", "TH", "TW",
+    ]
+)  # fmt: skip
 def _cbr_conv_kernel(
     x_ptr,
     w_ptr,
@@ -523,9 +530,10 @@ def triton_plan(
     N, C, DO, HO, WO = out_shape
     cin_g, cout_g = w_shape[1], C // groups
     xb = torch.empty((), dtype=dtype).element_size()
-    xp = ptr(dtype)
     block_w = 8 if WO <= 8 else 16 if WO <= 16 else 32
-    block_h, block_n, block_k = 64 // block_w, min(64, next_pow2(cout_g)), min(32, next_pow2(cin_g))
+    # exact float32 products (FMA units, no TF32) hold a channel chunk of both operands in registers
+    block_k = min(16 if prec == "ieee" else 32, next_pow2(cin_g))
+    block_h, block_n = 64 // block_w, min(64, next_pow2(cout_g))
     th, tw = triton.cdiv(HO, block_h), triton.cdiv(WO, block_w)
     tiles = N * DO * th * tw
     per_stage = (block_h * block_w * block_k + block_k * block_n) * xb
@@ -535,8 +543,7 @@ def triton_plan(
             _cbr_conv_kernel,
             (tiles, triton.cdiv(cout_g, block_n), groups),
             dict(PREC=prec, BLOCK_H=block_h, BLOCK_W=block_w, BLOCK_N=block_n, BLOCK_K=block_k),
-            dict(x_ptr=xp, w_ptr=xp, b_ptr="*fp32", z_ptr=xp),
-            4,
+            8,
             stages,
             dict(TH=th, TW=tw),
         )
@@ -552,22 +559,21 @@ def triton_plan(
     stats = dict(BLOCK_T=block_t, BLOCK_C=block_c)
     if parts > 1:
         plan["stats_partial"] = Launch(
-            _cbr_stats_kernel, (cblocks, parts), dict(FINAL=False, **stats), dict(eps="fp32"),
+            _cbr_stats_kernel, (cblocks, parts), dict(FINAL=False, **stats), num_warps=8,
             scalars=dict(T=tiles, C=C, CHUNK=chunk),
         )  # fmt: skip
     T = parts if parts > 1 else tiles
     plan["stats"] = Launch(
-        _cbr_stats_kernel, (cblocks, 1), dict(FINAL=True, **stats), dict(eps="fp32"),
+        _cbr_stats_kernel, (cblocks, 1), dict(FINAL=True, **stats), num_warps=8,
         scalars=dict(T=T, C=C, CHUNK=T),
     )  # fmt: skip
     S = DO * HO * WO
     block_m, block_c = 64, min(64, next_pow2(C))
     grid = (triton.cdiv(S, block_m), triton.cdiv(C, block_c), N)
     rows = dict(BLOCK_M=block_m, BLOCK_C=block_c)
-    plan["apply"] = Launch(_cbr_apply_kernel, grid, rows, dict(z_ptr=xp, out_ptr=xp))
-    types = dict(gy_ptr=xp, z_ptr=xp, gz_ptr=xp)
-    plan["backward_sums"] = Launch(_cbr_backward_kernel, grid, dict(APPLY=False, **rows), types)
-    plan["backward_apply"] = Launch(_cbr_backward_kernel, grid, dict(APPLY=True, **rows), types)
+    plan["apply"] = Launch(_cbr_apply_kernel, grid, rows)
+    plan["backward_sums"] = Launch(_cbr_backward_kernel, grid, dict(APPLY=False, **rows))
+    plan["backward_apply"] = Launch(_cbr_backward_kernel, grid, dict(APPLY=True, **rows))
     return plan
 
 
@@ -608,12 +614,14 @@ def _triton_conv(plan, x, weight, bias, out, stride, padding, dilation, groups, 
     C, cin_g, KD, KH, KW = weight.shape
     conv = plan["conv"]
     tiles = conv.grid[0]
-    f32 = dict(dtype=torch.float32)
-    pcount = x.new_empty((tiles,), **f32) if stats else out
-    pmean = x.new_empty((tiles, C), **f32) if stats else out
-    pm2 = torch.empty_like(pmean) if stats else out
+    # Unused pointers get float32 stand-ins, the type of the real ones, so that eval and training, with
+    # and without bias, are one compiled kernel.
+    none32 = x.new_empty((0,), dtype=torch.float32)
+    pcount = x.new_empty((tiles,), dtype=torch.float32) if stats else none32
+    pmean = x.new_empty((tiles, C), dtype=torch.float32) if stats else none32
+    pm2 = torch.empty_like(pmean) if stats else none32
     conv(
-        x.device, x, weight, bias if bias is not None else out, out, pcount, pmean, pm2,
+        x.device, x, weight, bias if bias is not None else none32, out, pcount, pmean, pm2,
         cin_g, C // groups, C, *x.shape[2:], *out.shape[2:], *x.stride(), *weight.stride(),
         *out.stride(), *stride, *padding, *dilation, KD, KH, KW, int(bias is not None), int(relu), int(stats),
     )  # fmt: skip

@@ -21,7 +21,17 @@ from torch import Tensor
 
 from mvfast import _backend
 from mvfast.ops import _checks, _eager
-from mvfast.ops._triton import Launch, Target, matmul_precision, next_pow2, pick, ptr, target, tl, triton
+from mvfast.ops._triton import (
+    Launch,
+    Target,
+    mask_bytes,
+    matmul_precision,
+    next_pow2,
+    pick,
+    target,
+    tl,
+    triton,
+)
 
 OP = "netvlad"
 _LOW_PRECISION = (torch.float16, torch.bfloat16)
@@ -102,9 +112,10 @@ def netvlad_math(x, weight, bias, centroids, mask, ghost_clusters, normalize):
 # softmax backward -> dS; (3) dx = a dV + dS W; (4) dW = dS^T x and dbias, the rows split across programs
 # and the partial sums added. Matrix products accumulate in float32. The logits x W^T take 16-bit inputs
 # as they are; the products with a float32 intermediate (assign, dV, dS) take float32 operands, 16-bit
-# inputs upcast, so that no intermediate is rounded to 16 bits or overflows their range (the gradient of
-# an all-masked sample passes through dy / eps before it is multiplied by zero). Under PREC="tf32" (see
-# mvfast.ops._triton) tl.dot still rounds those float32 operands to TF32's 10-bit mantissa.
+# inputs upcast, so that no intermediate is stored in 16 bits or overflows their range (the gradient of
+# an all-masked sample passes through dy / eps before it is multiplied by zero). These operands are not
+# exact either: under PREC="tf32" (see mvfast.ops._triton) tl.dot rounds them to TF32, float16's 10-bit
+# mantissa with float32's range; only PREC="ieee" multiplies them as they are.
 #
 # Masked rows are loaded as zeros wherever x is read, so whatever they hold (NaN, inf) never meets a
 # zero weight in a product (0 * NaN = NaN). Whether there is a mask, and a bias, are runtime arguments,
@@ -379,10 +390,11 @@ def _nv_assign_backward_kernel(
     cols = tl.arange(0, BLOCK_KG)
     real = cols < K
     m = (rows < M)[:, None] & (cols < KG)[None, :]
-    a = tl.load(a_ptr + (b * M + rows[:, None]) * KG + cols[None, :], mask=m, other=0.0)
+    a_off = (b * M + rows[:, None]) * KG + cols[None, :]
     # A row of the softmax sums to 1 over K+G and a masked row is all zeros, so the mask is read off a
-    # (no need to save it); the dW kernel reads the rows' validity from valid_ptr.
-    valid = (rows < M) & (tl.sum(a, axis=1) > 0)
+    # (no need to save it); the dW kernel reads the rows' validity from valid_ptr. a is read again after
+    # the product rather than held in registers through it.
+    valid = (rows < M) & (tl.sum(tl.load(a_ptr + a_off, mask=m, other=0.0), axis=1) > 0)
     tl.store(valid_ptr + b * M + rows, valid.to(tl.uint8), mask=rows < M)
     da = _nv_rows_times_t(
         x_ptr + b * sxb, sxm, sxd, rows, valid, dv_ptr + b * K * D, D, 1, cols, real, D,
@@ -390,8 +402,9 @@ def _nv_assign_backward_kernel(
     )  # fmt: skip
     cdv = tl.load(cdv_ptr + b * K + cols, mask=real, other=0.0)
     g = tl.where(real[None, :], da - cdv[None, :], 0.0)  # ghosts are dropped after the softmax
+    a = tl.load(a_ptr + a_off, mask=m, other=0.0)
     dot = tl.sum(a * g, axis=1)
-    tl.store(ds_ptr + (b * M + rows[:, None]) * KG + cols[None, :], a * (g - dot[:, None]), mask=m)
+    tl.store(ds_ptr + a_off, a * (g - dot[:, None]), mask=m)
 
 
 @triton.jit
@@ -506,22 +519,28 @@ def _nv_dw_kernel(
 
 _EPS = 1e-12  # F.normalize's
 MAX_KG = 512  # the row kernels hold a row of K+G logits in registers
-_ROW_TILES = ((64, 3), (32, 3), (64, 2), (32, 2), (16, 2), (16, 1))  # (BLOCK_D, stages), fastest first
+# (BLOCK_D, stages) of the row kernels, fastest first. Exact float32 products run on the FMA units, which
+# hold a D chunk of both operands in registers: a chunk of 64 spilled there.
+_ROW_TILES = {
+    "tf32": ((64, 3), (32, 3), (64, 2), (32, 2), (16, 2), (16, 1)),
+    "ieee": ((32, 3), (32, 2), (16, 2), (16, 1)),
+}
 
 
-def _row_kernel(KG: int, x_bytes: int, m_bytes: int, budget: int) -> dict:
-    """Tiles of the kernels that hold whole rows of K+G columns (the logits and their gradient): at most
-    64 float32 accumulators a thread, then the D chunk and pipeline depth whose shared memory (a tile of
-    x and one of the (D, K+G) operand per stage; the row's softmax reuses it) fits the arch."""
+def _row_kernel(KG: int, x_bytes: int, m_bytes: int, budget: int, prec: str) -> dict:
+    """Tiles of the kernels that hold whole rows of K+G columns (the logits and their gradient): 8 warps
+    and at most 32 float32 accumulators a thread (more spilled registers at K+G = 512 on sm_90), then the
+    D chunk and pipeline depth whose shared memory (a tile of x and one of the (D, K+G) operand per
+    stage; the row's softmax reuses it) fits the arch."""
     block_kg = next_pow2(KG)
-    warps = 8 if block_kg >= 256 else 4
-    block_m = max(16, min(64, 64 * 32 * warps // block_kg))
+    warps = 8
+    block_m = max(16, min(64, 32 * 32 * warps // block_kg))
 
     def smem(c):
         block_d, stages = c
         return max(stages * block_d * (block_m * x_bytes + block_kg * m_bytes), block_m * block_kg * 4)
 
-    block_d, stages = pick(_ROW_TILES, lambda c: smem(c) <= budget)
+    block_d, stages = pick(_ROW_TILES[prec], lambda c: smem(c) <= budget)
     return dict(BLOCK_M=block_m, BLOCK_D=block_d, BLOCK_KG=block_kg), warps, stages
 
 
@@ -547,15 +566,13 @@ def triton_plan(
     KG = K + G
     budget = target.shared_memory
     xb = torch.empty((), dtype=dtype).element_size()
-    xp = ptr(dtype)
     plan = {}
 
-    tiles, warps, stages = _row_kernel(KG, xb, xb, budget)
+    tiles, warps, stages = _row_kernel(KG, xb, xb, budget, prec)
     plan["assign"] = Launch(
         _nv_assign_kernel,
         (triton.cdiv(M, tiles["BLOCK_M"]), B),
         dict(PREC=prec, **tiles),
-        dict(x_ptr=xp, w_ptr=xp, b_ptr=xp, mask_ptr="*u8"),
         warps,
         stages,
     )
@@ -564,40 +581,34 @@ def triton_plan(
         _nv_aggregate_kernel,
         (triton.cdiv(K, block_k), triton.cdiv(D, block_d), B),
         dict(PREC=prec, BLOCK_M=block_m, BLOCK_K=block_k, BLOCK_D=block_d),
-        dict(x_ptr=xp, c_ptr=xp, mask_ptr="*u8", v_ptr="*fp32" if normalize else xp),
-        4,
+        8,
         _stages(block_m * (block_k * 4 + block_d * xb), budget),
     )
     item, item_warps = _item_tiles(K)
     if normalize:
-        plan["normalize"] = Launch(
-            _nv_normalize_kernel, (B,), dict(EPS=_EPS, **item), dict(out_ptr=xp), item_warps, 2
-        )
+        plan["normalize"] = Launch(_nv_normalize_kernel, (B,), dict(EPS=_EPS, **item), item_warps, 2)
 
     plan["norm_backward"] = Launch(
         _nv_norm_backward_kernel,
         (B,),
         dict(NORMALIZE=normalize, EPS=_EPS, **item),
-        dict(c_ptr=xp),
         item_warps,
         2,
     )
-    tiles, warps, stages = _row_kernel(KG, xb, 4, budget)
+    tiles, warps, stages = _row_kernel(KG, xb, 4, budget, prec)
     plan["assign_backward"] = Launch(
         _nv_assign_backward_kernel,
         (triton.cdiv(M, tiles["BLOCK_M"]), B),
         dict(PREC=prec, **tiles),
-        dict(x_ptr=xp, valid_ptr="*u8"),
         warps,
         stages,
     )
-    block_m, block_d, block_c = 64, 64, 32
+    block_m, block_d, block_c = 64, 64, 16 if prec == "ieee" else 32
     plan["dx"] = Launch(
         _nv_dx_kernel,
         (triton.cdiv(M, block_m), triton.cdiv(D, block_d), B),
         dict(PREC=prec, BLOCK_M=block_m, BLOCK_D=block_d, BLOCK_C=block_c),
-        dict(w_ptr=xp, dx_ptr=xp),
-        4,
+        8,
         _stages(block_c * (2 * block_m * 4 + block_d * (4 + xb)), budget),
     )
     block_c, block_d, block_m = min(64, next_pow2(KG)), 64, 32
@@ -610,8 +621,7 @@ def triton_plan(
         _nv_dw_kernel,
         (triton.cdiv(KG, block_c), triton.cdiv(D, block_d), splits),
         dict(PREC=prec, BLOCK_M=block_m, BLOCK_D=block_d, BLOCK_C=block_c),
-        dict(x_ptr=xp, valid_ptr="*u8"),
-        4,
+        8,
         _stages(block_m * (block_c * 4 + block_d * xb), budget),
         dict(TILES=B * mt, MT=mt, PER=per),
     )
@@ -623,13 +633,6 @@ def _plan(x: Tensor, K: int, G: int, normalize: bool) -> dict[str, Launch]:
     return triton_plan(B, M, D, K, G, x.dtype, normalize, target(x.device), matmul_precision(x.dtype))
 
 
-def _mask_arg(mask: Tensor | None, dummy: Tensor) -> tuple[Tensor, int]:
-    """(the mask as bytes, has_mask); any tensor stands in for a missing mask (it is never read)."""
-    if mask is None:
-        return dummy, 0
-    return mask.contiguous().view(torch.uint8), 1
-
-
 def _triton_forward(x, weight, bias, centroids, mask, ghost_clusters, normalize):
     B, M, D = x.shape
     K, KG = centroids.shape[0], weight.shape[0]
@@ -638,8 +641,8 @@ def _triton_forward(x, weight, bias, centroids, mask, ghost_clusters, normalize)
     assign = x.new_empty((B, M, KG), dtype=torch.float32)
     out = x.new_empty((B, K, D))
     vlad = x.new_empty((B, K, D), dtype=torch.float32) if normalize else out
-    mask_u8, has_mask = _mask_arg(mask, assign)
-    b, sb = (bias, bias.stride(0)) if bias is not None else (weight, 0)
+    mask_u8, has_mask = mask_bytes(mask, x)
+    b, sb = (bias, bias.stride(0)) if bias is not None else (weight, 1)
     plan["assign"](
         dev, x, weight, b, mask_u8, assign, M, D, KG, *x.stride(), *weight.stride(), sb,
         int(bias is not None), has_mask,
@@ -661,7 +664,8 @@ def _triton_backward(grad_out, x, weight, centroids, assign, vlad, ghost_cluster
     g = grad_out.reshape(B, K, D).float().contiguous()
     dv = torch.empty_like(g)
     cdv = g.new_empty((B, K))
-    plan["norm_backward"](dev, g, vlad if normalize else g, centroids, dv, cdv, K, D, *centroids.stride())
+    c = centroids.float()  # (K, D), small: one compiled kernel for every dtype
+    plan["norm_backward"](dev, g, vlad if normalize else g, c, dv, cdv, K, D, *c.stride())
     ds = torch.empty_like(assign)
     valid = x.new_empty((B, M), dtype=torch.uint8)
     plan["assign_backward"](dev, x, dv, cdv, assign, ds, valid, M, D, K, KG, *x.stride())
