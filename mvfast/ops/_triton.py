@@ -318,9 +318,11 @@ def _ptxas_usage(log: str) -> dict | None:
 
 
 def _cuobjdump_usage(cubin: bytes) -> dict:
-    """Registers and stack frame from the cubin. A Triton kernel has no local arrays and makes no calls,
-    so its stack frame is register spill space."""
+    """Registers and stack frame from the cubin (-1 where Triton bundles no cuobjdump). A Triton kernel
+    has no local arrays and makes no calls, so its stack frame is register spill space."""
     tool = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
+    if not os.path.exists(tool):  # unknown rather than a failed compile
+        return dict(registers=-1, spill_stores=-1, spill_loads=-1)
     with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
         f.write(cubin)
         f.flush()

@@ -577,6 +577,9 @@ def attention_pool(
     Returns:
         Tensor[B, H, D] in x's dtype (accumulation in float32); with ``return_weights`` a tuple
         ``(out, weights)`` with weights Tensor[B, L, H], summing to 1 over L (0 for an all-masked sample).
+
+    On a GPU, float32 products follow ``torch.get_float32_matmul_precision()`` as torch.matmul does
+    (``"highest"``, the default: exact float32; otherwise TF32).
     """
     _validate(x, weight, bias, mask)
     name = _backend.resolve(OP, x.device, lambda b: _op_reasons(b, x, weight))

@@ -1103,6 +1103,9 @@ def conv3d_bn_relu(
 
     Returns:
         Tensor[N, C, Do, Ho, Wo] in x's dtype and memory format (statistics accumulated in float32).
+
+    On a GPU, a float32 convolution uses TF32 exactly when ``torch.backends.cudnn.allow_tf32`` is set (the
+    default), as cuDNN's does.
     """
     batch_stats = training or running_mean is None
     stride, padding, dilation = _validate(

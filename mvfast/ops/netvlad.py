@@ -834,6 +834,9 @@ def netvlad(
 
     Returns:
         Tensor[B, K*D] when ``normalize``, else Tensor[B, K, D]; in x's dtype (accumulation in float32).
+
+    On a GPU, float32 products follow ``torch.get_float32_matmul_precision()`` as torch.matmul does
+    (``"highest"``, the default: exact float32; otherwise TF32).
     """
     _validate(x, weight, bias, centroids, mask, ghost_clusters)
     name = _backend.resolve(OP, x.device, lambda b: _op_reasons(b, x, weight))
