@@ -2,6 +2,8 @@
 the ReLU's kink, and the comparison of a kernel's results against float64 with PyTorch's own error in the
 same dtype as the yardstick."""
 
+import contextlib
+
 import torch
 
 
@@ -44,3 +46,18 @@ def names_for(bias):
         + (["grad_bias"] if bias else [])
         + ["grad_bn_weight", "grad_bn_bias"]
     )
+
+
+@contextlib.contextmanager
+def exact_float32():
+    """No TF32 in float32 convolutions and matmuls, in eager PyTorch and in the kernels alike (the Triton
+    conv follows cudnn.allow_tf32, its products torch's matmul precision): for comparisons with the module
+    chain whose tolerances are tighter than TF32's 1e-3. A no-op on the CPU."""
+    saved = torch.backends.cudnn.allow_tf32, torch.get_float32_matmul_precision()
+    torch.backends.cudnn.allow_tf32 = False
+    torch.set_float32_matmul_precision("highest")
+    try:
+        yield
+    finally:
+        torch.backends.cudnn.allow_tf32 = saved[0]
+        torch.set_float32_matmul_precision(saved[1])

@@ -17,12 +17,14 @@ CUDA kernels are in ``csrc/cpu/attention_pool.cpp`` and ``csrc/cuda/attention_po
 
 from __future__ import annotations
 
+import functools
+
 import torch
 from torch import Tensor
 
 from mvfast import _backend
 from mvfast.ops import _checks, _eager
-from mvfast.ops._triton import dot_precision, next_pow2, tl, triton
+from mvfast.ops._triton import Launch, Target, mask_bytes, matmul_precision, next_pow2, target, tl, triton
 
 OP = "attention_pool"
 _LOW_PRECISION = (torch.float16, torch.bfloat16)
@@ -72,14 +74,22 @@ def attention_pool_reference(
 def attention_pool_math(x, weight, bias, mask):
     """The formulas in the dtype of the inputs; returns (out (B, H, D), a (B, L, H)). The reference
     upcasts first; tests also run this in low precision to measure the error PyTorch itself makes there."""
+    if mask is not None:
+        # Masked positions are zeroed before anything reads them: whatever they hold (NaN, inf) would
+        # otherwise reach the output as 0 * NaN. masked_fill also gives them a zero gradient.
+        x = x.masked_fill(~mask.unsqueeze(-1), 0.0)
     s = x @ weight.t()  # (B, L, H)
     if bias is not None:
         s = s + bias
     if mask is not None:
         s = s.masked_fill(~mask.unsqueeze(-1), float("-inf"))
-    # A softmax that gives 0, not NaN, over a sample with no valid position (and no NaN in its gradient).
-    m = s.detach().amax(dim=1, keepdim=True)
-    m = torch.where(torch.isfinite(m), m, torch.zeros_like(m))
+    # A softmax that gives 0, not NaN, over a sample with no valid position (and no NaN in its gradient);
+    # L = 0 has no maximum at all, and gives zeros too.
+    if s.shape[1] == 0:
+        m = s.new_zeros((s.shape[0], 1, s.shape[2]))
+    else:
+        m = s.detach().amax(dim=1, keepdim=True)
+        m = torch.where(torch.isfinite(m), m, torch.zeros_like(m))
     e = torch.exp(s - m)  # exp(-inf) = 0 at masked positions
     den = e.sum(dim=1, keepdim=True)  # (B, 1, H), >= 1 unless the sample has no valid position
     a = e / torch.where(den > 0, den, torch.ones_like(den))
@@ -96,11 +106,17 @@ def attention_pool_math(x, weight, bias, mask):
 # program per (sample, head) merges the splits into out and lse, and writes the weights when asked.
 # Backward: a program per (sample, split) recomputes the scores, a = exp(s - lse) and x . dv for a tile,
 # then writes grad_x = a dv + ds w and adds ds^T x to its own slice of the weight-gradient partials; the
-# partials are summed at the end. Products with a float32 intermediate (p, a, ds, dv) run in float32,
-# 16-bit x upcast (exact); the scores take 16-bit x and weight as they are, accumulating in float32.
+# partials are summed at the end. Products with a float32 intermediate (p, a, ds, dv) take float32
+# operands, 16-bit x upcast, so that no intermediate is stored in 16 bits or overflows their range; under
+# PREC="tf32" (see mvfast.ops._triton) tl.dot still rounds them to TF32, float16's 10-bit mantissa with
+# float32's range, and only PREC="ieee" multiplies them as they are. The scores take 16-bit x and
+# weight as they are, accumulating in float32. Masked rows are loaded as zeros wherever x is read, so
+# whatever they hold never reaches a product. Whether there is a mask, and whether the weights are
+# written or have a gradient, are runtime arguments (each guards a load or a store; every constexpr
+# doubles the kernels the JIT compiles). S and CHUNK (how a sample's rows are split) come from the plan.
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["L", "H", "has_mask", "write_scores", "S", "CHUNK"])
 def _ap_forward_kernel(
     x_ptr,
     w_ptr,
@@ -112,15 +128,15 @@ def _ap_forward_kernel(
     L,
     D,
     H,
-    S,
-    CHUNK,
     sxb,
     sxl,
     sxd,
     swh,
     swd,
-    HAS_MASK: tl.constexpr,
-    WRITE_SCORES: tl.constexpr,
+    has_mask,
+    write_scores,
+    S,
+    CHUNK,
     PREC: tl.constexpr,
     BLOCK_L: tl.constexpr,
     BLOCK_D: tl.constexpr,
@@ -138,9 +154,9 @@ def _ap_forward_kernel(
     l_end = tl.minimum(L, l_start + CHUNK)
     for l0 in range(l_start, l_end, BLOCK_L):
         rows = l0 + tl.arange(0, BLOCK_L)
-        valid = rows < l_end
-        if HAS_MASK:
-            valid = valid & (tl.load(mask_ptr + b * L + rows, mask=valid, other=0) != 0)
+        r_ok = rows < l_end
+        keep = tl.load(mask_ptr + b * L + rows, mask=r_ok & (has_mask != 0), other=1)
+        valid = r_ok & (keep != 0)
         sc = tl.zeros((BLOCK_L, BLOCK_H), dtype=tl.float32)
         for d0 in range(0, D, BLOCK_D):
             d = d0 + tl.arange(0, BLOCK_D)
@@ -155,12 +171,11 @@ def _ap_forward_kernel(
             )  # (BLOCK_D, BLOCK_H)
             sc = tl.dot(xt, wt, sc, input_precision=PREC)
         sc = tl.where(valid[:, None], sc, float("-inf"))
-        if WRITE_SCORES:
-            tl.store(
-                scores_ptr + (b * L + rows[:, None]) * H + hs[None, :],
-                sc,
-                mask=(rows < l_end)[:, None] & h_ok[None, :],
-            )
+        tl.store(
+            scores_ptr + (b * L + rows[:, None]) * H + hs[None, :],
+            sc,
+            mask=r_ok[:, None] & h_ok[None, :] & (write_scores != 0),
+        )
         m_new = tl.maximum(m, tl.max(sc, axis=0))
         # Until a head has seen a valid score its max is -inf; subtract 0 then, so that p = 0, not NaN.
         m_ref = tl.where(m_new == float("-inf"), 0.0, m_new)
@@ -186,7 +201,7 @@ def _ap_forward_kernel(
     tl.store(ps_ptr + item * H + hs, s, mask=h_ok)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["L", "H", "write_weights", "S"])
 def _ap_combine_kernel(
     pm_ptr,
     ps_ptr,
@@ -198,8 +213,8 @@ def _ap_combine_kernel(
     L,
     D,
     H,
+    write_weights,
     S,
-    WRITE_WEIGHTS: tl.constexpr,
     BLOCK_S: tl.constexpr,
     BLOCK_D: tl.constexpr,
     BLOCK_L: tl.constexpr,
@@ -227,7 +242,7 @@ def _ap_combine_kernel(
         )
         o = tl.sum(accs * scale[:, None], axis=0) * inv
         tl.store(out_ptr + (b * H + h) * D + d, o.to(out_ptr.dtype.element_ty), mask=d_ok)
-    if WRITE_WEIGHTS:
+    if write_weights != 0:
         for l0 in range(0, L, BLOCK_L):
             rows = l0 + tl.arange(0, BLOCK_L)
             r_ok = rows < L
@@ -236,7 +251,7 @@ def _ap_combine_kernel(
             tl.store(weights_ptr + (b * L + rows) * H + h, a.to(weights_ptr.dtype.element_ty), mask=r_ok)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["L", "H", "has_mask", "has_ga", "S", "CHUNK"])
 def _ap_backward_kernel(
     x_ptr,
     w_ptr,
@@ -250,8 +265,6 @@ def _ap_backward_kernel(
     L,
     D,
     H,
-    S,
-    CHUNK,
     sxb,
     sxl,
     sxd,
@@ -260,8 +273,10 @@ def _ap_backward_kernel(
     sdxb,
     sdxl,
     sdxd,
-    HAS_MASK: tl.constexpr,
-    HAS_GA: tl.constexpr,
+    has_mask,
+    has_ga,
+    S,
+    CHUNK,
     PREC: tl.constexpr,
     BLOCK_L: tl.constexpr,
     BLOCK_D: tl.constexpr,
@@ -281,9 +296,8 @@ def _ap_backward_kernel(
     for l0 in range(l_start, l_end, BLOCK_L):
         rows = l0 + tl.arange(0, BLOCK_L)
         r_ok = rows < l_end
-        valid = r_ok
-        if HAS_MASK:
-            valid = valid & (tl.load(mask_ptr + b * L + rows, mask=r_ok, other=0) != 0)
+        keep = tl.load(mask_ptr + b * L + rows, mask=r_ok & (has_mask != 0), other=1)
+        valid = r_ok & (keep != 0)
         sc = tl.zeros((BLOCK_L, BLOCK_H), dtype=tl.float32)
         da = tl.zeros((BLOCK_L, BLOCK_H), dtype=tl.float32)
         for d0 in range(0, D, BLOCK_D):
@@ -301,8 +315,8 @@ def _ap_backward_kernel(
             da = tl.dot(xt.to(tl.float32), dvt, da, input_precision=PREC)
         ok = valid[:, None] & h_ok[None, :]
         a = tl.where(ok, tl.exp(sc - lse[None, :]), 0.0)
-        if HAS_GA:
-            da += tl.load(ga_ptr + (b * L + rows[:, None]) * H + hs[None, :], mask=ok, other=0.0)
+        ga = tl.load(ga_ptr + (b * L + rows[:, None]) * H + hs[None, :], mask=ok & (has_ga != 0), other=0.0)
+        da += ga
         ds = tl.where(ok, a * (da - c[None, :]), 0.0)
         dst = tl.trans(ds)
         for d0 in range(0, D, BLOCK_D):
@@ -333,83 +347,76 @@ _TRITON_MAX_HEADS = 16
 _CUDA_MAX_HEADS = 512  # kMaxHeads in csrc/cuda/attention_pool.cu
 
 
-def _triton_blocks(D: int, H: int) -> tuple[int, int, int]:
-    return 32, min(128, next_pow2(D)), next_pow2(H)
+@functools.lru_cache(maxsize=256)
+def triton_plan(B: int, L: int, D: int, H: int, dtype: torch.dtype, target: Target, prec: str) -> dict:
+    """Every launch of the Triton forward and backward for x (B, L, D) of ``dtype`` and H heads on
+    ``target``, products at ``prec`` (matmul_precision of the dtype): the plan the launchers run and the
+    compile check compiles. A mask, and whether the weights are returned, do not change it.
+
+    A sample's rows are cut into S splits of CHUNK rows (a multiple of the tile), enough programs to fill
+    the GPU twice over when B is small; the combine kernel merges the splits, in tiles of about 4096
+    values of (split, D).
+    """
+    # Exact float32 products run on the FMA units, which hold a D chunk of both operands in registers: a
+    # chunk of 128 spilled there.
+    block_l, block_d, block_h = 32, min(64 if prec == "ieee" else 128, next_pow2(D)), next_pow2(H)
+    rows = max(L, 1)
+    s = max(1, min(triton.cdiv(2 * target.sms, max(B, 1)), triton.cdiv(rows, block_l)))
+    chunk = triton.cdiv(triton.cdiv(rows, s), block_l) * block_l
+    S = triton.cdiv(rows, chunk)
+    tiles = dict(PREC=prec, BLOCK_L=block_l, BLOCK_D=block_d, BLOCK_H=block_h)
+    block_s = next_pow2(S, 2)
+    return {
+        "forward": Launch(
+            _ap_forward_kernel, (B, S), tiles, num_warps=8, scalars=dict(S=S, CHUNK=chunk),
+        ),
+        "combine": Launch(
+            _ap_combine_kernel,
+            (B, H),
+            dict(BLOCK_S=block_s, BLOCK_D=max(16, min(block_d, 4096 // block_s)), BLOCK_L=128),
+            scalars=dict(S=S),
+        ),
+        "backward": Launch(
+            _ap_backward_kernel, (B, S), tiles, num_warps=8, scalars=dict(S=S, CHUNK=chunk),
+        ),
+    }  # fmt: skip
 
 
-def _triton_splits(B: int, L: int, block_l: int, device: torch.device) -> tuple[int, int]:
-    """(S, CHUNK): the rows of a sample cut into S splits of CHUNK rows (a multiple of the tile), enough
-    programs to fill the GPU when B is small."""
-    target = 4
-    if device.type == "cuda":
-        target = 2 * torch.cuda.get_device_properties(device).multi_processor_count
-    s = max(1, min(triton.cdiv(target, max(B, 1)), triton.cdiv(L, block_l)))
-    chunk = triton.cdiv(triton.cdiv(max(L, 1), s), block_l) * block_l
-    return triton.cdiv(max(L, 1), chunk), chunk
+def _plan(x: Tensor, H: int) -> dict:
+    B, L, D = x.shape
+    return triton_plan(B, L, D, H, x.dtype, target(x.device), matmul_precision(x.dtype))
 
 
 def _triton_forward(x, weight, mask, return_weights):
     B, L, D = x.shape
     H = weight.shape[0]
-    block_l, block_d, block_h = _triton_blocks(D, H)
-    S, chunk = _triton_splits(B, L, block_l, x.device)
+    plan = _plan(x, H)
+    S = plan["forward"].grid[1]
     out = x.new_empty((B, H, D))
     lse = x.new_empty((B, H), dtype=torch.float32)
     weights = x.new_empty((B, L, H) if return_weights else (0,))
-    if B == 0:
-        return out, weights, lse
     part_m = x.new_empty((B, S, H), dtype=torch.float32)
     part_s = torch.empty_like(part_m)
     part_acc = x.new_zeros((B, S, H, D), dtype=torch.float32)
     scores = x.new_empty((B, L, H), dtype=torch.float32) if return_weights else part_m
-    mask_u8 = mask.contiguous().view(torch.uint8) if mask is not None else part_m
-    _ap_forward_kernel[(B, S)](
-        x,
-        weight,
-        mask_u8,
-        scores,
-        part_m,
-        part_s,
-        part_acc,
-        L,
-        D,
-        H,
-        S,
-        chunk,
-        *x.stride(),
-        *weight.stride(),
-        HAS_MASK=mask is not None,
-        WRITE_SCORES=return_weights,
-        PREC=dot_precision(x.dtype),
-        BLOCK_L=block_l,
-        BLOCK_D=block_d,
-        BLOCK_H=block_h,
-    )
-    _ap_combine_kernel[(B, H)](
-        part_m,
-        part_s,
-        part_acc,
-        out,
-        lse,
-        scores,
-        weights if return_weights else out,
-        L,
-        D,
-        H,
-        S,
-        WRITE_WEIGHTS=return_weights,
-        BLOCK_S=next_pow2(S, 2),
-        BLOCK_D=block_d,
-        BLOCK_L=128,
-    )
+    mask_u8, has_mask = mask_bytes(mask, x)
+    dev = x.device
+    plan["forward"](
+        dev, x, weight, mask_u8, scores, part_m, part_s, part_acc, L, D, H, *x.stride(), *weight.stride(),
+        has_mask, int(return_weights),
+    )  # fmt: skip
+    plan["combine"](
+        dev, part_m, part_s, part_acc, out, lse, scores, weights if return_weights else out, L, D, H,
+        int(return_weights),
+    )  # fmt: skip
     return out, weights, lse
 
 
 def _triton_backward(grad_out, grad_weights, x, weight, mask, out, lse, weights):
     B, L, D = x.shape
     H = weight.shape[0]
-    block_l, block_d, block_h = _triton_blocks(D, H)
-    S, chunk = _triton_splits(B, L, block_l, x.device)
+    plan = _plan(x, H)
+    S = plan["backward"].grid[1]
     grad_x = torch.empty_like(x, memory_format=torch.contiguous_format)
     if B == 0:
         return grad_x, torch.zeros_like(weight)
@@ -420,32 +427,11 @@ def _triton_backward(grad_out, grad_weights, x, weight, mask, out, lse, weights)
     if has_ga:
         c = c + (weights.float() * ga).sum(1)
     part_dw = x.new_zeros((B * S, H, D), dtype=torch.float32)
-    mask_u8 = mask.contiguous().view(torch.uint8) if mask is not None else dv
-    _ap_backward_kernel[(B, S)](
-        x,
-        weight,
-        dv,
-        lse.contiguous(),
-        c.contiguous(),
-        ga,
-        mask_u8,
-        grad_x,
-        part_dw,
-        L,
-        D,
-        H,
-        S,
-        chunk,
-        *x.stride(),
-        *weight.stride(),
-        *grad_x.stride(),
-        HAS_MASK=mask is not None,
-        HAS_GA=has_ga,
-        PREC=dot_precision(x.dtype),
-        BLOCK_L=block_l,
-        BLOCK_D=block_d,
-        BLOCK_H=block_h,
-    )
+    mask_u8, has_mask = mask_bytes(mask, x)
+    plan["backward"](
+        x.device, x, weight, dv, lse.contiguous(), c.contiguous(), ga, mask_u8, grad_x, part_dw, L, D, H,
+        *x.stride(), *weight.stride(), *grad_x.stride(), has_mask, int(has_ga),
+    )  # fmt: skip
     return grad_x, part_dw.sum(0).to(weight.dtype)
 
 
@@ -584,12 +570,16 @@ def attention_pool(
         bias (Tensor[H] or None): score bias per head. It cancels in the softmax, so it changes nothing
             and its gradient is zero; accepted so that models with one load and train unchanged.
         mask (Tensor[B, L], bool, optional): True where a feature is valid. Masked features get weight 0
-            (their values must be finite); a sample with none yields zeros.
+            and take no part, whatever they hold (NaN and inf included): the result and the gradients
+            are those of zeros there. A sample with none, and L = 0, yield zeros.
         return_weights (bool): also return the attention weights, which show the key frames.
 
     Returns:
         Tensor[B, H, D] in x's dtype (accumulation in float32); with ``return_weights`` a tuple
         ``(out, weights)`` with weights Tensor[B, L, H], summing to 1 over L (0 for an all-masked sample).
+
+    On a GPU, float32 products follow ``torch.get_float32_matmul_precision()`` as torch.matmul does
+    (``"highest"``, the default: exact float32; otherwise TF32).
     """
     _validate(x, weight, bias, mask)
     name = _backend.resolve(OP, x.device, lambda b: _op_reasons(b, x, weight))

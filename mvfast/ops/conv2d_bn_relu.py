@@ -94,6 +94,9 @@ def conv2d_bn_relu(
 
     Returns:
         Tensor[N, C, Ho, Wo] in x's dtype and memory format (statistics accumulated in float32).
+
+    On a GPU, a float32 convolution uses TF32 exactly when ``torch.backends.cudnn.allow_tf32`` is set (the
+    default), as cuDNN's does.
     """
     stride, padding, dilation = _validate(
         OP,

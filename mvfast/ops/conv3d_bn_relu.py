@@ -32,6 +32,7 @@ the conv's layout, as ATen's own conv backward answers.
 
 from __future__ import annotations
 
+import functools
 import math
 
 import torch
@@ -40,7 +41,7 @@ from torch import Tensor
 
 from mvfast import _backend
 from mvfast.ops import _checks, _eager
-from mvfast.ops._triton import dot_precision, next_pow2, tl, triton
+from mvfast.ops._triton import Launch, Target, conv_precision, next_pow2, pick, target, tl, triton
 
 OP = "conv3d_bn_relu"
 _CL = torch.channels_last_3d
@@ -216,24 +217,41 @@ def _batch_norm_relu(
 # ---------------------------------------------------------------------------------------------------
 # Triton kernels
 #
-# Implicit GEMM: rows are the M = N*Do*Ho*Wo output positions, columns the out channels of a group, and
-# the reduction runs over the kernel taps and the group's in channels: for each tap, a (BLOCK_M x BLOCK_K)
-# tile of x gathered at the tap's input positions (zero outside the padding) times a (BLOCK_K x BLOCK_N)
-# tile of the weight. The epilogue either adds the folded bias and applies ReLU (eval) or writes z and the
-# tile's per-channel count-mean-M2 (training), combined by a second kernel with the Chan/Welford formula.
+# Implicit GEMM: rows are the output positions, columns the out channels of a group, and the reduction
+# runs over the kernel taps and the group's in channels: for each (tap, chunk of in channels), a
+# (BLOCK_M x BLOCK_K) tile of x gathered at the tap's input positions (zero outside the padding) times a
+# (BLOCK_K x BLOCK_N) tile of the weight, one pipelined loop over both. A program's BLOCK_M =
+# BLOCK_H x BLOCK_W rows are a tile of one output plane (n, od): its row r is (oh0 + r // BLOCK_W,
+# ow0 + r % BLOCK_W), shifts and masks by constexpr powers of two whose contiguity the compiler sees, so
+# that NCDHW tensors are read and written along W in coalesced, vectorisable accesses (no % or // by
+# runtime sizes per element). The epilogue either adds the folded bias and applies ReLU (eval) or writes
+# z and the tile's count, per-channel mean and M2 (training), which the statistics kernel combines.
 # Every tensor is addressed through its strides, so NCDHW and channels_last_3d need no copy; z is
-# allocated channels_last_3d so that its stores run along channels.
+# allocated channels_last_3d so that its stores run along channels. Flags that only guard a load or the
+# epilogue (bias, ReLU, statistics) and the kernel size are runtime arguments: every constexpr doubles
+# the kernels the JIT compiles.
+#
+# Precision: the products follow torch.backends.cudnn.allow_tf32, as the cuDNN convolution they replace
+# (mvfast.ops._triton.conv_precision): float32 inputs are rounded to TF32 by tl.dot when it is on (the
+# default), exact float32 otherwise; 16-bit inputs multiply as they are, accumulating in float32.
 
 
-@triton.jit
+# Sizes, paddings and dilations are not specialised on (a value of 1 would make a kernel of its own); the
+# strides are, so that a unit stride gives vector accesses.
+@triton.jit(
+    do_not_specialize=[
+        "CIN_G", "COUT_G", "C", "D", "H", "W", "DO", "HO", "WO", "PD", "PH", "PW", "DD", "DH", "DW",
+        "KD", "KH", "KW", "has_bias", "relu", "stats", "TH", "TW",
+    ]
+)  # fmt: skip
 def _cbr_conv_kernel(
     x_ptr,
     w_ptr,
     b_ptr,
     z_ptr,
+    pcount_ptr,
     pmean_ptr,
     pm2_ptr,
-    M,
     CIN_G,
     COUT_G,
     C,
@@ -267,167 +285,180 @@ def _cbr_conv_kernel(
     DD,
     DH,
     DW,
-    KD: tl.constexpr,
-    KH: tl.constexpr,
-    KW: tl.constexpr,
-    HAS_BIAS: tl.constexpr,
-    RELU: tl.constexpr,
-    STATS: tl.constexpr,
+    KD,
+    KH,
+    KW,
+    has_bias,
+    relu,
+    stats,
+    TH,
+    TW,
     PREC: tl.constexpr,
-    BLOCK_M: tl.constexpr,
+    BLOCK_H: tl.constexpr,
+    BLOCK_W: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr,
 ):
-    pid_m = tl.program_id(0)
+    tile = tl.program_id(0)
     pid_n = tl.program_id(1)
     grp = tl.program_id(2)
-    rm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    # the program's output plane and tile in it, once per program
+    tw = tile % TW
+    th = (tile // TW) % TH
+    plane = tile // (TW * TH)
+    od = plane % DO
+    nb = (plane // DO).to(tl.int64)
+    r = tl.arange(0, BLOCK_H * BLOCK_W)
+    oh = th * BLOCK_H + r // BLOCK_W
+    ow = tw * BLOCK_W + r % BLOCK_W
+    m_ok = (oh < HO) & (ow < WO)
     rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    m_ok = rm < M
     n_ok = rn < COUT_G
-    ow = rm % WO
-    t = rm // WO
-    oh = t % HO
-    t = t // HO
-    od = t % DO
-    nb = (t // DO).to(tl.int64)
     co = grp * COUT_G + rn
-    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    for tap in range(KD * KH * KW):
-        kd = tap // (KH * KW)
-        kh = (tap // KW) % KH
+    x_base = x_ptr + nb * sxn + (grp * CIN_G).to(tl.int64) * sxc
+    acc = tl.zeros((BLOCK_H * BLOCK_W, BLOCK_N), dtype=tl.float32)
+    chunks = tl.cdiv(CIN_G, BLOCK_K)
+    for it in range(KD * KH * KW * chunks):
+        tap = it // chunks
+        c0 = (it % chunks) * BLOCK_K
         kw = tap % KW
+        kh = (tap // KW) % KH
+        kd = tap // (KW * KH)
         idd = od * STD - PD + kd * DD
         ih = oh * STH - PH + kh * DH
         iw = ow * STW - PW + kw * DW
         pos_ok = m_ok & (idd >= 0) & (idd < D) & (ih >= 0) & (ih < H) & (iw >= 0) & (iw < W)
-        x_row = nb * sxn + idd.to(tl.int64) * sxd + ih.to(tl.int64) * sxh + iw.to(tl.int64) * sxw
-        w_tap = kd * swd + kh * swh + kw * sww
-        for c0 in range(0, CIN_G, BLOCK_K):
-            ci = c0 + tl.arange(0, BLOCK_K)
-            c_ok = ci < CIN_G
-            a = tl.load(
-                x_ptr + x_row[:, None] + (grp * CIN_G + ci).to(tl.int64)[None, :] * sxc,
-                mask=pos_ok[:, None] & c_ok[None, :],
-                other=0.0,
-            )
-            b = tl.load(
-                w_ptr + co[None, :] * swo + ci[:, None] * swi + w_tap,
-                mask=c_ok[:, None] & n_ok[None, :],
-                other=0.0,
-            )
-            acc = tl.dot(a, b, acc, input_precision=PREC)
-    if HAS_BIAS:
-        acc += tl.load(b_ptr + co, mask=n_ok, other=0.0).to(tl.float32)[None, :]
-    if RELU:
-        acc = tl.maximum(acc, 0.0)
+        x_row = idd.to(tl.int64) * sxd + ih.to(tl.int64) * sxh + iw.to(tl.int64) * sxw
+        ci = c0 + tl.arange(0, BLOCK_K)
+        c_ok = ci < CIN_G
+        a = tl.load(
+            x_base + x_row[:, None] + ci.to(tl.int64)[None, :] * sxc,
+            mask=pos_ok[:, None] & c_ok[None, :],
+            other=0.0,
+        )
+        b = tl.load(
+            w_ptr + co[None, :] * swo + ci[:, None] * swi + (kd * swd + kh * swh + kw * sww),
+            mask=c_ok[:, None] & n_ok[None, :],
+            other=0.0,
+        )
+        acc = tl.dot(a, b, acc, input_precision=PREC)
+    acc += tl.load(b_ptr + co, mask=n_ok & (has_bias != 0), other=0.0).to(tl.float32)[None, :]
+    acc = tl.where((relu != 0) & (acc < 0), 0.0, acc)
     zt = acc.to(z_ptr.dtype.element_ty)
     ok = m_ok[:, None] & n_ok[None, :]
-    z_off = (nb * szn + od.to(tl.int64) * szd + oh.to(tl.int64) * szh + ow.to(tl.int64) * szw)[
-        :, None
-    ] + co.to(tl.int64)[None, :] * szc
-    tl.store(z_ptr + z_off, zt, mask=ok)
-    if STATS:
+    z_row = nb * szn + od.to(tl.int64) * szd + oh.to(tl.int64) * szh + ow.to(tl.int64) * szw
+    tl.store(z_ptr + z_row[:, None] + co.to(tl.int64)[None, :] * szc, zt, mask=ok)
+    if stats != 0:
         # statistics of z as stored (rounded to its dtype), as an eager BatchNorm would see it
         v = tl.where(ok, zt.to(tl.float32), 0.0)
         cnt = tl.sum(m_ok.to(tl.float32), axis=0)
         mean = tl.sum(v, axis=0) / cnt
-        d = tl.where(ok, v - mean[None, :], 0.0)
-        tl.store(pmean_ptr + pid_m * C + co, mean, mask=n_ok)
-        tl.store(pm2_ptr + pid_m * C + co, tl.sum(d * d, axis=0), mask=n_ok)
+        dev = tl.where(ok, v - mean[None, :], 0.0)
+        tl.store(pmean_ptr + tile.to(tl.int64) * C + co, mean, mask=n_ok)
+        tl.store(pm2_ptr + tile.to(tl.int64) * C + co, tl.sum(dev * dev, axis=0), mask=n_ok)
+        if (pid_n == 0) & (grp == 0):
+            tl.store(pcount_ptr + tile, cnt)
 
 
 @triton.jit
 def _cbr_stats_kernel(
+    pcount_ptr,
     pmean_ptr,
     pm2_ptr,
+    ocount_ptr,
+    omean_ptr,
+    om2_ptr,
     mean_ptr,
     invstd_ptr,
     var_ptr,
-    M,
-    C,
-    NB,
     eps,
-    BLOCK_M: tl.constexpr,
+    T,
+    C,
+    CHUNK,
+    FINAL: tl.constexpr,
+    BLOCK_T: tl.constexpr,
     BLOCK_C: tl.constexpr,
 ):
+    """Chan's parallel combination of per-tile (count, mean, M2): program (c, p) combines the tiles
+    [p * CHUNK, (p + 1) * CHUNK) BLOCK_T at a time, each block at once (its mean, then M2 as the sum of
+    the tiles' M2 and their counts times the squared distances of their means to the block's), merged
+    into the running result with the pairwise formula. The launcher runs it twice, tiles into partials
+    and partials into one (FINAL: mean, 1 / sqrt(var + eps) and the unbiased variance), so that no
+    program walks more than a few hundred blocks. float64 keeps the many small tiles from adding rounding
+    of their own beyond that of their float32 means; the data is small next to the conv's."""
     c = tl.program_id(0) * BLOCK_C + tl.arange(0, BLOCK_C)
+    part = tl.program_id(1)
     c_ok = c < C
-    # Chan/Welford combine of the tiles' float32 (count, mean, M2), as welford_combine, carried in float64
-    # so that the many small tiles add no rounding of their own beyond that of their float32 means. It
-    # costs NB x C operations, nothing next to the conv.
     n = tl.zeros((BLOCK_C,), dtype=tl.float64)
     mean = tl.zeros((BLOCK_C,), dtype=tl.float64)
     m2 = tl.zeros((BLOCK_C,), dtype=tl.float64)
-    for i in range(NB):
-        nb = tl.minimum(BLOCK_M, M - i * BLOCK_M).to(tl.float64)
-        mb = tl.load(pmean_ptr + i * C + c, mask=c_ok, other=0.0).to(tl.float64)
-        m2b = tl.load(pm2_ptr + i * C + c, mask=c_ok, other=0.0).to(tl.float64)
+    t_end = tl.minimum(T, (part + 1) * CHUNK)
+    for t0 in range(part * CHUNK, t_end, BLOCK_T):
+        t = t0 + tl.arange(0, BLOCK_T)
+        t_ok = t < t_end
+        ok = t_ok[:, None] & c_ok[None, :]
+        off = t.to(tl.int64)[:, None] * C + c[None, :]
+        cnt = tl.load(pcount_ptr + t, mask=t_ok, other=0.0).to(tl.float64)[:, None]
+        mt = tl.load(pmean_ptr + off, mask=ok, other=0.0).to(tl.float64)
+        nb = tl.sum(cnt, axis=0)
+        mb = tl.sum(cnt * mt, axis=0) / nb
+        dev = tl.where(ok, mt - mb[None, :], 0.0)
+        m2b = tl.sum(tl.load(pm2_ptr + off, mask=ok, other=0.0).to(tl.float64) + cnt * dev * dev, axis=0)
         nab = n + nb
         delta = mb - mean
         f = nb / nab
         mean += delta * f
         m2 += m2b + delta * delta * n * f
         n = nab
-    tl.store(mean_ptr + c, mean.to(tl.float32), mask=c_ok)
-    tl.store(invstd_ptr + c, (1.0 / tl.sqrt(m2 / M + eps)).to(tl.float32), mask=c_ok)
-    tl.store(var_ptr + c, (m2 / (M - 1)).to(tl.float32), mask=c_ok)
+    if FINAL:
+        tl.store(mean_ptr + c, mean.to(tl.float32), mask=c_ok)
+        tl.store(invstd_ptr + c, (1.0 / tl.sqrt(m2 / n + eps)).to(tl.float32), mask=c_ok)
+        tl.store(var_ptr + c, (m2 / (n - 1)).to(tl.float32), mask=c_ok)
+    else:
+        tl.store(omean_ptr + part.to(tl.int64) * C + c, mean.to(tl.float32), mask=c_ok)
+        tl.store(om2_ptr + part.to(tl.int64) * C + c, m2.to(tl.float32), mask=c_ok)
+        if tl.program_id(0) == 0:
+            tl.store(ocount_ptr + part, tl.max(n, axis=0).to(tl.float32))
 
 
 @triton.jit
-def _cbr_offsets(rm, DO, HO, WO, sn, sc, sd, sh, sw, c):
-    ow = rm % WO
-    t = rm // WO
-    oh = t % HO
-    t = t // HO
-    od = t % DO
-    nb = t // DO
-    row = nb.to(tl.int64) * sn + od.to(tl.int64) * sd + oh.to(tl.int64) * sh + ow.to(tl.int64) * sw
-    return row[:, None] + c.to(tl.int64)[None, :] * sc
+def _cbr_rows(n, s, c, sn, ss, sc):
+    """Offsets of (sample n, spatial positions s, channels c) in a tensor whose spatial dimensions
+    flatten to one stride ss (NCDHW: 1, channels_last_3d: C)."""
+    return n * sn + s.to(tl.int64)[:, None] * ss + c.to(tl.int64)[None, :] * sc
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["relu"])
 def _cbr_apply_kernel(
     z_ptr,
     out_ptr,
     scale_ptr,
     shift_ptr,
-    M,
+    S,
     C,
-    DO,
-    HO,
-    WO,
     szn,
     szc,
-    szd,
-    szh,
-    szw,
+    szs,
     son,
     soc,
-    sod,
-    soh,
-    sow,
-    RELU: tl.constexpr,
+    sos,
+    relu,
     BLOCK_M: tl.constexpr,
     BLOCK_C: tl.constexpr,
 ):
-    rm = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    s = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
     c = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
-    ok = (rm < M)[:, None] & (c < C)[None, :]
-    z = tl.load(z_ptr + _cbr_offsets(rm, DO, HO, WO, szn, szc, szd, szh, szw, c), mask=ok, other=0.0)
+    n = tl.program_id(2).to(tl.int64)
+    ok = (s < S)[:, None] & (c < C)[None, :]
+    z = tl.load(z_ptr + _cbr_rows(n, s, c, szn, szs, szc), mask=ok, other=0.0)
     sc = tl.load(scale_ptr + c, mask=c < C, other=0.0)
     sh = tl.load(shift_ptr + c, mask=c < C, other=0.0)
     y = z.to(tl.float32) * sc[None, :] + sh[None, :]
-    if RELU:
-        y = tl.where(y < 0, 0.0, y)
-    tl.store(
-        out_ptr + _cbr_offsets(rm, DO, HO, WO, son, soc, sod, soh, sow, c),
-        y.to(out_ptr.dtype.element_ty),
-        mask=ok,
-    )
+    y = tl.where((relu != 0) & (y < 0), 0.0, y)
+    tl.store(out_ptr + _cbr_rows(n, s, c, son, sos, soc), y.to(out_ptr.dtype.element_ty), mask=ok)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["relu"])
 def _cbr_backward_kernel(
     gy_ptr,
     z_ptr,
@@ -440,44 +471,36 @@ def _cbr_backward_kernel(
     mgx_ptr,
     psg_ptr,
     psgx_ptr,
-    M,
+    S,
     C,
-    DO,
-    HO,
-    WO,
     sgn,
     sgc,
-    sgd,
-    sgh,
-    sgw,
+    sgs,
     szn,
     szc,
-    szd,
-    szh,
-    szw,
-    RELU: tl.constexpr,
+    szs,
+    relu,
     APPLY: tl.constexpr,
     BLOCK_M: tl.constexpr,
     BLOCK_C: tl.constexpr,
 ):
     """APPLY=False: per-tile sums of g and g * xhat (g the gradient past the recomputed ReLU mask);
     APPLY=True: gz = scale (g - mean_g - xhat mean_gx), written in z's layout."""
-    pid_m = tl.program_id(0)
-    rm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    pid_s = tl.program_id(0)
+    s = pid_s * BLOCK_M + tl.arange(0, BLOCK_M)
     c = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
+    n = tl.program_id(2).to(tl.int64)
     c_ok = c < C
-    ok = (rm < M)[:, None] & c_ok[None, :]
-    z_off = _cbr_offsets(rm, DO, HO, WO, szn, szc, szd, szh, szw, c)
+    ok = (s < S)[:, None] & c_ok[None, :]
+    z_off = _cbr_rows(n, s, c, szn, szs, szc)
     z = tl.load(z_ptr + z_off, mask=ok, other=0.0).to(tl.float32)
-    gy = tl.load(gy_ptr + _cbr_offsets(rm, DO, HO, WO, sgn, sgc, sgd, sgh, sgw, c), mask=ok, other=0.0)
+    gy = tl.load(gy_ptr + _cbr_rows(n, s, c, sgn, sgs, sgc), mask=ok, other=0.0)
     sc = tl.load(scale_ptr + c, mask=c_ok, other=0.0)[None, :]
     sh = tl.load(shift_ptr + c, mask=c_ok, other=0.0)[None, :]
     mu = tl.load(mean_ptr + c, mask=c_ok, other=0.0)[None, :]
     iv = tl.load(invstd_ptr + c, mask=c_ok, other=0.0)[None, :]
     g = gy.to(tl.float32)
-    if RELU:
-        g = tl.where(z * sc + sh > 0, g, 0.0)
-    g = tl.where(ok, g, 0.0)
+    g = tl.where(ok & ((relu == 0) | (z * sc + sh > 0)), g, 0.0)
     xhat = (z - mu) * iv
     if APPLY:
         mg = tl.load(mg_ptr + c, mask=c_ok, other=0.0)[None, :]
@@ -485,60 +508,124 @@ def _cbr_backward_kernel(
         gz = sc * (g - mg - xhat * mgx)
         tl.store(gz_ptr + z_off, gz.to(gz_ptr.dtype.element_ty), mask=ok)
     else:
-        tl.store(psg_ptr + pid_m * C + c, tl.sum(g, axis=0), mask=c_ok)
-        tl.store(psgx_ptr + pid_m * C + c, tl.sum(g * xhat, axis=0), mask=c_ok)
+        tile = n * tl.num_programs(0) + pid_s
+        tl.store(psg_ptr + tile * C + c, tl.sum(g, axis=0), mask=c_ok)
+        tl.store(psgx_ptr + tile * C + c, tl.sum(g * xhat, axis=0), mask=c_ok)
 
 
-def _conv_blocks(cin_g: int, cout_g: int) -> tuple[int, int, int]:
-    return 64, min(64, next_pow2(cout_g)), min(32, next_pow2(cin_g))
+# ---------------------------------------------------------------------------------------------------
+# Launch plan and launchers
 
 
-def _triton_conv(x, weight, bias, out, stride, padding, dilation, groups, relu, stats):
-    """Runs the implicit-GEMM kernel into out (any strides); returns the partial statistics or None."""
-    N, _, D, H, W = x.shape
+@functools.lru_cache(maxsize=256)
+def triton_plan(
+    x_shape: tuple, w_shape: tuple, out_shape: tuple, groups: int, dtype: torch.dtype, training: bool,
+    target: Target, prec: str,
+) -> dict[str, Launch]:  # fmt: skip
+    """Every launch of the Triton forward (and, in training, backward) for x of ``x_shape`` (N, Cin, D,
+    H, W) and ``dtype``, a weight of ``w_shape``, an output of ``out_shape`` and ``groups``, on ``target``,
+    products at ``prec`` (conv_precision of the dtype): the plan the launchers run and the compile check
+    compiles. The layouts (NCDHW or channels_last_3d), the kernel size, the bias and the ReLU do not
+    change it: they are runtime arguments."""
+    N, C, DO, HO, WO = out_shape
+    cin_g, cout_g = w_shape[1], C // groups
+    xb = torch.empty((), dtype=dtype).element_size()
+    block_w = 8 if WO <= 8 else 16 if WO <= 16 else 32
+    # exact float32 products (FMA units, no TF32) hold a channel chunk of both operands in registers
+    block_k = min(16 if prec == "ieee" else 32, next_pow2(cin_g))
+    block_h, block_n = 64 // block_w, min(64, next_pow2(cout_g))
+    th, tw = triton.cdiv(HO, block_h), triton.cdiv(WO, block_w)
+    tiles = N * DO * th * tw
+    per_stage = (block_h * block_w * block_k + block_k * block_n) * xb
+    stages = pick((3, 2, 1), lambda s: s * per_stage <= target.shared_memory)
+    plan = {
+        "conv": Launch(
+            _cbr_conv_kernel,
+            (tiles, triton.cdiv(cout_g, block_n), groups),
+            dict(PREC=prec, BLOCK_H=block_h, BLOCK_W=block_w, BLOCK_N=block_n, BLOCK_K=block_k),
+            8,
+            stages,
+            dict(TH=th, TW=tw),
+        )
+    }
+    if not training:
+        return plan
+    # Statistics: the conv's tiles into at most ~2 programs per SM of partials, then those into one.
+    block_t, block_c = 32, 64
+    cblocks = triton.cdiv(C, block_c)
+    parts = max(1, min(triton.cdiv(2 * target.sms, cblocks), triton.cdiv(tiles, 4 * block_t)))
+    chunk = triton.cdiv(triton.cdiv(tiles, parts), block_t) * block_t
+    parts = triton.cdiv(tiles, chunk)
+    stats = dict(BLOCK_T=block_t, BLOCK_C=block_c)
+    if parts > 1:
+        plan["stats_partial"] = Launch(
+            _cbr_stats_kernel, (cblocks, parts), dict(FINAL=False, **stats), num_warps=8,
+            scalars=dict(T=tiles, C=C, CHUNK=chunk),
+        )  # fmt: skip
+    T = parts if parts > 1 else tiles
+    plan["stats"] = Launch(
+        _cbr_stats_kernel, (cblocks, 1), dict(FINAL=True, **stats), num_warps=8,
+        scalars=dict(T=T, C=C, CHUNK=T),
+    )  # fmt: skip
+    S = DO * HO * WO
+    block_m, block_c = 64, min(64, next_pow2(C))
+    grid = (triton.cdiv(S, block_m), triton.cdiv(C, block_c), N)
+    rows = dict(BLOCK_M=block_m, BLOCK_C=block_c)
+    plan["apply"] = Launch(_cbr_apply_kernel, grid, rows)
+    plan["backward_sums"] = Launch(_cbr_backward_kernel, grid, dict(APPLY=False, **rows))
+    plan["backward_apply"] = Launch(_cbr_backward_kernel, grid, dict(APPLY=True, **rows))
+    return plan
+
+
+def _plan(x, weight, out_shape, groups, training) -> dict[str, Launch]:
+    return triton_plan(
+        tuple(x.shape), tuple(weight.shape), tuple(out_shape), groups, x.dtype, training, target(x.device),
+        conv_precision(x.dtype),
+    )  # fmt: skip
+
+
+def _spatial_stride(t: Tensor) -> int | None:
+    """The one stride of t's spatial dimensions flattened (NCDHW: 1, channels_last_3d: C; 0 for an
+    expanded tensor), or None when they do not flatten."""
+    dims = [(n, s) for n, s in zip(t.shape[2:], t.stride()[2:], strict=True) if n != 1]
+    if not dims:
+        return 1
+    inner = expected = dims[-1][1]
+    for n, s in reversed(dims):
+        if s != expected:
+            return None
+        expected = n * s
+    return inner
+
+
+def _rows_view(t: Tensor, like: Tensor) -> tuple[Tensor, tuple[int, int, int]]:
+    """(t, its (sample, channel, spatial) strides) for the row kernels; a t whose spatial dimensions do
+    not flatten (a slice) is copied into like's layout first (the only copy, and a rare one)."""
+    ss = _spatial_stride(t)
+    if ss is None:
+        t = t.contiguous(memory_format=_format_of(like))
+        ss = _spatial_stride(t)
+    return t, (t.stride(0), t.stride(1), ss)
+
+
+def _triton_conv(plan, x, weight, bias, out, stride, padding, dilation, groups, relu, stats):
+    """Runs the implicit-GEMM kernel into out (any strides); returns the per-tile (count, mean, M2) or
+    None."""
     C, cin_g, KD, KH, KW = weight.shape
-    DO, HO, WO = out.shape[2:]
-    M = N * DO * HO * WO
-    cout_g = C // groups
-    bm, bn, bk = _conv_blocks(cin_g, cout_g)
-    nb = triton.cdiv(M, bm)
-    pmean = x.new_empty((nb, C), dtype=torch.float32) if stats else out
-    pm2 = torch.empty_like(pmean) if stats else out
-    _cbr_conv_kernel[(nb, triton.cdiv(cout_g, bn), groups)](
-        x,
-        weight,
-        bias if bias is not None else out,
-        out,
-        pmean,
-        pm2,
-        M,
-        cin_g,
-        cout_g,
-        C,
-        D,
-        H,
-        W,
-        DO,
-        HO,
-        WO,
-        *x.stride(),
-        *weight.stride(),
-        *out.stride(),
-        *stride,
-        *padding,
-        *dilation,
-        KD=KD,
-        KH=KH,
-        KW=KW,
-        HAS_BIAS=bias is not None,
-        RELU=relu,
-        STATS=stats,
-        PREC=dot_precision(x.dtype),
-        BLOCK_M=bm,
-        BLOCK_N=bn,
-        BLOCK_K=bk,
-    )
-    return (pmean, pm2, bm) if stats else None
+    conv = plan["conv"]
+    tiles = conv.grid[0]
+    # Unused pointers get float32 stand-ins, the type of the real ones, so that eval and training, with
+    # and without bias, are one compiled kernel.
+    none32 = x.new_empty((0,), dtype=torch.float32)
+    pcount = x.new_empty((tiles,), dtype=torch.float32) if stats else none32
+    pmean = x.new_empty((tiles, C), dtype=torch.float32) if stats else none32
+    pm2 = torch.empty_like(pmean) if stats else none32
+    conv(
+        x.device, x, weight, bias if bias is not None else none32, out, pcount, pmean, pm2,
+        cin_g, C // groups, C, *x.shape[2:], *out.shape[2:], *x.stride(), *weight.stride(),
+        *out.stride(), *stride, *padding, *dilation, KD, KH, KW, int(bias is not None), int(relu), int(stats),
+    )  # fmt: skip
+    return (pcount, pmean, pm2) if stats else None
 
 
 def _out_shape(x, weight, stride, padding, dilation):
@@ -562,6 +649,7 @@ def _triton_forward(
     relu,
 ):
     shape = _out_shape(x, weight, stride, padding, dilation)
+    plan = _plan(x, weight, shape, groups, training)
     out = _empty(x, shape, _format_of(x))
     none, none32 = x.new_empty((0,)), x.new_empty((0,), dtype=torch.float32)
     if not training:
@@ -570,22 +658,26 @@ def _triton_forward(
         if bias is not None:
             b = b + bias.float() * scale
         w = (weight.float() * scale.view(-1, 1, 1, 1, 1)).to(x.dtype)
-        _triton_conv(x, w, b, out, stride, padding, dilation, groups, relu, stats=False)
+        _triton_conv(plan, x, w, b, out, stride, padding, dilation, groups, relu, stats=False)
         return out, none, none32, none32.clone(), none32.clone(), none.clone()
     C = shape[1]
     z = _empty(x, shape, _CL)
-    pmean, pm2, bm = _triton_conv(x, weight, None, z, stride, padding, dilation, groups, False, stats=True)
-    M = z.numel() // C
-    mean, invstd, var = (x.new_empty((C,), dtype=torch.float32) for _ in range(3))
-    _cbr_stats_kernel[(triton.cdiv(C, 64),)](
-        pmean, pm2, mean, invstd, var, M, C, pmean.shape[0], eps, BLOCK_M=bm, BLOCK_C=64
+    pcount, pmean, pm2 = _triton_conv(
+        plan, x, weight, None, z, stride, padding, dilation, groups, False, stats=True
     )
+    dev = x.device
+    if "stats_partial" in plan:
+        parts = plan["stats_partial"].grid[1]
+        qcount, qmean, qm2 = (pmean.new_empty(s) for s in ((parts,), (parts, C), (parts, C)))
+        plan["stats_partial"](dev, pcount, pmean, pm2, qcount, qmean, qm2, qm2, qm2, qm2, float(eps))
+        pcount, pmean, pm2 = qcount, qmean, qm2
+    mean, invstd, var = (x.new_empty((C,), dtype=torch.float32) for _ in range(3))
+    plan["stats"](dev, pcount, pmean, pm2, pm2, pm2, pm2, mean, invstd, var, float(eps))
     scale = bn_weight.float() * invstd
     shift = bn_bias.float() - mean * scale
-    bm2, bc = 64, min(64, next_pow2(C))
-    _cbr_apply_kernel[(triton.cdiv(M, bm2), triton.cdiv(C, bc))](
-        z, out, scale, shift, M, C, *shape[2:], *z.stride(), *out.stride(), RELU=relu, BLOCK_M=bm2, BLOCK_C=bc
-    )
+    _, zs = _rows_view(z, z)
+    _, os_ = _rows_view(out, out)
+    plan["apply"](dev, z, out, scale, shift, z[0, 0].numel(), C, *zs, *os_, int(relu))
     return out, z, mean, invstd, var, none.clone()
 
 
@@ -607,52 +699,22 @@ def _triton_backward(
     need_grad_weight,
 ):
     C = z.shape[1]
+    plan = _plan(x, weight, z.shape, groups, True)
     M = z.numel() // C
     scale = bn_weight.float() * invstd
     shift = bn_bias.float() - mean * scale
-    bm, bc = 64, min(64, next_pow2(C))
-    grid = (triton.cdiv(M, bm), triton.cdiv(C, bc))
-    psg = z.new_empty((grid[0], C), dtype=torch.float32)
+    sums, apply = plan["backward_sums"], plan["backward_apply"]
+    tiles = sums.grid[0] * sums.grid[2]
+    psg = z.new_empty((tiles, C), dtype=torch.float32)
     psgx = torch.empty_like(psg)
     gz = torch.empty_like(z)
-    args = (M, C, *z.shape[2:], *grad_out.stride(), *z.stride())
-    _cbr_backward_kernel[grid](
-        grad_out,
-        z,
-        gz,
-        scale,
-        shift,
-        mean,
-        invstd,
-        psg,
-        psgx,
-        psg,
-        psgx,
-        *args,
-        RELU=relu,
-        APPLY=False,
-        BLOCK_M=bm,
-        BLOCK_C=bc,
-    )
+    grad_out, gs = _rows_view(grad_out, z)
+    _, zs = _rows_view(z, z)
+    args = (z[0, 0].numel(), C, *gs, *zs, int(relu))
+    dev = z.device
+    sums(dev, grad_out, z, gz, scale, shift, mean, invstd, psg, psgx, psg, psgx, *args)
     sum_g, sum_gx = psg.sum(0), psgx.sum(0)
-    _cbr_backward_kernel[grid](
-        grad_out,
-        z,
-        gz,
-        scale,
-        shift,
-        mean,
-        invstd,
-        sum_g / M,
-        sum_gx / M,
-        psg,
-        psgx,
-        *args,
-        RELU=relu,
-        APPLY=True,
-        BLOCK_M=bm,
-        BLOCK_C=bc,
-    )
+    apply(dev, grad_out, z, gz, scale, shift, mean, invstd, sum_g / M, sum_gx / M, psg, psgx, *args)
     return _conv_backward(gz, x, weight, stride, padding, dilation, groups, need_grad_x, need_grad_weight) + (
         sum_gx.to(bn_weight.dtype),
         sum_g.to(bn_bias.dtype),
@@ -1041,6 +1103,9 @@ def conv3d_bn_relu(
 
     Returns:
         Tensor[N, C, Do, Ho, Wo] in x's dtype and memory format (statistics accumulated in float32).
+
+    On a GPU, a float32 convolution uses TF32 exactly when ``torch.backends.cudnn.allow_tf32`` is set (the
+    default), as cuDNN's does.
     """
     batch_stats = training or running_mean is None
     stride, padding, dilation = _validate(

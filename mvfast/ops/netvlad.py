@@ -13,13 +13,25 @@ PyTorch reference (ground truth and fallback), the Triton kernels, and the regis
 
 from __future__ import annotations
 
+import functools
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
 from mvfast import _backend
 from mvfast.ops import _checks, _eager
-from mvfast.ops._triton import dot_precision, next_pow2, tl, triton
+from mvfast.ops._triton import (
+    Launch,
+    Target,
+    mask_bytes,
+    matmul_precision,
+    next_pow2,
+    pick,
+    target,
+    tl,
+    triton,
+)
 
 OP = "netvlad"
 _LOW_PRECISION = (torch.float16, torch.bfloat16)
@@ -74,12 +86,16 @@ def netvlad_math(x, weight, bias, centroids, mask, ghost_clusters, normalize):
     """The formulas in the dtype of the inputs (the reference upcasts first; tests also run this in low
     precision to measure the error PyTorch itself makes there)."""
     K = centroids.shape[0]
+    if mask is not None:
+        # Masked rows are zeroed before anything reads them: whatever they hold (NaN, inf) would otherwise
+        # reach the output and the gradients as 0 * NaN. masked_fill also gives them a zero gradient.
+        x = x.masked_fill(~mask.unsqueeze(-1), 0.0)
     logits = x @ weight.t()  # (B, M, K+G)
     if bias is not None:
         logits = logits + bias
     a = torch.softmax(logits, dim=-1)[..., :K]  # (B, M, K), ghosts dropped after the softmax
     if mask is not None:
-        a = a * mask.unsqueeze(-1).to(a.dtype)
+        a = a.masked_fill(~mask.unsqueeze(-1), 0.0)
     v = a.transpose(1, 2) @ x - a.sum(1).unsqueeze(-1) * centroids  # (B, K, D)
     if normalize:
         v = F.normalize(v, dim=2)
@@ -91,14 +107,27 @@ def netvlad_math(x, weight, bias, centroids, mask, ghost_clusters, normalize):
 # Triton kernels
 #
 # Forward: (1) logits over D chunks, bias, masked softmax -> assign (B, M, KG) float32; (2) a^T x and
-# sum_i a, the residual epilogue -> V (B, K, D) float32; (3) both normalisations -> out. Backward: (1) the
-# normalisation backward -> dV and c.dV; (2) x dV^T, softmax backward -> dS; (3) dx = a dV + dS W;
-# (4) dW = dS^T x and dbias. Matrix products accumulate in float32. The logits x W^T take 16-bit inputs
-# as they are; every product with a float32 intermediate (assign, dV, dS) runs in float32, 16-bit inputs
-# upcast (exact), so that no intermediate is rounded to 16 bits or overflows there (the gradient of an
-# all-masked sample passes through dy / eps before it is multiplied by zero).
+# sum_i a, the residual epilogue -> V (B, K, D), float32 when normalize (else the output itself);
+# (3) both normalisations -> out. Backward: (1) the normalisation backward -> dV and c.dV; (2) x dV^T,
+# softmax backward -> dS; (3) dx = a dV + dS W; (4) dW = dS^T x and dbias, the rows split across programs
+# and the partial sums added. Matrix products accumulate in float32. The logits x W^T take 16-bit inputs
+# as they are; the products with a float32 intermediate (assign, dV, dS) take float32 operands, 16-bit
+# inputs upcast, so that no intermediate is stored in 16 bits or overflows their range (the gradient of
+# an all-masked sample passes through dy / eps before it is multiplied by zero). These operands are not
+# exact either: under PREC="tf32" (see mvfast.ops._triton) tl.dot rounds them to TF32, float16's 10-bit
+# mantissa with float32's range; only PREC="ieee" multiplies them as they are.
+#
+# Masked rows are loaded as zeros wherever x is read, so whatever they hold (NaN, inf) never meets a
+# zero weight in a product (0 * NaN = NaN). Whether there is a mask, and a bias, are runtime arguments,
+# not constexprs: each only guards a load, and every constexpr doubles the kernels the JIT compiles.
 
-_EPS = 1e-12
+
+@triton.jit
+def _nv_valid_rows(mask_ptr, b, M, rows, has_mask):
+    """rows < M that the mask keeps (all of them without a mask)."""
+    ok = rows < M
+    keep = tl.load(mask_ptr + b * M + rows, mask=ok & (has_mask != 0), other=1)
+    return ok & (keep != 0)
 
 
 @triton.jit
@@ -120,8 +149,9 @@ def _nv_rows_times_t(
     BLOCK_D: tl.constexpr,
     BLOCK_KG: tl.constexpr,
 ):
-    """x[rows] @ m[cols]^T over D chunks, float32 (BLOCK_M, BLOCK_KG): the logits x W^T (UPCAST False:
-    16-bit inputs multiply as they are) and x dV^T (UPCAST True: x meets float32 dV in float32)."""
+    """x[rows] @ m[cols]^T over D chunks, float32 (BLOCK_M, BLOCK_KG), rows not row_ok read as zeros:
+    the logits x W^T (UPCAST False: 16-bit inputs multiply as they are) and x dV^T (UPCAST True: x meets
+    float32 dV in float32)."""
     acc = tl.zeros((BLOCK_M, BLOCK_KG), dtype=tl.float32)
     for d0 in range(0, D, BLOCK_D):
         d = d0 + tl.arange(0, BLOCK_D)
@@ -138,7 +168,7 @@ def _nv_rows_times_t(
     return acc
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["has_bias", "has_mask"])
 def _nv_assign_kernel(
     x_ptr,
     w_ptr,
@@ -153,8 +183,9 @@ def _nv_assign_kernel(
     sxd,
     swk,
     swd,
-    HAS_BIAS: tl.constexpr,
-    HAS_MASK: tl.constexpr,
+    sbk,
+    has_bias,
+    has_mask,
     PREC: tl.constexpr,
     BLOCK_M: tl.constexpr,
     BLOCK_D: tl.constexpr,
@@ -164,28 +195,28 @@ def _nv_assign_kernel(
     b = tl.program_id(1).to(tl.int64)
     rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     cols = tl.arange(0, BLOCK_KG)
-    row_ok = rows < M
+    valid = _nv_valid_rows(mask_ptr, b, M, rows, has_mask)
     col_ok = cols < KG
     logits = _nv_rows_times_t(
-        x_ptr + b * sxb, sxm, sxd, rows, row_ok, w_ptr, swk, swd, cols, col_ok, D,
+        x_ptr + b * sxb, sxm, sxd, rows, valid, w_ptr, swk, swd, cols, col_ok, D,
         False, PREC, BLOCK_M, BLOCK_D, BLOCK_KG,
     )  # fmt: skip
-    if HAS_BIAS:
-        logits += tl.load(b_ptr + cols, mask=col_ok, other=0.0).to(tl.float32)[None, :]
+    bias = tl.load(b_ptr + cols * sbk, mask=col_ok & (has_bias != 0), other=0.0)
+    logits += bias.to(tl.float32)[None, :]
     logits = tl.where(col_ok[None, :], logits, float("-inf"))
     e = tl.exp(logits - tl.max(logits, axis=1)[:, None])
     p = e / tl.sum(e, axis=1)[:, None]
-    if HAS_MASK:
-        valid = tl.load(mask_ptr + b * M + rows, mask=row_ok, other=0) != 0
-        p = tl.where(valid[:, None], p, 0.0)
-    tl.store(a_ptr + (b * M + rows[:, None]) * KG + cols[None, :], p, mask=row_ok[:, None] & col_ok[None, :])
+    p = tl.where(valid[:, None], p, 0.0)
+    m = (rows < M)[:, None] & col_ok[None, :]
+    tl.store(a_ptr + (b * M + rows[:, None]) * KG + cols[None, :], p, mask=m)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["has_mask"])
 def _nv_aggregate_kernel(
     x_ptr,
     a_ptr,
     c_ptr,
+    mask_ptr,
     v_ptr,
     M,
     D,
@@ -194,6 +225,9 @@ def _nv_aggregate_kernel(
     sxb,
     sxm,
     sxd,
+    sck,
+    scd,
+    has_mask,
     PREC: tl.constexpr,
     BLOCK_M: tl.constexpr,
     BLOCK_K: tl.constexpr,
@@ -210,20 +244,26 @@ def _nv_aggregate_kernel(
     asum = tl.zeros((BLOCK_K,), dtype=tl.float32)
     for m0 in range(0, M, BLOCK_M):
         rows = m0 + tl.arange(0, BLOCK_M)
-        r_ok = rows < M
+        valid = _nv_valid_rows(mask_ptr, b, M, rows, has_mask)
         at = tl.load(
-            a_ptr + (b * M + rows[None, :]) * KG + ks[:, None], mask=k_ok[:, None] & r_ok[None, :], other=0.0
-        )  # (BLOCK_K, BLOCK_M) float32
+            a_ptr + (b * M + rows[None, :]) * KG + ks[:, None],
+            mask=k_ok[:, None] & (rows < M)[None, :],
+            other=0.0,
+        )  # (BLOCK_K, BLOCK_M) float32, 0 at masked rows
         xt = tl.load(
             x_ptr + b * sxb + rows[:, None] * sxm + d[None, :] * sxd,
-            mask=r_ok[:, None] & d_ok[None, :],
+            mask=valid[:, None] & d_ok[None, :],
             other=0.0,
         )
         asum += tl.sum(at, axis=1)
         acc = tl.dot(at, xt.to(tl.float32), acc, input_precision=PREC)
-    c = tl.load(c_ptr + ks[:, None] * D + d[None, :], mask=k_ok[:, None] & d_ok[None, :], other=0.0)
+    c = tl.load(c_ptr + ks[:, None] * sck + d[None, :] * scd, mask=k_ok[:, None] & d_ok[None, :], other=0.0)
     v = acc - asum[:, None] * c.to(tl.float32)
-    tl.store(v_ptr + (b * K + ks[:, None]) * D + d[None, :], v, mask=k_ok[:, None] & d_ok[None, :])
+    tl.store(
+        v_ptr + (b * K + ks[:, None]) * D + d[None, :],
+        v.to(v_ptr.dtype.element_ty),
+        mask=k_ok[:, None] & d_ok[None, :],
+    )
 
 
 @triton.jit
@@ -245,17 +285,15 @@ def _nv_norms(v_base, g_base, K, D, BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr
 
 @triton.jit
 def _nv_normalize_kernel(
-    v_ptr, out_ptr, K, D, NORMALIZE: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr
+    v_ptr, out_ptr, K, D, EPS: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr
 ):
     b = tl.program_id(0).to(tl.int64)
     ks = tl.arange(0, BLOCK_K)
     base = b * K * D
-    scale = tl.full((BLOCK_K,), 1.0, dtype=tl.float32)
-    if NORMALIZE:
-        sq, _ = _nv_norms(v_ptr + base, v_ptr + base, K, D, BLOCK_K, BLOCK_D)
-        inv1 = 1.0 / tl.maximum(tl.sqrt(sq), _EPS)
-        total = tl.sum(sq * inv1 * inv1, axis=0)
-        scale = inv1 / tl.maximum(tl.sqrt(total), _EPS)
+    sq, _ = _nv_norms(v_ptr + base, v_ptr + base, K, D, BLOCK_K, BLOCK_D)
+    inv1 = 1.0 / tl.maximum(tl.sqrt(sq), EPS)
+    total = tl.sum(sq * inv1 * inv1, axis=0)
+    scale = inv1 / tl.maximum(tl.sqrt(total), EPS)
     for d0 in range(0, D, BLOCK_D):
         d = d0 + tl.arange(0, BLOCK_D)
         m = (ks < K)[:, None] & (d < D)[None, :]
@@ -273,7 +311,10 @@ def _nv_norm_backward_kernel(
     cdv_ptr,
     K,
     D,
+    sck,
+    scd,
     NORMALIZE: tl.constexpr,
+    EPS: tl.constexpr,
     BLOCK_K: tl.constexpr,
     BLOCK_D: tl.constexpr,
 ):
@@ -293,11 +334,11 @@ def _nv_norm_backward_kernel(
     if NORMALIZE:
         sq, vdy = _nv_norms(v_ptr + base, g_ptr + base, K, D, BLOCK_K, BLOCK_D)
         n1 = tl.sqrt(sq)
-        clamp1 = n1 <= _EPS
-        inv1 = 1.0 / tl.maximum(n1, _EPS)
+        clamp1 = n1 <= EPS
+        inv1 = 1.0 / tl.maximum(n1, EPS)
         n2 = tl.sqrt(tl.sum(sq * inv1 * inv1, axis=0))
-        clamp2 = n2 <= _EPS
-        inv2 = 1.0 / tl.maximum(n2, _EPS)
+        clamp2 = n2 <= EPS
+        inv2 = 1.0 / tl.maximum(n2, EPS)
         ydy = tl.sum(vdy * inv1, axis=0) * inv2
         for d0 in range(0, D, BLOCK_D):
             d = d0 + tl.arange(0, BLOCK_D)
@@ -317,7 +358,7 @@ def _nv_norm_backward_kernel(
             u = tl.load(v_ptr + off, mask=m, other=0.0) * inv1[:, None]
             du = tl.where(clamp2, g * inv2, (g - u * inv2 * ydy) * inv2)
             g = tl.where(clamp1[:, None], du * inv1[:, None], (du - u * udu[:, None]) * inv1[:, None])
-        c = tl.load(c_ptr + ks[:, None] * D + d[None, :], mask=m, other=0.0).to(tl.float32)
+        c = tl.load(c_ptr + ks[:, None] * sck + d[None, :] * scd, mask=m, other=0.0).to(tl.float32)
         cdv += tl.sum(c * g, axis=1)
         tl.store(dv_ptr + off, g, mask=m)
     tl.store(cdv_ptr + b * K + ks, cdv, mask=k_ok)
@@ -330,6 +371,7 @@ def _nv_assign_backward_kernel(
     cdv_ptr,
     a_ptr,
     ds_ptr,
+    valid_ptr,
     M,
     D,
     K,
@@ -346,18 +388,23 @@ def _nv_assign_backward_kernel(
     b = tl.program_id(1).to(tl.int64)
     rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     cols = tl.arange(0, BLOCK_KG)
-    row_ok = rows < M
     real = cols < K
+    m = (rows < M)[:, None] & (cols < KG)[None, :]
+    a_off = (b * M + rows[:, None]) * KG + cols[None, :]
+    # A row of the softmax sums to 1 over K+G and a masked row is all zeros, so the mask is read off a
+    # (no need to save it); the dW kernel reads the rows' validity from valid_ptr. a is read again after
+    # the product rather than held in registers through it.
+    valid = (rows < M) & (tl.sum(tl.load(a_ptr + a_off, mask=m, other=0.0), axis=1) > 0)
+    tl.store(valid_ptr + b * M + rows, valid.to(tl.uint8), mask=rows < M)
     da = _nv_rows_times_t(
-        x_ptr + b * sxb, sxm, sxd, rows, row_ok, dv_ptr + b * K * D, D, 1, cols, real, D,
+        x_ptr + b * sxb, sxm, sxd, rows, valid, dv_ptr + b * K * D, D, 1, cols, real, D,
         True, PREC, BLOCK_M, BLOCK_D, BLOCK_KG,
     )  # fmt: skip
     cdv = tl.load(cdv_ptr + b * K + cols, mask=real, other=0.0)
     g = tl.where(real[None, :], da - cdv[None, :], 0.0)  # ghosts are dropped after the softmax
-    m = row_ok[:, None] & (cols < KG)[None, :]
-    a = tl.load(a_ptr + (b * M + rows[:, None]) * KG + cols[None, :], mask=m, other=0.0)
+    a = tl.load(a_ptr + a_off, mask=m, other=0.0)
     dot = tl.sum(a * g, axis=1)
-    tl.store(ds_ptr + (b * M + rows[:, None]) * KG + cols[None, :], a * (g - dot[:, None]), mask=m)
+    tl.store(ds_ptr + a_off, a * (g - dot[:, None]), mask=m)
 
 
 @triton.jit
@@ -379,30 +426,35 @@ def _nv_dx_kernel(
     PREC: tl.constexpr,
     BLOCK_M: tl.constexpr,
     BLOCK_D: tl.constexpr,
-    BLOCK_KG: tl.constexpr,
+    BLOCK_C: tl.constexpr,
 ):
+    # dx = a dV + dS W, the clusters in chunks of BLOCK_C; masked rows have a = dS = 0, so dx = 0 there.
     pid_m = tl.program_id(0)
     pid_d = tl.program_id(1)
     b = tl.program_id(2).to(tl.int64)
     rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    cols = tl.arange(0, BLOCK_KG)
     d = pid_d * BLOCK_D + tl.arange(0, BLOCK_D)
     row_ok = rows < M
     d_ok = d < D
-    arow = (b * M + rows[:, None]) * KG + cols[None, :]
-    a = tl.load(a_ptr + arow, mask=row_ok[:, None] & (cols < K)[None, :], other=0.0)
-    s = tl.load(ds_ptr + arow, mask=row_ok[:, None] & (cols < KG)[None, :], other=0.0)
-    dvt = tl.load(
-        dv_ptr + (b * K + cols[:, None]) * D + d[None, :], mask=(cols < K)[:, None] & d_ok[None, :], other=0.0
-    )
-    wt = tl.load(
-        w_ptr + cols[:, None] * swk + d[None, :] * swd, mask=(cols < KG)[:, None] & d_ok[None, :], other=0.0
-    )
-    dx = tl.dot(a, dvt, input_precision=PREC)
-    dx = tl.dot(s, wt.to(tl.float32), dx, input_precision=PREC)
+    acc = tl.zeros((BLOCK_M, BLOCK_D), dtype=tl.float32)
+    for c0 in range(0, KG, BLOCK_C):
+        cols = c0 + tl.arange(0, BLOCK_C)
+        real = cols < K
+        col_ok = cols < KG
+        arow = (b * M + rows[:, None]) * KG + cols[None, :]
+        a = tl.load(a_ptr + arow, mask=row_ok[:, None] & real[None, :], other=0.0)
+        s = tl.load(ds_ptr + arow, mask=row_ok[:, None] & col_ok[None, :], other=0.0)
+        dvt = tl.load(
+            dv_ptr + (b * K + cols[:, None]) * D + d[None, :], mask=real[:, None] & d_ok[None, :], other=0.0
+        )
+        wt = tl.load(
+            w_ptr + cols[:, None] * swk + d[None, :] * swd, mask=col_ok[:, None] & d_ok[None, :], other=0.0
+        )
+        acc = tl.dot(a, dvt, acc, input_precision=PREC)
+        acc = tl.dot(s, wt.to(tl.float32), acc, input_precision=PREC)
     tl.store(
         dx_ptr + b * sdxb + rows[:, None] * sdxm + d[None, :] * sdxd,
-        dx.to(dx_ptr.dtype.element_ty),
+        acc.to(dx_ptr.dtype.element_ty),
         mask=row_ok[:, None] & d_ok[None, :],
     )
 
@@ -411,176 +463,220 @@ def _nv_dx_kernel(
 def _nv_dw_kernel(
     ds_ptr,
     x_ptr,
+    valid_ptr,
     dw_ptr,
     db_ptr,
     M,
     D,
     KG,
-    ROWS,
     sxb,
     sxm,
     sxd,
+    TILES,
+    MT,
+    PER,
     PREC: tl.constexpr,
     BLOCK_M: tl.constexpr,
     BLOCK_D: tl.constexpr,
-    BLOCK_KG: tl.constexpr,
+    BLOCK_C: tl.constexpr,
 ):
-    pid_d = tl.program_id(0)
-    cols = tl.arange(0, BLOCK_KG)
+    # dW = dS^T x and dbias = sum dS over the B*M rows: program (c, d, split) sums the row tiles
+    # [split * PER, (split + 1) * PER) of the B * MT tiles (MT per sample) into its own slice of the
+    # partial sums, which the launcher adds up.
+    pid_c = tl.program_id(0)
+    pid_d = tl.program_id(1)
+    split = tl.program_id(2)
+    cols = pid_c * BLOCK_C + tl.arange(0, BLOCK_C)
     d = pid_d * BLOCK_D + tl.arange(0, BLOCK_D)
     col_ok = cols < KG
     d_ok = d < D
-    acc = tl.zeros((BLOCK_KG, BLOCK_D), dtype=tl.float32)
-    db = tl.zeros((BLOCK_KG,), dtype=tl.float32)
-    for r0 in range(0, ROWS, BLOCK_M):
-        r = (r0 + tl.arange(0, BLOCK_M)).to(tl.int64)
-        r_ok = r < ROWS
+    acc = tl.zeros((BLOCK_C, BLOCK_D), dtype=tl.float32)
+    db = tl.zeros((BLOCK_C,), dtype=tl.float32)
+    for t in range(split * PER, tl.minimum(TILES, (split + 1) * PER)):
+        b = (t // MT).to(tl.int64)
+        rows = (t % MT) * BLOCK_M + tl.arange(0, BLOCK_M)
+        valid = tl.load(valid_ptr + b * M + rows, mask=rows < M, other=0) != 0
         st = tl.load(
-            ds_ptr + r[None, :] * KG + cols[:, None], mask=col_ok[:, None] & r_ok[None, :], other=0.0
-        )  # (BLOCK_KG, BLOCK_M)
+            ds_ptr + (b * M + rows[None, :]) * KG + cols[:, None],
+            mask=col_ok[:, None] & (rows < M)[None, :],
+            other=0.0,
+        )  # (BLOCK_C, BLOCK_M)
         xt = tl.load(
-            x_ptr + (r // M)[:, None] * sxb + (r % M)[:, None] * sxm + d[None, :] * sxd,
-            mask=r_ok[:, None] & d_ok[None, :],
+            x_ptr + b * sxb + rows[:, None] * sxm + d[None, :] * sxd,
+            mask=valid[:, None] & d_ok[None, :],
             other=0.0,
         )
         acc = tl.dot(st, xt.to(tl.float32), acc, input_precision=PREC)
         db += tl.sum(st, axis=1)
-    tl.store(dw_ptr + cols[:, None] * D + d[None, :], acc, mask=col_ok[:, None] & d_ok[None, :])
+    out = split.to(tl.int64) * KG + cols
+    tl.store(dw_ptr + out[:, None] * D + d[None, :], acc, mask=col_ok[:, None] & d_ok[None, :])
     if pid_d == 0:
-        tl.store(db_ptr + cols, db, mask=col_ok)
+        tl.store(db_ptr + out, db, mask=col_ok)
 
 
-def _blocks(K: int, KG: int, D: int) -> tuple[int, int, int]:
+# ---------------------------------------------------------------------------------------------------
+# Launch plan and launchers
+
+_EPS = 1e-12  # F.normalize's
+MAX_KG = 512  # the row kernels hold a row of K+G logits in registers
+# (BLOCK_D, stages) of the row kernels, fastest first. Exact float32 products run on the FMA units, which
+# hold a D chunk of both operands in registers: a chunk of 64 spilled there.
+_ROW_TILES = {
+    "tf32": ((64, 3), (32, 3), (64, 2), (32, 2), (16, 2), (16, 1)),
+    "ieee": ((32, 3), (32, 2), (16, 2), (16, 1)),
+}
+
+
+def _row_kernel(KG: int, x_bytes: int, m_bytes: int, budget: int, prec: str) -> dict:
+    """Tiles of the kernels that hold whole rows of K+G columns (the logits and their gradient): 8 warps
+    and at most 32 float32 accumulators a thread (more spilled registers at K+G = 512 on sm_90), then the
+    D chunk and pipeline depth whose shared memory (a tile of x and one of the (D, K+G) operand per
+    stage; the row's softmax reuses it) fits the arch."""
     block_kg = next_pow2(KG)
-    block_k = min(next_pow2(K), 64)
-    block_d = max(16, min(64, 4096 // next_pow2(K)))  # the (K, BLOCK_D) tiles of the per-item kernels
-    return block_kg, block_k, block_d
+    warps = 8
+    block_m = max(16, min(64, 32 * 32 * warps // block_kg))
+
+    def smem(c):
+        block_d, stages = c
+        return max(stages * block_d * (block_m * x_bytes + block_kg * m_bytes), block_m * block_kg * 4)
+
+    block_d, stages = pick(_ROW_TILES[prec], lambda c: smem(c) <= budget)
+    return dict(BLOCK_M=block_m, BLOCK_D=block_d, BLOCK_KG=block_kg), warps, stages
+
+
+def _stages(per_stage: int, budget: int, most: int = 3) -> int:
+    """The deepest pipeline (at most ``most``) whose operand tiles of per_stage bytes each fit."""
+    return pick(range(most, 0, -1), lambda s: s * per_stage <= budget)
+
+
+def _item_tiles(K: int) -> tuple[dict, int]:
+    """The (all K, BLOCK_D) tiles of the per-sample kernels: about 4096 values for the block's threads."""
+    block_k = next_pow2(K, 1)
+    block_d = max(8, min(128, 4096 // block_k))
+    return dict(BLOCK_K=block_k, BLOCK_D=block_d), 8 if block_k * block_d >= 4096 else 4
+
+
+@functools.lru_cache(maxsize=256)
+def triton_plan(
+    B: int, M: int, D: int, K: int, G: int, dtype: torch.dtype, normalize: bool, target: Target, prec: str
+) -> dict[str, Launch]:
+    """Every launch of the Triton forward and backward for x (B, M, D) of ``dtype``, K clusters and G
+    ghosts on ``target``, products at ``prec`` (matmul_precision of the dtype): the plan the launchers
+    run and the compile check compiles. Whether there is a mask or a bias does not change it."""
+    KG = K + G
+    budget = target.shared_memory
+    xb = torch.empty((), dtype=dtype).element_size()
+    plan = {}
+
+    tiles, warps, stages = _row_kernel(KG, xb, xb, budget, prec)
+    plan["assign"] = Launch(
+        _nv_assign_kernel,
+        (triton.cdiv(M, tiles["BLOCK_M"]), B),
+        dict(PREC=prec, **tiles),
+        warps,
+        stages,
+    )
+    block_k, block_m, block_d = min(next_pow2(K), 64), 32, 64
+    plan["aggregate"] = Launch(
+        _nv_aggregate_kernel,
+        (triton.cdiv(K, block_k), triton.cdiv(D, block_d), B),
+        dict(PREC=prec, BLOCK_M=block_m, BLOCK_K=block_k, BLOCK_D=block_d),
+        8,
+        _stages(block_m * (block_k * 4 + block_d * xb), budget),
+    )
+    item, item_warps = _item_tiles(K)
+    if normalize:
+        plan["normalize"] = Launch(_nv_normalize_kernel, (B,), dict(EPS=_EPS, **item), item_warps, 2)
+
+    plan["norm_backward"] = Launch(
+        _nv_norm_backward_kernel,
+        (B,),
+        dict(NORMALIZE=normalize, EPS=_EPS, **item),
+        item_warps,
+        2,
+    )
+    tiles, warps, stages = _row_kernel(KG, xb, 4, budget, prec)
+    plan["assign_backward"] = Launch(
+        _nv_assign_backward_kernel,
+        (triton.cdiv(M, tiles["BLOCK_M"]), B),
+        dict(PREC=prec, **tiles),
+        warps,
+        stages,
+    )
+    block_m, block_d, block_c = 64, 64, 16 if prec == "ieee" else 32
+    plan["dx"] = Launch(
+        _nv_dx_kernel,
+        (triton.cdiv(M, block_m), triton.cdiv(D, block_d), B),
+        dict(PREC=prec, BLOCK_M=block_m, BLOCK_D=block_d, BLOCK_C=block_c),
+        8,
+        _stages(block_c * (2 * block_m * 4 + block_d * (4 + xb)), budget),
+    )
+    block_c, block_d, block_m = min(64, next_pow2(KG)), 64, 32
+    tiles_cd = triton.cdiv(KG, block_c) * triton.cdiv(D, block_d)
+    mt = triton.cdiv(M, block_m)
+    # Enough programs to fill the GPU twice over: the rows are split when the (K+G, D) tiles are few.
+    per = max(1, triton.cdiv(B * mt, max(1, triton.cdiv(2 * target.sms, tiles_cd))))
+    splits = max(1, triton.cdiv(B * mt, per))
+    plan["dw"] = Launch(
+        _nv_dw_kernel,
+        (triton.cdiv(KG, block_c), triton.cdiv(D, block_d), splits),
+        dict(PREC=prec, BLOCK_M=block_m, BLOCK_D=block_d, BLOCK_C=block_c),
+        8,
+        _stages(block_m * (block_c * 4 + block_d * xb), budget),
+        dict(TILES=B * mt, MT=mt, PER=per),
+    )
+    return plan
+
+
+def _plan(x: Tensor, K: int, G: int, normalize: bool) -> dict[str, Launch]:
+    B, M, D = x.shape
+    return triton_plan(B, M, D, K, G, x.dtype, normalize, target(x.device), matmul_precision(x.dtype))
 
 
 def _triton_forward(x, weight, bias, centroids, mask, ghost_clusters, normalize):
     B, M, D = x.shape
     K, KG = centroids.shape[0], weight.shape[0]
-    block_kg, block_k, block_d = _blocks(K, KG, D)
-    block_m = 32
-    prec = dot_precision(x.dtype)
-    c = centroids.contiguous()
+    plan = _plan(x, K, ghost_clusters, normalize)
+    dev = x.device
     assign = x.new_empty((B, M, KG), dtype=torch.float32)
-    vlad = x.new_empty((B, K, D), dtype=torch.float32)
     out = x.new_empty((B, K, D))
-    mask_u8 = mask.contiguous().view(torch.uint8) if mask is not None else assign
-    _nv_assign_kernel[(triton.cdiv(M, block_m), B)](
-        x,
-        weight,
-        bias if bias is not None else weight,
-        mask_u8,
-        assign,
-        M,
-        D,
-        KG,
-        *x.stride(),
-        *weight.stride(),
-        HAS_BIAS=bias is not None,
-        HAS_MASK=mask is not None,
-        PREC=prec,
-        BLOCK_M=block_m,
-        BLOCK_D=min(block_d, 64),
-        BLOCK_KG=block_kg,
+    vlad = x.new_empty((B, K, D), dtype=torch.float32) if normalize else out
+    mask_u8, has_mask = mask_bytes(mask, x)
+    b, sb = (bias, bias.stride(0)) if bias is not None else (weight, 1)
+    plan["assign"](
+        dev, x, weight, b, mask_u8, assign, M, D, KG, *x.stride(), *weight.stride(), sb,
+        int(bias is not None), has_mask,
+    )  # fmt: skip
+    plan["aggregate"](
+        dev, x, assign, centroids, mask_u8, vlad, M, D, K, KG, *x.stride(), *centroids.stride(), has_mask
     )
-    _nv_aggregate_kernel[(triton.cdiv(K, block_k), triton.cdiv(D, 64), B)](
-        x,
-        assign,
-        c,
-        vlad,
-        M,
-        D,
-        K,
-        KG,
-        *x.stride(),
-        PREC=prec,
-        BLOCK_M=block_m,
-        BLOCK_K=block_k,
-        BLOCK_D=64,
-    )
-    _nv_normalize_kernel[(B,)](vlad, out, K, D, NORMALIZE=normalize, BLOCK_K=next_pow2(K), BLOCK_D=block_d)
     if normalize:
+        plan["normalize"](dev, vlad, out, K, D)
         return out.view(B, K * D), assign, vlad
-    return out, assign, vlad.new_empty((0,))
+    return out, assign, vlad.new_empty((0,), dtype=torch.float32)
 
 
 def _triton_backward(grad_out, x, weight, centroids, assign, vlad, ghost_clusters, normalize):
     B, M, D = x.shape
     K, KG = centroids.shape[0], weight.shape[0]
-    block_kg, _, block_d = _blocks(K, KG, D)
-    block_m = 32
-    prec = dot_precision(x.dtype)
-    c = centroids.contiguous()
+    plan = _plan(x, K, ghost_clusters, normalize)
+    dev = x.device
     g = grad_out.reshape(B, K, D).float().contiguous()
     dv = torch.empty_like(g)
     cdv = g.new_empty((B, K))
-    _nv_norm_backward_kernel[(B,)](
-        g,
-        vlad if normalize else g,
-        c,
-        dv,
-        cdv,
-        K,
-        D,
-        NORMALIZE=normalize,
-        BLOCK_K=next_pow2(K),
-        BLOCK_D=block_d,
-    )
+    c = centroids.float()  # (K, D), small: one compiled kernel for every dtype
+    plan["norm_backward"](dev, g, vlad if normalize else g, c, dv, cdv, K, D, *c.stride())
     ds = torch.empty_like(assign)
-    _nv_assign_backward_kernel[(triton.cdiv(M, block_m), B)](
-        x,
-        dv,
-        cdv,
-        assign,
-        ds,
-        M,
-        D,
-        K,
-        KG,
-        *x.stride(),
-        PREC=prec,
-        BLOCK_M=block_m,
-        BLOCK_D=64,
-        BLOCK_KG=block_kg,
-    )
+    valid = x.new_empty((B, M), dtype=torch.uint8)
+    plan["assign_backward"](dev, x, dv, cdv, assign, ds, valid, M, D, K, KG, *x.stride())
     grad_x = torch.empty_like(x)
-    _nv_dx_kernel[(triton.cdiv(M, block_m), triton.cdiv(D, 64), B)](
-        assign,
-        ds,
-        dv,
-        weight,
-        grad_x,
-        M,
-        D,
-        K,
-        KG,
-        *weight.stride(),
-        *grad_x.stride(),
-        PREC=prec,
-        BLOCK_M=block_m,
-        BLOCK_D=64,
-        BLOCK_KG=block_kg,
-    )
-    grad_w = torch.empty((KG, D), device=x.device, dtype=torch.float32)
-    grad_b = torch.empty((KG,), device=x.device, dtype=torch.float32)
-    _nv_dw_kernel[(triton.cdiv(D, 64),)](
-        ds,
-        x,
-        grad_w,
-        grad_b,
-        M,
-        D,
-        KG,
-        B * M,
-        *x.stride(),
-        PREC=prec,
-        BLOCK_M=block_m,
-        BLOCK_D=64,
-        BLOCK_KG=block_kg,
-    )
+    plan["dx"](dev, assign, ds, dv, weight, grad_x, M, D, K, KG, *weight.stride(), *grad_x.stride())
+    dw = plan["dw"]
+    splits = dw.grid[2]
+    part_w = x.new_empty((splits, KG, D), dtype=torch.float32)
+    part_b = x.new_empty((splits, KG), dtype=torch.float32)
+    dw(dev, ds, x, valid, part_w, part_b, M, D, KG, *x.stride())
+    grad_w, grad_b = (part_w[0], part_b[0]) if splits == 1 else (part_w.sum(0), part_b.sum(0))
     # dC_k = -sum_b (sum_i a_bik) dV_bk: (B, K) x (B, K, D), small next to the rest
     grad_c = -torch.einsum("bk,bkd->kd", assign[:, :, :K].sum(1), dv)
     return grad_x, grad_w.to(weight.dtype), grad_b.to(weight.dtype), grad_c.to(centroids.dtype)
@@ -708,8 +804,8 @@ def _triton_reasons(x: Tensor, weight: Tensor) -> list[str]:
     reasons = []
     if x.dtype == torch.float64:
         reasons.append("the triton kernels take float32, float16 and bfloat16, not float64")
-    if weight.shape[0] > 256:
-        reasons.append(f"the triton kernels hold a row of K+G <= 256 logits; K+G is {weight.shape[0]}")
+    if weight.shape[0] > MAX_KG:
+        reasons.append(f"the triton kernels hold a row of K+G <= {MAX_KG} logits; K+G is {weight.shape[0]}")
     return reasons
 
 
@@ -730,13 +826,17 @@ def netvlad(
         weight (Tensor[K+G, D]): soft-assignment weights, G ghost clusters last.
         bias (Tensor[K+G] or None): soft-assignment bias.
         centroids (Tensor[K, D]): cluster centres.
-        mask (Tensor[B, M], bool, optional): True where a feature is valid. Masked features get zero
-            weight in every cluster (their values must be finite); a sample with none yields zeros.
+        mask (Tensor[B, M], bool, optional): True where a feature is valid. Masked features take no
+            part, whatever they hold (NaN and inf included): the result and the gradients are those of
+            zeros there, and a masked feature's gradient is zero. A sample with none yields zeros.
         ghost_clusters (int): G, clusters that absorb assignment weight and are then dropped.
         normalize (bool): intra-normalise each cluster's descriptor, flatten, then L2-normalise.
 
     Returns:
         Tensor[B, K*D] when ``normalize``, else Tensor[B, K, D]; in x's dtype (accumulation in float32).
+
+    On a GPU, float32 products follow ``torch.get_float32_matmul_precision()`` as torch.matmul does
+    (``"highest"``, the default: exact float32; otherwise TF32).
     """
     _validate(x, weight, bias, centroids, mask, ghost_clusters)
     name = _backend.resolve(OP, x.device, lambda b: _op_reasons(b, x, weight))
