@@ -144,27 +144,92 @@ def _run(cmd: list[str]) -> str:
     return subprocess.run(cmd, capture_output=True, text=True, check=True, timeout=600).stdout
 
 
+_BUILTIN = {"v": "void", "b": "bool", "c": "char", "a": "signed char", "h": "unsigned char", "s": "short"}
+_BUILTIN |= {"t": "unsigned short", "i": "int", "j": "unsigned int", "l": "long", "m": "unsigned long"}
+_BUILTIN |= {"x": "long long", "y": "unsigned long long", "f": "float", "d": "double"}
+
+
+def kernel_name(mangled: str) -> str | None:
+    """The qualified name and template arguments of a mangled kernel, e.g. ``mvfast::netvlad::
+    softmax_kernel<float>``, without ``(anonymous namespace)::``: enough of the Itanium mangling for
+    mvfast's kernels (nested names, builtin and class types, bool and integer literals), so that the report
+    reads the same where c++filt is missing. None for anything else."""
+    pos = 0
+
+    def source_name() -> str:
+        nonlocal pos
+        m = re.compile(r"\d+").match(mangled, pos)
+        n = int(m.group())
+        pos = m.end() + n
+        return mangled[m.end() : pos]
+
+    def nested() -> list[str]:  # after N, through the closing E
+        nonlocal pos
+        parts = []
+        while mangled[pos] != "E":
+            if mangled[pos] == "I":
+                pos += 1
+                parts[-1] += "<" + ", ".join(template_args()) + ">"
+            else:
+                name = source_name()
+                if not name.startswith("_GLOBAL__N"):
+                    parts.append(name)
+        pos += 1
+        return parts
+
+    def template_args() -> list[str]:  # after I, through the closing E
+        nonlocal pos
+        args = []
+        while mangled[pos] != "E":
+            ch = mangled[pos]
+            if ch in _BUILTIN:
+                pos += 1
+                args.append(_BUILTIN[ch])
+            elif ch == "N":
+                pos += 1
+                args.append("::".join(nested()))
+            elif ch.isdigit():
+                args.append(source_name())
+            elif ch == "L":
+                m = re.compile(r"L([bil])(n?\d+)E").match(mangled, pos)
+                pos = m.end()
+                value = m.group(2).replace("n", "-")
+                args.append({"1": "true", "0": "false"}[value] if m.group(1) == "b" else value)
+            else:
+                raise ValueError(ch)
+        pos += 1
+        return args
+
+    if not mangled.startswith("_ZN"):
+        return None
+    pos = 3
+    try:
+        return "::".join(nested())
+    except (ValueError, AttributeError, IndexError, KeyError):
+        return None
+
+
 def _demangle(names: list[str]) -> dict[str, str]:
-    """Mangled -> readable kernel names: c++filt when there is one, the names themselves otherwise. The
-    readable name drops the return type, the argument list and ``(anonymous namespace)::``."""
-    out = dict(zip(names, names, strict=True))
+    """Mangled -> readable kernel names: c++filt when there is one, else :func:`kernel_name`, else the
+    mangled name. The readable name drops the return type, the argument list and
+    ``(anonymous namespace)::``."""
+    out = {n: kernel_name(n) or n for n in names}
     cxxfilt = shutil.which("c++filt")
     if cxxfilt and names:
         res = subprocess.run([cxxfilt], input="\n".join(names), capture_output=True, text=True, timeout=60)
         lines = res.stdout.splitlines()
         if res.returncode == 0 and len(lines) == len(names):
-            out = dict(zip(names, lines, strict=True))
-    for k, v in out.items():
-        v = v.replace("(anonymous namespace)::", "")
-        v = v[5:] if v.startswith("void ") else v
-        depth = 0
-        for i, ch in enumerate(v):
-            depth += ch == "<"
-            depth -= ch == ">"
-            if ch == "(" and depth == 0:
-                v = v[:i]
-                break
-        out[k] = v
+            for k, v in zip(names, lines, strict=True):
+                v = v.replace("(anonymous namespace)::", "")
+                v = v[5:] if v.startswith("void ") else v
+                depth = 0
+                for i, ch in enumerate(v):
+                    depth += ch == "<"
+                    depth -= ch == ">"
+                    if ch == "(" and depth == 0:
+                        v = v[:i]
+                        break
+                out[k] = v
     return out
 
 

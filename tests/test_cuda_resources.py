@@ -4,6 +4,7 @@ memory (register spills or local arrays). CI builds the CUDA kernels on every ru
 it skips, saying why, where the extension was built without CUDA or no cuobjdump is found.
 """
 
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -68,6 +69,32 @@ def test_hot_kernels_do_not_spill(resources):
         f"{r['registers']} registers, stack {r['stack']} B"
         for r in spills
     )
+
+
+@pytest.mark.parametrize(
+    "mangled, name",
+    [
+        (
+            "_ZN6mvfast7netvlad12_GLOBAL__N_114softmax_kernelIfEEvPT_PKS3_PKbll",
+            "mvfast::netvlad::softmax_kernel<float>",
+        ),
+        (
+            "_ZN6mvfast14conv3d_bn_relu55_GLOBAL__N__9a0c5d1e_17_conv3d_bn_relu_cu_6f7a4b2e_219317bwd_reduce_kernel"
+            "ILb1ELb0EN3c108BFloat16EfEEvPKT1_S6_lllPKT2_S9_S9_S9_bPS7_SA_",
+            "mvfast::conv3d_bn_relu::bwd_reduce_kernel<true, false, c10::BFloat16, float>",
+        ),
+        ("_Z3foov", None),
+    ],
+)
+def test_kernel_names_without_cxxfilt(mangled, name):
+    assert info.kernel_name(mangled) == name
+
+
+@pytest.mark.skipif(shutil.which("c++filt") is None, reason="no c++filt to compare with")
+def test_kernel_names_agree_with_cxxfilt(resources):
+    """The report's own reading of the names (used where c++filt is missing) gives c++filt's names."""
+    for r in resources:
+        assert info.kernel_name(r["mangled"]) == r["kernel"]
 
 
 def test_info_command_prints_the_table():
