@@ -21,6 +21,7 @@
 #include <limits>
 #include <tuple>
 
+#include "checks.h"
 #include "common.h"
 
 namespace mvfast {
@@ -106,6 +107,9 @@ MVFAST_HD acc_t score_grad(acc_t a, acc_t g, acc_t c) {
 
 // ---- Part 2: the flow, over a backend's kernels ------------------------------------------------------
 //
+// The backends' entry points check their arguments (check_forward_args, check_backward_args) before
+// anything else, a CUDA device guard included.
+//
 // Kernels provides:
 //   splits(B, L) -> S, how many parts the L rows of a sample are cut into
 //   partials(x, w (H,D) acc, mask or undefined, S, part_m (B,S,H), part_s (B,S,H), part_acc (B,S,H,D),
@@ -132,6 +136,21 @@ inline void check_shapes(const at::Tensor& x, const at::Tensor& weight, const st
   }
 }
 
+inline void check_forward_args(const at::Tensor& x, const at::Tensor& weight, const std::optional<at::Tensor>& mask) {
+  check_same_device("attention_pool_fwd", {"x", x}, {{"weight", weight}, {"mask", mask}});
+  check_shapes(x, weight, mask);
+}
+
+inline void check_backward_args(const at::Tensor& grad_out, const std::optional<at::Tensor>& grad_weights,
+                                const at::Tensor& x, const at::Tensor& weight,
+                                const std::optional<at::Tensor>& mask, const at::Tensor& out, const at::Tensor& lse,
+                                const std::optional<at::Tensor>& weights) {
+  check_same_device("attention_pool_bwd", {"x", x},
+                    {{"grad_out", grad_out}, {"grad_weights", grad_weights}, {"weight", weight}, {"mask", mask},
+                     {"out", out}, {"lse", lse}, {"weights", weights}});
+  check_shapes(x, weight, mask);
+}
+
 // x with a contiguous last dimension: the kernels read rows of D through the b and l strides. Only a
 // view whose last dimension is strided (a transpose) is copied.
 inline at::Tensor rows_contiguous(const at::Tensor& x) {
@@ -141,7 +160,6 @@ inline at::Tensor rows_contiguous(const at::Tensor& x) {
 template <class Kernels>
 std::tuple<at::Tensor, at::Tensor, at::Tensor> forward(const at::Tensor& x_in, const at::Tensor& weight,
                                                        const std::optional<at::Tensor>& mask, bool return_weights) {
-  check_shapes(x_in, weight, mask);
   const at::Tensor x = rows_contiguous(x_in);
   const auto acc = acc_type(x.scalar_type());
   const int64_t B = x.size(0), L = x.size(1), D = x.size(2), H = weight.size(0);
@@ -172,7 +190,6 @@ std::tuple<at::Tensor, at::Tensor> backward(const at::Tensor& grad_out, const st
                                             const at::Tensor& x_in, const at::Tensor& weight,
                                             const std::optional<at::Tensor>& mask, const at::Tensor& out,
                                             const at::Tensor& lse, const std::optional<at::Tensor>& weights) {
-  check_shapes(x_in, weight, mask);
   const at::Tensor x = rows_contiguous(x_in);
   const auto acc = acc_type(x.scalar_type());
   const int64_t B = x.size(0), L = x.size(1), D = x.size(2), H = weight.size(0);

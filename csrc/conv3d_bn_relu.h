@@ -19,6 +19,7 @@
 #include <tuple>
 #include <vector>
 
+#include "checks.h"
 #include "common.h"
 
 namespace mvfast {
@@ -90,6 +91,24 @@ MVFAST_HD acc_t bn_backward(acc_t g, acc_t xhat, acc_t scale, acc_t mean_g, acc_
 
 inline at::ScalarType acc_type(at::ScalarType t) {
   return t == at::kDouble ? at::kDouble : at::kFloat;
+}
+
+// Called by the backends' entry points before anything else, a CUDA device guard included.
+inline void check_forward_args(const at::Tensor& x, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
+                               const at::Tensor& bn_weight, const at::Tensor& bn_bias,
+                               const std::optional<at::Tensor>& running_mean,
+                               const std::optional<at::Tensor>& running_var) {
+  check_same_device("conv3d_bn_relu_fwd", {"x", x},
+                    {{"weight", weight}, {"bias", bias}, {"bn_weight", bn_weight}, {"bn_bias", bn_bias},
+                     {"running_mean", running_mean}, {"running_var", running_var}});
+}
+
+inline void check_backward_args(const at::Tensor& grad_out, const at::Tensor& x, const at::Tensor& weight,
+                                const at::Tensor& bn_weight, const at::Tensor& bn_bias, const at::Tensor& z,
+                                const at::Tensor& mean, const at::Tensor& invstd) {
+  check_same_device("conv3d_bn_relu_bwd", {"z", z},
+                    {{"grad_out", grad_out}, {"x", x}, {"weight", weight}, {"bn_weight", bn_weight},
+                     {"bn_bias", bn_bias}, {"mean", mean}, {"invstd", invstd}});
 }
 
 inline bool is_channels_last(const at::Tensor& t) {

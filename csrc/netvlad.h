@@ -15,6 +15,7 @@
 
 #include <tuple>
 
+#include "checks.h"
 #include "common.h"
 
 namespace mvfast {
@@ -48,6 +49,14 @@ MVFAST_HD void masked_softmax_row(acc_t* row, const acc_t* bias, int64_t n, bool
   for (int64_t k = 0; k < n; ++k) row[k] = softmax_prob(row[k], m, inv);
 }
 
+// What cluster k adds to the squared norm of the intra-normalised descriptor u (all K rows of V_k / max(|V_k|,
+// eps), flattened), from |V_k|^2: |V_k|^2 / max(|V_k|, eps)^2.
+template <typename acc_t>
+MVFAST_HD acc_t intra_normalized_sumsq(acc_t sumsq) {
+  const acc_t inv = inv_clamped_norm(sumsq);
+  return sumsq * inv * inv;
+}
+
 // What flows into the softmax backward for column k of a row: dL/da_k = dA_k - (c_k . dV_k) for a real
 // cluster, 0 for a ghost (ghosts are dropped after the softmax). da: (K) row of x dV^T, cdv: (K).
 template <typename acc_t>
@@ -70,8 +79,14 @@ MVFAST_HD void assign_backward_row(const acc_t* a, const acc_t* da, const acc_t*
 //   softmax(logits (B,M,KG) in place, bias or undefined, mask (B,M) bool or undefined)
 //   epilogue(vlad (B,K,D) in place: V -= (sum_i a_ik) c_k; assign; centroids; normalize; out)
 //   norm_backward(grad (B,K,D); vlad; centroids; normalize; dv (B,K,D) out; cdv (B,K) = c_k . dV_k out)
-//   assign_backward(assign; dA (B,M,K); cdv; lhs (B,M,KG+K) out = [dS | a[:, :, :K]])
+//   assign_backward(assign; dA (B,M,K); cdv; ds (B,M,KG) out, the gradient of the logits)
 //   centroid_grad(assign; dV) -> (K, D) = -sum_b (sum_i a_bik) dV_bk
+//
+// The backends' entry points check their arguments (check_forward_args, check_backward_args) before
+// anything else, a CUDA device guard included.
+//
+// Masked rows: their values never reach a product. 0 * NaN is NaN, so a zero assignment alone does not
+// keep a NaN or inf of a padded row out of a^T x or dS^T x; the products read x with those rows zeroed.
 
 inline at::ScalarType acc_type(at::ScalarType t) {
   return t == at::kDouble ? at::kDouble : at::kFloat;
@@ -88,6 +103,48 @@ inline void check_shapes(const at::Tensor& x, const at::Tensor& weight, const at
               centroids.size(0) + ghost_clusters, " rows, got ", weight.size(0));
 }
 
+inline void check_mask(const at::Tensor& x, const std::optional<at::Tensor>& mask) {
+  if (!mask.has_value()) return;
+  TORCH_CHECK(mask->scalar_type() == at::kBool && mask->sizes() == x.sizes().slice(0, 2),
+              "netvlad: mask must be a bool (B, M) = ", x.sizes().slice(0, 2), " tensor, got ", mask->scalar_type(),
+              " ", mask->sizes());
+}
+
+inline void check_forward_args(const at::Tensor& x, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
+                               const at::Tensor& centroids, const std::optional<at::Tensor>& mask,
+                               int64_t ghost_clusters) {
+  check_same_device("netvlad_fwd", {"x", x}, {{"weight", weight}, {"bias", bias}, {"centroids", centroids},
+                                              {"mask", mask}});
+  check_shapes(x, weight, centroids, ghost_clusters);
+  if (bias.has_value()) {
+    TORCH_CHECK(bias->dim() == 1 && bias->size(0) == weight.size(0), "netvlad: bias must be (K+G=", weight.size(0),
+                ",), got ", bias->sizes());
+  }
+  check_mask(x, mask);
+}
+
+inline void check_backward_args(const at::Tensor& grad_out, const at::Tensor& x, const at::Tensor& weight,
+                                const at::Tensor& centroids, const at::Tensor& assign, const at::Tensor& vlad,
+                                const std::optional<at::Tensor>& mask, int64_t ghost_clusters, bool normalize) {
+  check_same_device("netvlad_bwd", {"x", x}, {{"grad_out", grad_out}, {"weight", weight}, {"centroids", centroids},
+                                              {"assign", assign}, {"vlad", vlad}, {"mask", mask}});
+  check_shapes(x, weight, centroids, ghost_clusters);
+  check_mask(x, mask);
+  const int64_t B = x.size(0), M = x.size(1), D = x.size(2), K = centroids.size(0), KG = weight.size(0);
+  TORCH_CHECK(assign.scalar_type() == acc_type(x.scalar_type()) && assign.is_contiguous() &&
+                  assign.sizes() == at::IntArrayRef({B, M, KG}),
+              "netvlad backward: assign must be a contiguous (B, M, K+G) tensor of the accumulation type, got ",
+              assign.scalar_type(), " ", assign.sizes());
+  TORCH_CHECK(grad_out.numel() == B * K * D, "netvlad backward: grad_out must have B*K*D = ", B * K * D,
+              " elements, got ", grad_out.sizes());
+  if (normalize) {
+    TORCH_CHECK(vlad.scalar_type() == assign.scalar_type() && vlad.is_contiguous() &&
+                    vlad.sizes() == at::IntArrayRef({B, K, D}),
+                "netvlad backward: vlad must be a contiguous (B, K, D) tensor of the accumulation type, got ",
+                vlad.scalar_type(), " ", vlad.sizes());
+  }
+}
+
 // The inputs in the accumulation type. Low-precision inputs are upcast once so that logits, softmax and
 // sums are float32 (a no-op for float32 and float64); ATen's GEMMs read x through its strides.
 struct Inputs {
@@ -96,9 +153,7 @@ struct Inputs {
 };
 
 inline Inputs prepare(const at::Tensor& x, const at::Tensor& weight, const at::Tensor& centroids,
-                      const std::optional<at::Tensor>& bias, const std::optional<at::Tensor>& mask,
-                      int64_t ghost_clusters) {
-  check_shapes(x, weight, centroids, ghost_clusters);
+                      const std::optional<at::Tensor>& bias, const std::optional<at::Tensor>& mask) {
   const auto acc = acc_type(x.scalar_type());
   Inputs in;
   in.x = x.to(acc);
@@ -110,23 +165,22 @@ inline Inputs prepare(const at::Tensor& x, const at::Tensor& weight, const at::T
   return in;
 }
 
-inline void check_saved(const Inputs& in, const at::Tensor& assign) {
-  TORCH_CHECK(assign.scalar_type() == in.x.scalar_type() && assign.is_contiguous() &&
-                  assign.sizes() == at::IntArrayRef({in.B, in.M, in.KG}),
-              "netvlad backward: assign must be a contiguous (B, M, K+G) tensor of the accumulation type");
+// x (in the accumulation type) with its masked rows zeroed, for the batched flow's products. A copy of x
+// when there is a mask: where x was upcast, the upcast copy is zeroed in place, so low-precision inputs
+// pay nothing more. Without a mask, x itself.
+inline at::Tensor masked_rows_zeroed(const Inputs& in, const at::Tensor& x) {
+  if (!in.mask.defined()) return in.x;
+  const at::Tensor drop = in.mask.logical_not().unsqueeze(-1);  // (B, M, 1)
+  return in.x.is_same(x) ? in.x.masked_fill(drop, 0) : in.x.masked_fill_(drop, 0);
 }
 
 template <class Kernels>
-std::tuple<at::Tensor, at::Tensor, at::Tensor> forward(const at::Tensor& x, const at::Tensor& weight,
-                                                       const std::optional<at::Tensor>& bias,
-                                                       const at::Tensor& centroids,
-                                                       const std::optional<at::Tensor>& mask,
-                                                       int64_t ghost_clusters, bool normalize) {
-  const Inputs in = prepare(x, weight, centroids, bias, mask, ghost_clusters);
+std::tuple<at::Tensor, at::Tensor, at::Tensor> forward(const Inputs& in, const at::Tensor& x, bool normalize) {
   const int64_t B = in.B, D = in.D, K = in.K;
-  at::Tensor assign = at::matmul(in.x, in.weight.t()).contiguous();  // (B, M, KG) logits
-  Kernels::softmax(assign, in.bias, in.mask);                         // now probabilities
-  at::Tensor vlad = at::bmm(assign.narrow(2, 0, K).transpose(1, 2), in.x).contiguous();  // (B, K, D)
+  const at::Tensor xs = masked_rows_zeroed(in, x);
+  at::Tensor assign = at::matmul(xs, in.weight.t()).contiguous();  // (B, M, KG) logits
+  Kernels::softmax(assign, in.bias, in.mask);                       // now probabilities
+  at::Tensor vlad = at::bmm(assign.narrow(2, 0, K).transpose(1, 2), xs).contiguous();  // (B, K, D)
   at::Tensor out = normalize ? at::empty({B, K * D}, x.options()) : at::empty({B, K, D}, x.options());
   Kernels::epilogue(vlad, assign, in.centroids, normalize, out);
   // Without normalisation the backward needs no descriptor: save nothing for it.
@@ -135,28 +189,35 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> forward(const at::Tensor& x, cons
 }
 
 template <class Kernels>
-std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> backward(
-    const at::Tensor& grad_out, const at::Tensor& x, const at::Tensor& weight, const at::Tensor& centroids,
-    const at::Tensor& assign, const at::Tensor& vlad, int64_t ghost_clusters, bool normalize) {
-  const Inputs in = prepare(x, weight, centroids, std::nullopt, std::nullopt, ghost_clusters);
-  check_saved(in, assign);
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> backward(const Inputs& in, const at::Tensor& grad_out,
+                                                                    const at::Tensor& x, const at::Tensor& assign,
+                                                                    const at::Tensor& vlad, bool normalize) {
+  // Returns (grad_x, grad_weight, grad_bias, grad_centroids) in the accumulation type.
   const int64_t B = in.B, M = in.M, D = in.D, K = in.K, KG = in.KG;
+  const at::Tensor xs = masked_rows_zeroed(in, x);
   const at::Tensor grad = grad_out.reshape({B, K, D}).to(in.x.scalar_type()).contiguous();
   at::Tensor dv = at::empty({B, K, D}, grad.options());
   at::Tensor cdv = at::empty({B, K}, grad.options());
   Kernels::norm_backward(grad, vlad, in.centroids, normalize, dv, cdv);
-  at::Tensor grad_c = Kernels::centroid_grad(assign, dv);                  // (K, D)
-  at::Tensor da = at::bmm(in.x, dv.transpose(1, 2)).contiguous();          // (B, M, K)
-  at::Tensor lhs = at::empty({B, M, KG + K}, assign.options());
-  Kernels::assign_backward(assign, da, cdv, lhs);                          // [dS | a]
-  // dx = dS W + a dV as one product over KG + K: the (B, M, D) output is written once.
-  const at::Tensor rhs = at::cat({in.weight.unsqueeze(0).expand({B, KG, D}), dv}, 1);  // (B, KG+K, D)
-  at::Tensor grad_x = at::bmm(lhs, rhs);
-  const at::Tensor ds = lhs.narrow(2, 0, KG);
-  at::Tensor grad_w = at::mm(ds.reshape({B * M, KG}).t(), in.x.reshape({B * M, D}));  // (KG, D)
+  at::Tensor grad_c = Kernels::centroid_grad(assign, dv);                   // (K, D)
+  at::Tensor da = at::bmm(xs, dv.transpose(1, 2)).contiguous();            // (B, M, K)
+  at::Tensor ds = at::empty({B, M, KG}, assign.options());
+  Kernels::assign_backward(assign, da, cdv, ds);                            // (B, M, KG)
+  // dx = dS W + a dV as two products into one (B, M, D) output: the second accumulates into the first.
+  at::Tensor grad_x = at::matmul(ds, in.weight);
+  grad_x.baddbmm_(assign.narrow(2, 0, K), dv);
+  at::Tensor grad_w = at::mm(ds.reshape({B * M, KG}).t(), xs.reshape({B * M, D}));  // (KG, D)
   at::Tensor grad_b = ds.sum(at::IntArrayRef({0, 1}));
-  return {grad_x.to(x.scalar_type()), grad_w.to(weight.scalar_type()), grad_b.to(weight.scalar_type()),
-          grad_c.to(centroids.scalar_type())};
+  return {grad_x, grad_w, grad_b, grad_c};
+}
+
+// The gradients (in the accumulation type) in the dtypes of the inputs they belong to.
+inline std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> in_input_dtypes(
+    const std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor>& grads, const at::Tensor& x,
+    const at::Tensor& weight, const at::Tensor& centroids) {
+  const auto& [gx, gw, gb, gc] = grads;
+  return {gx.to(x.scalar_type()), gw.to(weight.scalar_type()), gb.to(weight.scalar_type()),
+          gc.to(centroids.scalar_type())};
 }
 
 }  // namespace netvlad

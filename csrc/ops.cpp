@@ -15,10 +15,11 @@ TORCH_LIBRARY(mvfast, m) {
   m.def(
       "netvlad_fwd(Tensor x, Tensor weight, Tensor? bias, Tensor centroids, Tensor? mask, "
       "int ghost_clusters, bool normalize) -> (Tensor, Tensor, Tensor)");
-  // Returns (grad_x, grad_weight, grad_bias, grad_centroids); grad_bias has shape (K+G,).
+  // Returns (grad_x, grad_weight, grad_bias, grad_centroids); grad_bias has shape (K+G,). mask is the
+  // forward's: the products of the backward read x too, and must not read its masked rows.
   m.def(
       "netvlad_bwd(Tensor grad_out, Tensor x, Tensor weight, Tensor centroids, Tensor assign, "
-      "Tensor vlad, int ghost_clusters, bool normalize) -> (Tensor, Tensor, Tensor, Tensor)");
+      "Tensor vlad, Tensor? mask, int ghost_clusters, bool normalize) -> (Tensor, Tensor, Tensor, Tensor)");
 
   // attention_pool (see mvfast/ops/attention_pool.py). Returns (out, weights, lse):
   //   out     (B, H, D) in x's dtype

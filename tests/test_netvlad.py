@@ -256,7 +256,7 @@ def test_opcheck_backward_and_compiled_kernels(backend):
     x, w, b, c, m = sample_inputs(torch.float32, device, G=1)
     out, assign, vlad = torch.ops.mvfast.netvlad(x, w, b, c, m, 1, True, name)
     gy = torch.randn_like(out)
-    args = (gy, x.detach(), w.detach(), c.detach(), assign, vlad, 1, True)
+    args = (gy, x.detach(), w.detach(), c.detach(), assign, vlad, m, 1, True)
     torch.library.opcheck(torch.ops.mvfast.netvlad_backward.default, (*args, name))
     if name != "triton":
         torch.library.opcheck(

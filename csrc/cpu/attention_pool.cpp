@@ -263,6 +263,7 @@ struct CpuKernels {
 std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_pool_fwd_cpu(const at::Tensor& x, const at::Tensor& weight,
                                                                       const std::optional<at::Tensor>& mask,
                                                                       bool return_weights) {
+  check_forward_args(x, weight, mask);
   return forward<CpuKernels>(x, weight, mask, return_weights);
 }
 
@@ -272,6 +273,7 @@ std::tuple<at::Tensor, at::Tensor> attention_pool_bwd_cpu(const at::Tensor& grad
                                                           const std::optional<at::Tensor>& mask, const at::Tensor& out,
                                                           const at::Tensor& lse,
                                                           const std::optional<at::Tensor>& weights) {
+  check_backward_args(grad_out, grad_weights, x, weight, mask, out, lse, weights);
   return backward<CpuKernels>(grad_out, grad_weights, x, weight, mask, out, lse, weights);
 }
 

@@ -609,6 +609,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
     const std::optional<at::Tensor>& running_var, at::IntArrayRef stride,
     at::IntArrayRef padding, at::IntArrayRef dilation, int64_t groups, bool training, double eps, bool relu,
     bool conv_channels_last) {
+  check_forward_args(x, weight, bias, bn_weight, bn_bias, running_mean, running_var);
   const ConvArgs a = conv_args(stride, padding, dilation, groups);
   if (training) {
     return forward_train<CpuKernels>(x, weight, bn_weight, bn_bias, a, eps, relu, conv_channels_last);
@@ -627,6 +628,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> bwd_cpu(
     const at::Tensor& bn_bias, const at::Tensor& z, const at::Tensor& mean, const at::Tensor& invstd,
     at::IntArrayRef stride, at::IntArrayRef padding, at::IntArrayRef dilation, int64_t groups, bool relu,
     bool need_grad_x, bool need_grad_weight) {
+  check_backward_args(grad_out, x, weight, bn_weight, bn_bias, z, mean, invstd);
   return backward_train<CpuKernels>(grad_out, x, weight, bn_weight, bn_bias, z, mean, invstd,
                                     conv_args(stride, padding, dilation, groups), relu, need_grad_x,
                                     need_grad_weight);

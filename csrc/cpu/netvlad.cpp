@@ -82,7 +82,7 @@ void epilogue_item(acc_t* v, const acc_t* a, const acc_t* c, out_t* o, int64_t M
     if (normalize) {
       const acc_t sq = dot(v + k * D, v + k * D, D);
       inv[k] = inv_clamped_norm(sq);
-      total += sq * inv[k] * inv[k];
+      total += intra_normalized_sumsq(sq);
     }
   }
   const acc_t inv_total = normalize ? inv_clamped_norm(total) : acc_t(1);
@@ -108,7 +108,7 @@ void norm_backward_item(const acc_t* g, const acc_t* v, const acc_t* c, acc_t* d
       const acc_t sq = dot(v + k * D, v + k * D, D);
       inv[k] = inv_clamped_norm(sq);
       clamped[k] = norm_is_clamped(sq);
-      total += sq * inv[k] * inv[k];
+      total += intra_normalized_sumsq(sq);
       ydy += dot(v + k * D, g + k * D, D) * inv[k];
     }
     const acc_t inv_total = inv_clamped_norm(total);
@@ -135,15 +135,11 @@ void norm_backward_item(const acc_t* g, const acc_t* v, const acc_t* c, acc_t* d
   for (int64_t k = 0; k < K; ++k) cdv[k] = dot(c + k * D, dv + k * D, D);
 }
 
-// Rows [r0, r1) of the soft assignment: lhs row = [dS (KG) | a (K)].
+// Rows [r0, r1) of the soft assignment: ds row = the gradient of the row's logits.
 template <typename acc_t>
-void assign_backward_rows(const acc_t* a, const acc_t* da, const acc_t* cdv, acc_t* lhs, int64_t r0, int64_t r1,
+void assign_backward_rows(const acc_t* a, const acc_t* da, const acc_t* cdv, acc_t* ds, int64_t r0, int64_t r1,
                           int64_t M, int64_t K, int64_t KG) {
-  for (int64_t r = r0; r < r1; ++r) {
-    acc_t* out = lhs + r * (KG + K);
-    assign_backward_row(a + r * KG, da + r * K, cdv + (r / M) * K, out, K, KG);
-    std::copy(a + r * KG, a + r * KG + K, out + KG);
-  }
+  for (int64_t r = r0; r < r1; ++r) assign_backward_row(a + r * KG, da + r * K, cdv + (r / M) * K, ds + r * KG, K, KG);
 }
 
 // ---- the batched flow's kernels ------------------------------------------------------------------------
@@ -200,13 +196,13 @@ struct CpuKernels {
   }
 
   static void assign_backward(const at::Tensor& assign, const at::Tensor& da, const at::Tensor& cdv,
-                              at::Tensor& lhs) {
+                              at::Tensor& ds) {
     const int64_t B = assign.size(0), M = assign.size(1), KG = assign.size(2), K = da.size(2);
     AT_DISPATCH_FLOATING_TYPES(assign.scalar_type(), "netvlad_assign_backward_cpu", [&] {
       const scalar_t* a = assign.data_ptr<scalar_t>();
       const scalar_t* g = da.data_ptr<scalar_t>();
       const scalar_t* cd = cdv.data_ptr<scalar_t>();
-      scalar_t* out = lhs.data_ptr<scalar_t>();
+      scalar_t* out = ds.data_ptr<scalar_t>();
       at::parallel_for(0, B * M, grain_for(4 * KG), [&](int64_t begin, int64_t end) {
         assign_backward_rows(a, g, cd, out, begin, end, M, K, KG);
       });
@@ -307,36 +303,74 @@ bool per_item(const at::Tensor& xa) {
          xa.size(2) > 0;
 }
 
-// One item, streaming x in tiles: logits, softmax and a^T x for each tile while it is in cache.
+// A tile of t rows of x as the tile's products read it. Masked rows must not reach a product (0 * NaN is
+// NaN, whatever the assignment): a tile with some masked rows is copied into scratch (t, D) with those
+// rows zeroed; a tile without any is read in place. Returns the rows and sets ld to their stride; nullptr
+// when every row of the tile is masked, so that the caller skips the tile's products.
+template <typename acc_t>
+const acc_t* tile_rows(const acc_t* x, int64_t sxm, const bool* mask, int64_t t, int64_t D, acc_t* scratch,
+                       int64_t& ld) {
+  ld = sxm;
+  if (mask == nullptr) return x;
+  const int64_t valid = std::count(mask, mask + t, true);
+  if (valid == t) return x;
+  if (valid == 0) return nullptr;
+  for (int64_t i = 0; i < t; ++i) {
+    acc_t* dst = scratch + i * D;
+    if (mask[i]) {
+      std::copy(x + i * sxm, x + i * sxm + D, dst);
+    } else {
+      std::fill(dst, dst + D, acc_t(0));
+    }
+  }
+  ld = D;
+  return scratch;
+}
+
+// One item, streaming x in tiles: logits, softmax and a^T x for each tile while it is in cache. scratch:
+// (kTile, D), used by tiles with masked rows.
 template <typename acc_t, typename out_t>
 void forward_item(const acc_t* x, int64_t sxm, const acc_t* w, const acc_t* bias, const bool* mask, const acc_t* c,
-                  acc_t* a, acc_t* v, out_t* out, int64_t M, int64_t K, int64_t KG, int64_t D, bool normalize) {
-  if (M == 0) std::fill(v, v + K * D, acc_t(0));
+                  acc_t* a, acc_t* v, out_t* out, acc_t* scratch, int64_t M, int64_t K, int64_t KG, int64_t D,
+                  bool normalize) {
+  bool started = false;  // v holds a partial sum
   for (int64_t m0 = 0; m0 < M; m0 += kTile) {
     const int64_t t = std::min(kTile, M - m0);
-    const acc_t* xt = x + m0 * sxm;
+    const bool* mt = mask ? mask + m0 : nullptr;
     acc_t* at = a + m0 * KG;
-    gemm_rm<acc_t>(false, true, t, KG, D, 1, xt, sxm, w, D, 0, at, KG);  // logits (t, KG) = x_t W^T
-    for (int64_t i = 0; i < t; ++i) softmax_row(at + i * KG, bias, KG, mask ? mask[m0 + i] : true);
-    gemm_rm<acc_t>(true, false, K, D, t, 1, at, KG, xt, sxm, m0 ? 1 : 0, v, D);  // V += a_t^T x_t
+    int64_t ld;
+    const acc_t* xt = tile_rows(x + m0 * sxm, sxm, mt, t, D, scratch, ld);
+    if (xt == nullptr) {
+      std::fill(at, at + t * KG, acc_t(0));
+      continue;
+    }
+    gemm_rm<acc_t>(false, true, t, KG, D, 1, xt, ld, w, D, 0, at, KG);  // logits (t, KG) = x_t W^T
+    for (int64_t i = 0; i < t; ++i) softmax_row(at + i * KG, bias, KG, mt ? mt[i] : true);
+    gemm_rm<acc_t>(true, false, K, D, t, 1, at, KG, xt, ld, started ? 1 : 0, v, D);  // V += a_t^T x_t
+    started = true;
   }
+  if (!started) std::fill(v, v + K * D, acc_t(0));
   epilogue_item(v, a, c, out, M, K, KG, D, normalize);
 }
 
 // One item's input gradients, streaming x in tiles: dA = x dV^T, the softmax backward into [dS | a],
 // dx = [dS | a] [W; dV], and dW += dS^T x, dbias += sum dS, each tile read from memory once.
-// rhs: (KG + K, D) with W in its first KG rows; lhs: (kTile, KG + K); da: (kTile, K). `first`: dw and db
-// hold nothing yet (this thread's first item) and are overwritten rather than added to.
+// rhs: (KG + K, D) with W in its first KG rows; lhs: (kTile, KG + K); da: (kTile, K); scratch: (kTile, D),
+// used by tiles with masked rows. dw and db are added to.
 template <typename acc_t>
-void backward_item(const acc_t* x, int64_t sxm, const acc_t* a, const acc_t* dv, const acc_t* cdv, acc_t* rhs,
-                   acc_t* lhs, acc_t* da, acc_t* dx, acc_t* dw, acc_t* db, int64_t M, int64_t K, int64_t KG,
-                   int64_t D, bool first) {
+void backward_item(const acc_t* x, int64_t sxm, const acc_t* a, const acc_t* dv, const acc_t* cdv, const bool* mask,
+                   acc_t* rhs, acc_t* lhs, acc_t* da, acc_t* scratch, acc_t* dx, acc_t* dw, acc_t* db, int64_t M,
+                   int64_t K, int64_t KG, int64_t D) {
   std::copy(dv, dv + K * D, rhs + KG * D);
-  if (first) std::fill(db, db + KG, acc_t(0));
   for (int64_t m0 = 0; m0 < M; m0 += kTile) {
     const int64_t t = std::min(kTile, M - m0);
-    const acc_t* xt = x + m0 * sxm;
-    gemm_rm<acc_t>(false, true, t, K, D, 1, xt, sxm, dv, D, 0, da, K);  // dA (t, K) = x_t dV^T
+    int64_t ld;
+    const acc_t* xt = tile_rows(x + m0 * sxm, sxm, mask ? mask + m0 : nullptr, t, D, scratch, ld);
+    if (xt == nullptr) {  // all masked: no gradient reaches these rows, and nothing of them reaches dW
+      std::fill(dx + m0 * D, dx + (m0 + t) * D, acc_t(0));
+      continue;
+    }
+    gemm_rm<acc_t>(false, true, t, K, D, 1, xt, ld, dv, D, 0, da, K);  // dA (t, K) = x_t dV^T
     for (int64_t i = 0; i < t; ++i) {
       acc_t* row = lhs + i * (KG + K);
       const acc_t* ai = a + (m0 + i) * KG;
@@ -345,7 +379,7 @@ void backward_item(const acc_t* x, int64_t sxm, const acc_t* a, const acc_t* dv,
       axpy(acc_t(1), row, db, KG);
     }
     gemm_rm<acc_t>(false, false, t, D, KG + K, 1, lhs, KG + K, rhs, D, 0, dx + m0 * D, D);
-    gemm_rm<acc_t>(true, false, KG, D, t, 1, lhs, KG + K, xt, sxm, first && m0 == 0 ? 0 : 1, dw, D);
+    gemm_rm<acc_t>(true, false, KG, D, t, 1, lhs, KG + K, xt, ld, 1, dw, D);
   }
 }
 
@@ -364,11 +398,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> forward_per_item(const Inputs& in
       const int64_t sxb = in.x.stride(0), sxm = in.x.stride(1);
       at::parallel_for(0, B, grain_for(2 * M * D * KG), [&](int64_t begin, int64_t end) {
         const SequentialBlas sequential;
+        std::vector<acc_t> scratch(m ? kTile * D : 0);
         for (int64_t b = begin; b < end; ++b) {
           forward_item(xp + b * sxb, sxm, in.weight.data_ptr<acc_t>(), bias, m ? m + b * M : nullptr,
                        in.centroids.data_ptr<acc_t>(), assign.data_ptr<acc_t>() + b * M * KG,
-                       vlad.data_ptr<acc_t>() + b * K * D, out.data_ptr<scalar_t>() + b * K * D, M, K, KG, D,
-                       normalize);
+                       vlad.data_ptr<acc_t>() + b * K * D, out.data_ptr<scalar_t>() + b * K * D, scratch.data(), M,
+                       K, KG, D, normalize);
         }
       });
     });
@@ -397,20 +432,27 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> backward_per_item(con
   at::Tensor dw = at::empty({threads, KG, D}, in.x.options());
   at::Tensor db = at::empty({threads, KG}, in.x.options());
   std::vector<char> used(threads, 0);  // which threads' partial dW and dbias hold anything
+  const bool* m = in.mask.defined() ? in.mask.data_ptr<bool>() : nullptr;
   AT_DISPATCH_FLOATING_TYPES(in.x.scalar_type(), "netvlad_bwd_cpu", [&] {
     const scalar_t* xp = in.x.data_ptr<scalar_t>();
     const int64_t sxb = in.x.stride(0), sxm = in.x.stride(1);
     at::parallel_for(0, B, grain_for(6 * M * D * KG), [&](int64_t begin, int64_t end) {
       const SequentialBlas sequential;
       const int64_t t = at::get_thread_num();
+      scalar_t* dwt = dw.data_ptr<scalar_t>() + t * KG * D;
+      scalar_t* dbt = db.data_ptr<scalar_t>() + t * KG;
+      if (!used[t]) {  // zeroed rather than overwritten by the first tile: that tile may be all masked
+        std::fill(dwt, dwt + KG * D, scalar_t(0));
+        std::fill(dbt, dbt + KG, scalar_t(0));
+        used[t] = 1;
+      }
+      std::vector<scalar_t> scratch(m ? kTile * D : 0);
       for (int64_t b = begin; b < end; ++b) {
         backward_item(xp + b * sxb, sxm, assign.data_ptr<scalar_t>() + b * M * KG,
                       dv.data_ptr<scalar_t>() + b * K * D, cdv.data_ptr<scalar_t>() + b * K,
-                      rhs.data_ptr<scalar_t>() + t * (KG + K) * D, lhs.data_ptr<scalar_t>() + t * kTile * (KG + K),
-                      da.data_ptr<scalar_t>() + t * kTile * K, grad_x.data_ptr<scalar_t>() + b * M * D,
-                      dw.data_ptr<scalar_t>() + t * KG * D, db.data_ptr<scalar_t>() + t * KG, M, K, KG, D,
-                      !used[t]);
-        used[t] = 1;
+                      m ? m + b * M : nullptr, rhs.data_ptr<scalar_t>() + t * (KG + K) * D,
+                      lhs.data_ptr<scalar_t>() + t * kTile * (KG + K), da.data_ptr<scalar_t>() + t * kTile * K,
+                      scratch.data(), grad_x.data_ptr<scalar_t>() + b * M * D, dwt, dbt, M, K, KG, D);
       }
     });
   });
@@ -434,22 +476,21 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> netvlad_fwd_cpu(const at::Tensor&
                                                                const at::Tensor& centroids,
                                                                const std::optional<at::Tensor>& mask,
                                                                int64_t ghost_clusters, bool normalize) {
-  const Inputs in = prepare(x, weight, centroids, bias, mask, ghost_clusters);
-  if (!per_item(in.x)) return forward<CpuKernels>(x, weight, bias, centroids, mask, ghost_clusters, normalize);
+  check_forward_args(x, weight, bias, centroids, mask, ghost_clusters);
+  const Inputs in = prepare(x, weight, centroids, bias, mask);
+  if (!per_item(in.x)) return forward<CpuKernels>(in, x, normalize);
   return forward_per_item(in, x, normalize);
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> netvlad_bwd_cpu(
     const at::Tensor& grad_out, const at::Tensor& x, const at::Tensor& weight, const at::Tensor& centroids,
-    const at::Tensor& assign, const at::Tensor& vlad, int64_t ghost_clusters, bool normalize) {
-  const Inputs in = prepare(x, weight, centroids, std::nullopt, std::nullopt, ghost_clusters);
-  if (!per_item(in.x)) {
-    return backward<CpuKernels>(grad_out, x, weight, centroids, assign, vlad, ghost_clusters, normalize);
-  }
-  check_saved(in, assign);
-  auto [gx, gw, gb, gc] = backward_per_item(in, grad_out, assign, vlad, normalize);
-  return {gx.to(x.scalar_type()), gw.to(weight.scalar_type()), gb.to(weight.scalar_type()),
-          gc.to(centroids.scalar_type())};
+    const at::Tensor& assign, const at::Tensor& vlad, const std::optional<at::Tensor>& mask, int64_t ghost_clusters,
+    bool normalize) {
+  check_backward_args(grad_out, x, weight, centroids, assign, vlad, mask, ghost_clusters, normalize);
+  const Inputs in = prepare(x, weight, centroids, std::nullopt, mask);
+  auto grads = per_item(in.x) ? backward_per_item(in, grad_out, assign, vlad, normalize)
+                              : backward<CpuKernels>(in, grad_out, x, assign, vlad, normalize);
+  return in_input_dtypes(grads, x, weight, centroids);
 }
 
 }  // namespace

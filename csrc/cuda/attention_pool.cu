@@ -317,6 +317,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_pool_fwd_cuda(const at:
                                                                        const at::Tensor& weight,
                                                                        const std::optional<at::Tensor>& mask,
                                                                        bool return_weights) {
+  check_forward_args(x, weight, mask);
   const c10::cuda::CUDAGuard guard(x.device());
   return forward<CudaKernels>(x, weight, mask, return_weights);
 }
@@ -327,6 +328,7 @@ std::tuple<at::Tensor, at::Tensor> attention_pool_bwd_cuda(const at::Tensor& gra
                                                            const std::optional<at::Tensor>& mask,
                                                            const at::Tensor& out, const at::Tensor& lse,
                                                            const std::optional<at::Tensor>& weights) {
+  check_backward_args(grad_out, grad_weights, x, weight, mask, out, lse, weights);
   const c10::cuda::CUDAGuard guard(x.device());
   return backward<CudaKernels>(grad_out, grad_weights, x, weight, mask, out, lse, weights);
 }

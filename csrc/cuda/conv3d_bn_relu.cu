@@ -2,9 +2,12 @@
 // (Welford combine, BN+ReLU apply, the recomputed ReLU mask, BN backward) is its MVFAST_HD functions, the
 // very ones the CPU kernels run. The conv is ATen's (cuDNN). These kernels add the thread mapping and
 // the reductions:
-//   - statistics and the backward sums: a block per (chunk of the R = N*S positions, channel); each
-//     thread folds its values (Welford for the statistics), the block combines its threads in shared
-//     memory, and the chunks are combined afterwards (statistics: welford_combine per channel; sums: ATen);
+//   - statistics and the backward sums: a block per (sample n, span of kSpan positions, tile of 32
+//     channels), a lane per channel; each thread folds its values (Welford for the statistics), the block
+//     combines its rows of threads in shared memory, and the blocks' partials are combined afterwards
+//     (statistics: welford_combine per channel; sums: ATen). Both layouts are read coalesced: channels_last
+//     directly (a warp reads 32 adjacent channels of a position), NCDHW through a transposing tile in
+//     shared memory (a warp reads 32 adjacent positions of a channel). No index is divided per element;
 //   - apply and backward apply: a thread per element, walking z in its own memory order (coalesced), the
 //     other tensor (output or grad_out) addressed in its layout.
 #include <ATen/Dispatch.h>
@@ -17,16 +20,12 @@
 #include <algorithm>
 
 #include "conv3d_bn_relu.h"
-#include "reduce.cuh"
 
 namespace mvfast {
 namespace conv3d_bn_relu {
 namespace {
 
-using cuda::block_sum;
-
 constexpr int kThreads = 256;
-constexpr int64_t kChunk = 8192;  // positions per statistics block
 
 int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
 
@@ -56,49 +55,96 @@ Layout layout_of(const at::Tensor& t) {
   return {C, t.numel() / std::max<int64_t>(1, N * C), is_channels_last(t)};
 }
 
-// Block (chunk, c): Welford over positions r in the chunk, then a tree combine in shared memory.
-template <typename scalar_t, typename acc_t>
-__global__ void stats_kernel(const scalar_t* __restrict__ z, Layout L, int64_t R, acc_t* __restrict__ pn,
-                             acc_t* __restrict__ pmean, acc_t* __restrict__ pm2) {
-  __shared__ acc_t sn[kThreads], smean[kThreads], sm2[kThreads];
-  const int64_t chunk = blockIdx.x, c = blockIdx.y;
-  const int64_t r0 = chunk * kChunk, r1 = std::min(R, r0 + kChunk);
-  acc_t n = 0, mean = 0, m2 = 0;
-  for (int64_t r = r0 + threadIdx.x; r < r1; r += blockDim.x) {
-    const acc_t v = static_cast<acc_t>(z[L.offset(r / L.S, c, r % L.S)]);
-    welford_combine(n, mean, m2, acc_t(1), v, acc_t(0));
-  }
-  sn[threadIdx.x] = n;
-  smean[threadIdx.x] = mean;
-  sm2[threadIdx.x] = m2;
-  __syncthreads();
-  for (int half = blockDim.x / 2; half > 0; half /= 2) {
-    if (threadIdx.x < half) {
-      acc_t a = sn[threadIdx.x], b = smean[threadIdx.x], d = sm2[threadIdx.x];
-      welford_combine(a, b, d, sn[threadIdx.x + half], smean[threadIdx.x + half], sm2[threadIdx.x + half]);
-      sn[threadIdx.x] = a;
-      smean[threadIdx.x] = b;
-      sm2[threadIdx.x] = d;
+// The reductions' tiling: a block of (kTileC, kTileRows) threads walks kSpan positions of one sample in
+// steps of kTileS positions; thread (x, y) owns channel c0 + x and positions y, y + kTileRows, ... of
+// each step.
+constexpr int kTileC = 32;
+constexpr int kTileRows = 8;
+constexpr int kTileS = 32;
+constexpr int kPerThread = kTileS / kTileRows;
+constexpr int64_t kSpan = 1024;  // a multiple of kTileS
+
+// Thread (x, y)'s values of the (kTileS positions x kTileC channels) tile of t at sample n, positions s0..,
+// channels c0..: v[j] = t[n, c0 + x, s0 + y + j * kTileRows], 0 outside the tensor. Every thread of the
+// block must call it (it synchronises for an NCDHW tensor).
+template <bool kChannelsLast, typename scalar_t, typename acc_t>
+__device__ __forceinline__ void load_tile(const scalar_t* __restrict__ t, int64_t n, int64_t C, int64_t S,
+                                          int64_t c0, int64_t s0, acc_t (*tile)[kTileS + 1], acc_t* v) {
+  const int tx = threadIdx.x, ty = threadIdx.y;
+  if constexpr (kChannelsLast) {
+    const int64_t c = c0 + tx;  // adjacent lanes, adjacent channels
+#pragma unroll
+    for (int j = 0; j < kPerThread; ++j) {
+      const int64_t s = s0 + ty + j * kTileRows;
+      v[j] = c < C && s < S ? static_cast<acc_t>(t[(n * S + s) * C + c]) : acc_t(0);
+    }
+  } else {
+    const int64_t s = s0 + tx;  // adjacent lanes, adjacent positions; tile[channel][position]
+#pragma unroll
+    for (int j = 0; j < kPerThread; ++j) {
+      const int64_t c = c0 + ty + j * kTileRows;
+      tile[ty + j * kTileRows][tx] = c < C && s < S ? static_cast<acc_t>(t[(n * C + c) * S + s]) : acc_t(0);
     }
     __syncthreads();
-  }
-  if (threadIdx.x == 0) {
-    const int64_t i = c * gridDim.x + chunk;
-    pn[i] = sn[0];
-    pmean[i] = smean[0];
-    pm2[i] = sm2[0];
+#pragma unroll
+    for (int j = 0; j < kPerThread; ++j) v[j] = tile[tx][ty + j * kTileRows];
+    __syncthreads();  // the next call overwrites the tile
   }
 }
 
-// Thread per channel: combines its chunks.
+// Block (n * spans + span, channel tile): Welford over the span's positions, then a tree combine over the
+// block's rows of threads. Partials (blocks, C).
+template <bool kChannelsLast, typename scalar_t, typename acc_t>
+__global__ void stats_kernel(const scalar_t* __restrict__ z, int64_t C, int64_t S, int64_t spans,
+                             acc_t* __restrict__ pn, acc_t* __restrict__ pmean, acc_t* __restrict__ pm2) {
+  __shared__ acc_t tile[kTileC][kTileS + 1];
+  __shared__ acc_t sn[kTileRows][kTileC], smean[kTileRows][kTileC], sm2[kTileRows][kTileC];
+  const int tx = threadIdx.x, ty = threadIdx.y;
+  const int64_t n = blockIdx.x / spans, s_begin = (blockIdx.x % spans) * kSpan;
+  const int64_t s_end = std::min(S, s_begin + kSpan);
+  const int64_t c0 = static_cast<int64_t>(blockIdx.y) * kTileC;
+  acc_t cnt = 0, mean = 0, m2 = 0;
+  for (int64_t s0 = s_begin; s0 < s_end; s0 += kTileS) {
+    acc_t v[kPerThread];
+    load_tile<kChannelsLast>(z, n, C, S, c0, s0, tile, v);
+#pragma unroll
+    for (int j = 0; j < kPerThread; ++j) {
+      if (s0 + ty + j * kTileRows < s_end) welford_combine(cnt, mean, m2, acc_t(1), v[j], acc_t(0));
+    }
+  }
+  sn[ty][tx] = cnt;
+  smean[ty][tx] = mean;
+  sm2[ty][tx] = m2;
+  __syncthreads();
+#pragma unroll
+  for (int half = kTileRows / 2; half > 0; half /= 2) {
+    if (ty < half) {
+      acc_t a = sn[ty][tx], b = smean[ty][tx], d = sm2[ty][tx];
+      welford_combine(a, b, d, sn[ty + half][tx], smean[ty + half][tx], sm2[ty + half][tx]);
+      sn[ty][tx] = a;
+      smean[ty][tx] = b;
+      sm2[ty][tx] = d;
+    }
+    __syncthreads();
+  }
+  const int64_t c = c0 + tx;
+  if (ty == 0 && c < C) {
+    const int64_t i = static_cast<int64_t>(blockIdx.x) * C + c;
+    pn[i] = sn[0][tx];
+    pmean[i] = smean[0][tx];
+    pm2[i] = sm2[0][tx];
+  }
+}
+
+// Thread per channel: combines the blocks' partials (blocks, C), read coalesced across channels.
 template <typename acc_t>
 __global__ void stats_combine_kernel(const acc_t* __restrict__ pn, const acc_t* __restrict__ pmean,
-                                     const acc_t* __restrict__ pm2, int64_t chunks, int64_t C,
+                                     const acc_t* __restrict__ pm2, int64_t parts, int64_t C,
                                      acc_t* __restrict__ mean, acc_t* __restrict__ m2) {
   const int64_t c = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
   if (c >= C) return;
   acc_t n = 0, m = 0, s = 0;
-  for (int64_t k = 0; k < chunks; ++k) welford_combine(n, m, s, pn[c * chunks + k], pmean[c * chunks + k], pm2[c * chunks + k]);
+  for (int64_t k = 0; k < parts; ++k) welford_combine(n, m, s, pn[k * C + c], pmean[k * C + c], pm2[k * C + c]);
   mean[c] = m;
   m2[c] = s;
 }
@@ -114,29 +160,52 @@ __global__ void apply_kernel(const scalar_t* __restrict__ z, Layout Lz, scalar_t
   out[Lo.offset(n, c, s)] = static_cast<scalar_t>(bn_relu(static_cast<acc_t>(z[i]), scale[c], shift[c], relu));
 }
 
-// Block (chunk, c): sums of g and g * xhat over the chunk's positions.
-template <typename scalar_t, typename acc_t>
-__global__ void bwd_reduce_kernel(const scalar_t* __restrict__ gy, Layout Lg, const scalar_t* __restrict__ z,
-                                  Layout Lz, int64_t R, const acc_t* __restrict__ scale,
+// Block (n * spans + span, channel tile), tiled as stats_kernel: sums of g and g * xhat over the span's
+// positions. z and gy may be in different layouts. Partials (blocks, C).
+template <bool kZChannelsLast, bool kGChannelsLast, typename scalar_t, typename acc_t>
+__global__ void bwd_reduce_kernel(const scalar_t* __restrict__ gy, const scalar_t* __restrict__ z, int64_t C,
+                                  int64_t S, int64_t spans, const acc_t* __restrict__ scale,
                                   const acc_t* __restrict__ shift, const acc_t* __restrict__ mean,
                                   const acc_t* __restrict__ invstd, bool relu, acc_t* __restrict__ psg,
                                   acc_t* __restrict__ psgx) {
-  const int64_t chunk = blockIdx.x, c = blockIdx.y;
-  const int64_t r0 = chunk * kChunk, r1 = std::min(R, r0 + kChunk);
-  const acc_t sc = scale[c], sh = shift[c], mu = mean[c], iv = invstd[c];
+  __shared__ acc_t tile[kTileC][kTileS + 1];
+  __shared__ acc_t sa[kTileRows][kTileC], sb[kTileRows][kTileC];
+  const int tx = threadIdx.x, ty = threadIdx.y;
+  const int64_t n = blockIdx.x / spans, s_begin = (blockIdx.x % spans) * kSpan;
+  const int64_t s_end = std::min(S, s_begin + kSpan);
+  const int64_t c0 = static_cast<int64_t>(blockIdx.y) * kTileC, c = c0 + tx;
+  const bool live = c < C;
+  const acc_t sc = live ? scale[c] : acc_t(0), sh = live ? shift[c] : acc_t(0);
+  const acc_t mu = live ? mean[c] : acc_t(0), iv = live ? invstd[c] : acc_t(0);
   acc_t a = 0, b = 0;
-  for (int64_t r = r0 + threadIdx.x; r < r1; r += blockDim.x) {
-    const int64_t n = r / Lz.S, s = r % Lz.S;
-    const acc_t zv = static_cast<acc_t>(z[Lz.offset(n, c, s)]);
-    const acc_t g = relu_grad(static_cast<acc_t>(gy[Lg.offset(n, c, s)]), zv, sc, sh, relu);
-    a += g;
-    b += g * ((zv - mu) * iv);
+  for (int64_t s0 = s_begin; s0 < s_end; s0 += kTileS) {
+    acc_t zv[kPerThread], gv[kPerThread];
+    load_tile<kZChannelsLast>(z, n, C, S, c0, s0, tile, zv);
+    load_tile<kGChannelsLast>(gy, n, C, S, c0, s0, tile, gv);
+#pragma unroll
+    for (int j = 0; j < kPerThread; ++j) {
+      if (live && s0 + ty + j * kTileRows < s_end) {
+        const acc_t g = relu_grad(gv[j], zv[j], sc, sh, relu);
+        a += g;
+        b += g * ((zv[j] - mu) * iv);
+      }
+    }
   }
-  a = block_sum(a);
-  b = block_sum(b);
-  if (threadIdx.x == 0) {
-    psg[c * gridDim.x + chunk] = a;
-    psgx[c * gridDim.x + chunk] = b;
+  sa[ty][tx] = a;
+  sb[ty][tx] = b;
+  __syncthreads();
+#pragma unroll
+  for (int half = kTileRows / 2; half > 0; half /= 2) {
+    if (ty < half) {
+      sa[ty][tx] += sa[ty + half][tx];
+      sb[ty][tx] += sb[ty + half][tx];
+    }
+    __syncthreads();
+  }
+  if (ty == 0 && live) {
+    const int64_t i = static_cast<int64_t>(blockIdx.x) * C + c;
+    psg[i] = sa[0][tx];
+    psgx[i] = sb[0][tx];
   }
 }
 
@@ -156,22 +225,37 @@ __global__ void bwd_apply_kernel(const scalar_t* __restrict__ gy, Layout Lg, con
 }
 
 struct CudaKernels {
+  // The grid of the tiled reductions over a 5-D tensor of layout L: (N * spans, channel tiles).
+  static dim3 reduce_grid(int64_t N, const Layout& L, int64_t& spans) {
+    spans = ceil_div(L.S, kSpan);
+    return dim3(static_cast<unsigned>(N * spans), static_cast<unsigned>(ceil_div(L.C, kTileC)));
+  }
+
   static void stats(const at::Tensor& z, at::Tensor& mean, at::Tensor& m2) {
     const Layout L = layout_of(z);
-    const int64_t R = z.numel() / std::max<int64_t>(1, L.C);
+    const int64_t N = z.size(0);
     if (L.C == 0) return;
-    const int64_t chunks = std::max<int64_t>(1, ceil_div(R, kChunk));
+    if (N * L.S == 0) {
+      mean.zero_();
+      m2.zero_();
+      return;
+    }
+    int64_t spans;
+    const dim3 grid = reduce_grid(N, L, spans);
+    const int64_t parts = grid.x;
     auto stream = at::cuda::getCurrentCUDAStream();
     AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, z.scalar_type(), "conv3d_bn_relu_stats_cuda", [&] {
       using acc_t = at::opmath_type<scalar_t>;
       const auto opts = mean.options();
-      at::Tensor pn = at::empty({L.C, chunks}, opts), pmean = at::empty({L.C, chunks}, opts),
-                 pm2 = at::empty({L.C, chunks}, opts);
-      stats_kernel<scalar_t, acc_t><<<dim3(chunks, L.C), kThreads, 0, stream>>>(
-          z.data_ptr<scalar_t>(), L, R, pn.data_ptr<acc_t>(), pmean.data_ptr<acc_t>(), pm2.data_ptr<acc_t>());
+      at::Tensor pn = at::empty({parts, L.C}, opts), pmean = at::empty({parts, L.C}, opts),
+                 pm2 = at::empty({parts, L.C}, opts);
+      const dim3 block(kTileC, kTileRows);
+      auto kernel = L.cl ? stats_kernel<true, scalar_t, acc_t> : stats_kernel<false, scalar_t, acc_t>;
+      kernel<<<grid, block, 0, stream>>>(z.data_ptr<scalar_t>(), L.C, L.S, spans, pn.data_ptr<acc_t>(),
+                                         pmean.data_ptr<acc_t>(), pm2.data_ptr<acc_t>());
       C10_CUDA_KERNEL_LAUNCH_CHECK();
       stats_combine_kernel<acc_t><<<ceil_div(L.C, kThreads), kThreads, 0, stream>>>(
-          pn.data_ptr<acc_t>(), pmean.data_ptr<acc_t>(), pm2.data_ptr<acc_t>(), chunks, L.C, mean.data_ptr<acc_t>(),
+          pn.data_ptr<acc_t>(), pmean.data_ptr<acc_t>(), pm2.data_ptr<acc_t>(), parts, L.C, mean.data_ptr<acc_t>(),
           m2.data_ptr<acc_t>());
       C10_CUDA_KERNEL_LAUNCH_CHECK();
     });
@@ -195,20 +279,32 @@ struct CudaKernels {
                          const at::Tensor& mean, const at::Tensor& invstd, bool relu, at::Tensor& sum_g,
                          at::Tensor& sum_gx) {
     const Layout Lz = layout_of(z);
-    const int64_t R = z.numel() / std::max<int64_t>(1, Lz.C);
+    const int64_t N = z.size(0);
     if (Lz.C == 0) return;
-    const int64_t chunks = std::max<int64_t>(1, ceil_div(R, kChunk));
+    if (N * Lz.S == 0) {
+      sum_g.zero_();
+      sum_gx.zero_();
+      return;
+    }
+    const bool g_cl = layout_of(gy).cl;
+    int64_t spans;
+    const dim3 grid = reduce_grid(N, Lz, spans);
     auto stream = at::cuda::getCurrentCUDAStream();
     AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, z.scalar_type(), "conv3d_bn_relu_bwd_reduce_cuda", [&] {
       using acc_t = at::opmath_type<scalar_t>;
-      at::Tensor psg = at::empty({Lz.C, chunks}, sum_g.options()), psgx = at::empty({Lz.C, chunks}, sum_g.options());
-      bwd_reduce_kernel<scalar_t, acc_t><<<dim3(chunks, Lz.C), kThreads, 0, stream>>>(
-          gy.data_ptr<scalar_t>(), layout_of(gy), z.data_ptr<scalar_t>(), Lz, R, scale.data_ptr<acc_t>(),
+      at::Tensor psg = at::empty({static_cast<int64_t>(grid.x), Lz.C}, sum_g.options());
+      at::Tensor psgx = at::empty({static_cast<int64_t>(grid.x), Lz.C}, sum_g.options());
+      auto kernel = Lz.cl ? (g_cl ? bwd_reduce_kernel<true, true, scalar_t, acc_t>
+                                  : bwd_reduce_kernel<true, false, scalar_t, acc_t>)
+                          : (g_cl ? bwd_reduce_kernel<false, true, scalar_t, acc_t>
+                                  : bwd_reduce_kernel<false, false, scalar_t, acc_t>);
+      kernel<<<grid, dim3(kTileC, kTileRows), 0, stream>>>(
+          gy.data_ptr<scalar_t>(), z.data_ptr<scalar_t>(), Lz.C, Lz.S, spans, scale.data_ptr<acc_t>(),
           shift.data_ptr<acc_t>(), mean.data_ptr<acc_t>(), invstd.data_ptr<acc_t>(), relu, psg.data_ptr<acc_t>(),
           psgx.data_ptr<acc_t>());
       C10_CUDA_KERNEL_LAUNCH_CHECK();
-      at::sum_out(sum_g, psg, {1});
-      at::sum_out(sum_gx, psgx, {1});
+      at::sum_out(sum_g, psg, {0});
+      at::sum_out(sum_gx, psgx, {0});
     });
   }
 
@@ -248,6 +344,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
     const at::Tensor& bn_bias, const std::optional<at::Tensor>& running_mean,
     const std::optional<at::Tensor>& running_var, at::IntArrayRef stride, at::IntArrayRef padding,
     at::IntArrayRef dilation, int64_t groups, bool training, double eps, bool relu, bool conv_channels_last) {
+  check_forward_args(x, weight, bias, bn_weight, bn_bias, running_mean, running_var);
   const c10::cuda::CUDAGuard guard(x.device());
   const ConvArgs a{stride, padding, dilation, groups};
   if (training) {
@@ -267,6 +364,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> bwd_cuda(
     const at::Tensor& bn_bias, const at::Tensor& z, const at::Tensor& mean, const at::Tensor& invstd,
     at::IntArrayRef stride, at::IntArrayRef padding, at::IntArrayRef dilation, int64_t groups, bool relu,
     bool need_grad_x, bool need_grad_weight) {
+  check_backward_args(grad_out, x, weight, bn_weight, bn_bias, z, mean, invstd);
   const c10::cuda::CUDAGuard guard(z.device());
   return backward_train<CudaKernels>(grad_out, x, weight, bn_weight, bn_bias, z, mean, invstd,
                                      ConvArgs{stride, padding, dilation, groups}, relu, need_grad_x,

@@ -50,47 +50,56 @@ __global__ void softmax_kernel(acc_t* __restrict__ logits, const acc_t* __restri
   for (int64_t k = lane; k < KG; k += kWarp) l[k] = softmax_prob(l[k], m, inv);
 }
 
-// Block per (b, k): V[b,k,:] -= (sum_i a[b,i,k]) c[k,:]; sumsq[b,k] = |V[b,k,:]|^2.
+// Block per (b, k): V[b,k,:] -= asum[b,k] c[k,:]; sumsq[b,k] = |V[b,k,:]|^2. asum (B, K) is sum_i a[b,i,k].
 template <typename acc_t>
-__global__ void residual_kernel(acc_t* __restrict__ vlad, const acc_t* __restrict__ assign,
-                                const acc_t* __restrict__ centroids, acc_t* __restrict__ sumsq, int64_t M,
-                                int64_t K, int64_t KG, int64_t D) {
-  const int64_t b = blockIdx.x / K, k = blockIdx.x % K;
-  acc_t s = 0;
-  for (int64_t i = threadIdx.x; i < M; i += blockDim.x) s += assign[(b * M + i) * KG + k];
-  const acc_t asum = block_sum(s);
-  acc_t* v = vlad + (b * K + k) * D;
+__global__ void residual_kernel(acc_t* __restrict__ vlad, const acc_t* __restrict__ asum,
+                                const acc_t* __restrict__ centroids, acc_t* __restrict__ sumsq, int64_t K,
+                                int64_t D) {
+  const int64_t bk = blockIdx.x, k = bk % K;
+  const acc_t s = asum[bk];
+  acc_t* v = vlad + bk * D;
   const acc_t* c = centroids + k * D;
   acc_t sq = 0;
   for (int64_t d = threadIdx.x; d < D; d += blockDim.x) {
-    const acc_t r = v[d] - asum * c[d];
+    const acc_t r = v[d] - s * c[d];
     v[d] = r;
     sq += r * r;
   }
   sq = block_sum(sq);
-  if (threadIdx.x == 0) sumsq[b * K + k] = sq;
+  if (threadIdx.x == 0) sumsq[bk] = sq;
 }
 
-// 1 / |u| for batch item b, u the flattened intra-normalised descriptor: sum_k |V_k|^2 / max(|V_k|, eps)^2.
+// Warp per sample b, once per sample: total[b] = |u|^2, u the flattened intra-normalised descriptor, and,
+// when vdy is given, ydy[b] = y . dy over all of u (y = u / max(|u|, eps)), for the normalisation backward.
 template <typename acc_t>
-__device__ __forceinline__ acc_t total_sumsq(const acc_t* sumsq_b, int64_t K) {
-  acc_t t = 0;
-  for (int64_t j = 0; j < K; ++j) {
-    const acc_t inv = inv_clamped_norm(sumsq_b[j]);
-    t += sumsq_b[j] * inv * inv;
+__global__ void sample_norm_kernel(const acc_t* __restrict__ sumsq, const acc_t* __restrict__ vdy,
+                                   acc_t* __restrict__ total, acc_t* __restrict__ ydy, int64_t B, int64_t K) {
+  const int64_t b = static_cast<int64_t>(blockIdx.x) * (blockDim.x / kWarp) + threadIdx.x / kWarp;
+  const int lane = threadIdx.x % kWarp;
+  if (b >= B) return;  // uniform per warp
+  const acc_t* sq = sumsq + b * K;
+  acc_t t = 0, vg = 0;
+  for (int64_t k = lane; k < K; k += kWarp) {
+    t += intra_normalized_sumsq(sq[k]);
+    if (vdy != nullptr) vg += vdy[b * K + k] * inv_clamped_norm(sq[k]);
   }
-  return t;
+  t = warp_sum(t);
+  if (vdy != nullptr) vg = warp_sum(vg);
+  if (lane == 0) {
+    total[b] = t;
+    if (vdy != nullptr) ydy[b] = vg * inv_clamped_norm(t);
+  }
 }
 
 // Block per (b, k): out[b,k,:] = V[b,k,:] / max(|V_k|, eps) / max(|u|, eps), or V when not normalising.
 template <typename acc_t, typename out_t>
 __global__ void normalize_kernel(const acc_t* __restrict__ vlad, const acc_t* __restrict__ sumsq,
-                                 out_t* __restrict__ out, int64_t K, int64_t D, bool normalize) {
-  const int64_t b = blockIdx.x / K, k = blockIdx.x % K;
-  acc_t scale = 1;
-  if (normalize) scale = inv_clamped_norm(sumsq[b * K + k]) * inv_clamped_norm(total_sumsq(sumsq + b * K, K));
-  const acc_t* v = vlad + (b * K + k) * D;
-  out_t* o = out + (b * K + k) * D;
+                                 const acc_t* __restrict__ total, out_t* __restrict__ out, int64_t K, int64_t D,
+                                 bool normalize) {
+  const int64_t bk = blockIdx.x, b = bk / K;
+  const acc_t scale = normalize ? inv_clamped_norm(sumsq[bk]) * inv_clamped_norm(total[b]) : acc_t(1);
+  const acc_t* v = vlad + bk * D;
+  out_t* o = out + bk * D;
   for (int64_t d = threadIdx.x; d < D; d += blockDim.x) o[d] = static_cast<out_t>(v[d] * scale);
 }
 
@@ -113,31 +122,31 @@ __global__ void norm_stats_kernel(const acc_t* __restrict__ vlad, const acc_t* _
   }
 }
 
-// Block per (b, k): dV from dy through both normalisations, then cdv[b,k] = c_k . dV_k.
+// Block per (b, k): dV from dy through both normalisations, then cdv[b,k] = c_k . dV_k. total and ydy are
+// the per-sample values of sample_norm_kernel.
 template <typename acc_t>
 __global__ void norm_backward_kernel(const acc_t* __restrict__ grad, const acc_t* __restrict__ vlad,
                                      const acc_t* __restrict__ centroids, const acc_t* __restrict__ sumsq,
-                                     const acc_t* __restrict__ vdy, acc_t* __restrict__ dv,
-                                     acc_t* __restrict__ cdv, int64_t K, int64_t D, bool normalize) {
-  const int64_t b = blockIdx.x / K, k = blockIdx.x % K;
-  const acc_t* gin = grad + (b * K + k) * D;
-  acc_t* g = dv + (b * K + k) * D;
+                                     const acc_t* __restrict__ total, const acc_t* __restrict__ ydy,
+                                     acc_t* __restrict__ dv, acc_t* __restrict__ cdv, int64_t K, int64_t D,
+                                     bool normalize) {
+  const int64_t bk = blockIdx.x, b = bk / K, k = bk % K;
+  const acc_t* gin = grad + bk * D;
+  acc_t* g = dv + bk * D;
   const acc_t* c = centroids + k * D;
   if (!normalize) {
     for (int64_t d = threadIdx.x; d < D; d += blockDim.x) g[d] = gin[d];
   } else {
-    const acc_t* v = vlad + (b * K + k) * D;
-    const acc_t total = total_sumsq(sumsq + b * K, K);
-    const acc_t inv_total = inv_clamped_norm(total);
-    const bool total_clamped = norm_is_clamped(total);
-    acc_t ydy = 0;  // y . dy over the whole of u
-    for (int64_t j = 0; j < K; ++j) ydy += vdy[b * K + j] * inv_clamped_norm(sumsq[b * K + j]) * inv_total;
-    const acc_t inv = inv_clamped_norm(sumsq[b * K + k]);
-    const bool clamped = norm_is_clamped(sumsq[b * K + k]);
+    const acc_t* v = vlad + bk * D;
+    const acc_t inv_total = inv_clamped_norm(total[b]);
+    const bool total_clamped = norm_is_clamped(total[b]);
+    const acc_t y_dy = ydy[b];
+    const acc_t inv = inv_clamped_norm(sumsq[bk]);
+    const bool clamped = norm_is_clamped(sumsq[bk]);
     acc_t udu = 0;
     for (int64_t d = threadIdx.x; d < D; d += blockDim.x) {
       const acc_t un = v[d] * inv;
-      const acc_t du = normalize_backward(gin[d], un * inv_total, ydy, inv_total, total_clamped);
+      const acc_t du = normalize_backward(gin[d], un * inv_total, y_dy, inv_total, total_clamped);
       g[d] = du;
       udu += un * du;
     }
@@ -149,13 +158,13 @@ __global__ void norm_backward_kernel(const acc_t* __restrict__ grad, const acc_t
   acc_t cd = 0;
   for (int64_t d = threadIdx.x; d < D; d += blockDim.x) cd += c[d] * g[d];
   cd = block_sum(cd);
-  if (threadIdx.x == 0) cdv[b * K + k] = cd;
+  if (threadIdx.x == 0) cdv[bk] = cd;
 }
 
-// Warp per row of the soft assignment: lhs row = [dS | a], dS the softmax backward of assign_grad.
+// Warp per row of the soft assignment: ds row = the softmax backward of assign_grad.
 template <typename acc_t>
 __global__ void assign_backward_kernel(const acc_t* __restrict__ assign, const acc_t* __restrict__ da,
-                                       const acc_t* __restrict__ cdv, acc_t* __restrict__ lhs, int64_t rows,
+                                       const acc_t* __restrict__ cdv, acc_t* __restrict__ ds, int64_t rows,
                                        int64_t M, int64_t K, int64_t KG) {
   const int64_t row = static_cast<int64_t>(blockIdx.x) * (blockDim.x / kWarp) + threadIdx.x / kWarp;
   const int lane = threadIdx.x % kWarp;
@@ -166,9 +175,8 @@ __global__ void assign_backward_kernel(const acc_t* __restrict__ assign, const a
   acc_t dot = 0;
   for (int64_t k = lane; k < K; k += kWarp) dot += a[k] * assign_grad(g, cd, k, K);
   dot = warp_sum(dot);
-  acc_t* out = lhs + row * (KG + K);
+  acc_t* out = ds + row * KG;
   for (int64_t k = lane; k < KG; k += kWarp) out[k] = softmax_backward(a[k], assign_grad(g, cd, k, K), dot);
-  for (int64_t k = lane; k < K; k += kWarp) out[KG + k] = a[k];
 }
 
 // Thread per (k, d): grad_c[k,d] = -sum_b asum[b,k] dV[b,k,d].
@@ -200,19 +208,27 @@ struct CudaKernels {
   static void epilogue(at::Tensor& vlad, const at::Tensor& assign, const at::Tensor& centroids, bool normalize,
                        at::Tensor& out) {
     const int64_t B = vlad.size(0), K = vlad.size(1), D = vlad.size(2);
-    const int64_t M = assign.size(1), KG = assign.size(2);
-    if (B == 0) return;
+    if (B * K == 0) return;
+    // sum_i a[b,i,k] by ATen's reduction, which reads the rows of assign coalesced along k.
+    const at::Tensor asum = assign.narrow(2, 0, K).sum(1).contiguous();  // (B, K)
     at::Tensor sumsq = at::empty({B, K}, vlad.options());
+    at::Tensor total = at::empty({B}, vlad.options());
     auto stream = at::cuda::getCurrentCUDAStream();
     AT_DISPATCH_FLOATING_TYPES(vlad.scalar_type(), "netvlad_epilogue_cuda", [&] {
       using acc_t = scalar_t;
-      residual_kernel<acc_t><<<B * K, kVecThreads, 0, stream>>>(vlad.data_ptr<acc_t>(), assign.data_ptr<acc_t>(),
+      residual_kernel<acc_t><<<B * K, kVecThreads, 0, stream>>>(vlad.data_ptr<acc_t>(), asum.data_ptr<acc_t>(),
                                                                centroids.data_ptr<acc_t>(),
-                                                               sumsq.data_ptr<acc_t>(), M, K, KG, D);
+                                                               sumsq.data_ptr<acc_t>(), K, D);
       C10_CUDA_KERNEL_LAUNCH_CHECK();
+      if (normalize) {
+        sample_norm_kernel<acc_t><<<ceil_div(B, kRowThreads / kWarp), kRowThreads, 0, stream>>>(
+            sumsq.data_ptr<acc_t>(), nullptr, total.data_ptr<acc_t>(), nullptr, B, K);
+        C10_CUDA_KERNEL_LAUNCH_CHECK();
+      }
       AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, out.scalar_type(), "netvlad_out_cuda", [&] {
         normalize_kernel<acc_t, scalar_t><<<B * K, kVecThreads, 0, stream>>>(
-            vlad.data_ptr<acc_t>(), sumsq.data_ptr<acc_t>(), out.data_ptr<scalar_t>(), K, D, normalize);
+            vlad.data_ptr<acc_t>(), sumsq.data_ptr<acc_t>(), total.data_ptr<acc_t>(), out.data_ptr<scalar_t>(), K, D,
+            normalize);
         C10_CUDA_KERNEL_LAUNCH_CHECK();
       });
     });
@@ -221,8 +237,9 @@ struct CudaKernels {
   static void norm_backward(const at::Tensor& grad, const at::Tensor& vlad, const at::Tensor& centroids,
                             bool normalize, at::Tensor& dv, at::Tensor& cdv) {
     const int64_t B = dv.size(0), K = dv.size(1), D = dv.size(2);
-    if (B == 0) return;
+    if (B * K == 0) return;
     at::Tensor sumsq = at::empty({B, K}, dv.options()), vdy = at::empty({B, K}, dv.options());
+    at::Tensor total = at::empty({B}, dv.options()), ydy = at::empty({B}, dv.options());
     auto stream = at::cuda::getCurrentCUDAStream();
     AT_DISPATCH_FLOATING_TYPES(dv.scalar_type(), "netvlad_norm_backward_cuda", [&] {
       if (normalize) {
@@ -230,17 +247,21 @@ struct CudaKernels {
             vlad.data_ptr<scalar_t>(), grad.data_ptr<scalar_t>(), sumsq.data_ptr<scalar_t>(),
             vdy.data_ptr<scalar_t>(), D);
         C10_CUDA_KERNEL_LAUNCH_CHECK();
+        sample_norm_kernel<scalar_t><<<ceil_div(B, kRowThreads / kWarp), kRowThreads, 0, stream>>>(
+            sumsq.data_ptr<scalar_t>(), vdy.data_ptr<scalar_t>(), total.data_ptr<scalar_t>(),
+            ydy.data_ptr<scalar_t>(), B, K);
+        C10_CUDA_KERNEL_LAUNCH_CHECK();
       }
       norm_backward_kernel<scalar_t><<<B * K, kVecThreads, 0, stream>>>(
           grad.data_ptr<scalar_t>(), normalize ? vlad.data_ptr<scalar_t>() : nullptr,
-          centroids.data_ptr<scalar_t>(), sumsq.data_ptr<scalar_t>(), vdy.data_ptr<scalar_t>(),
-          dv.data_ptr<scalar_t>(), cdv.data_ptr<scalar_t>(), K, D, normalize);
+          centroids.data_ptr<scalar_t>(), sumsq.data_ptr<scalar_t>(), total.data_ptr<scalar_t>(),
+          ydy.data_ptr<scalar_t>(), dv.data_ptr<scalar_t>(), cdv.data_ptr<scalar_t>(), K, D, normalize);
       C10_CUDA_KERNEL_LAUNCH_CHECK();
     });
   }
 
   static void assign_backward(const at::Tensor& assign, const at::Tensor& da, const at::Tensor& cdv,
-                              at::Tensor& lhs) {
+                              at::Tensor& ds) {
     const int64_t B = assign.size(0), M = assign.size(1), KG = assign.size(2), K = da.size(2);
     const int64_t rows = B * M;
     if (rows == 0) return;
@@ -248,7 +269,7 @@ struct CudaKernels {
     AT_DISPATCH_FLOATING_TYPES(assign.scalar_type(), "netvlad_assign_backward_cuda", [&] {
       assign_backward_kernel<scalar_t><<<ceil_div(rows, kRowThreads / kWarp), kRowThreads, 0, stream>>>(
           assign.data_ptr<scalar_t>(), da.data_ptr<scalar_t>(), cdv.data_ptr<scalar_t>(),
-          lhs.data_ptr<scalar_t>(), rows, M, K, KG);
+          ds.data_ptr<scalar_t>(), rows, M, K, KG);
       C10_CUDA_KERNEL_LAUNCH_CHECK();
     });
   }
@@ -273,15 +294,19 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> netvlad_fwd_cuda(const at::Tensor
                                                                 const at::Tensor& centroids,
                                                                 const std::optional<at::Tensor>& mask,
                                                                 int64_t ghost_clusters, bool normalize) {
+  check_forward_args(x, weight, bias, centroids, mask, ghost_clusters);
   const c10::cuda::CUDAGuard guard(x.device());
-  return forward<CudaKernels>(x, weight, bias, centroids, mask, ghost_clusters, normalize);
+  return forward<CudaKernels>(prepare(x, weight, centroids, bias, mask), x, normalize);
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> netvlad_bwd_cuda(
     const at::Tensor& grad_out, const at::Tensor& x, const at::Tensor& weight, const at::Tensor& centroids,
-    const at::Tensor& assign, const at::Tensor& vlad, int64_t ghost_clusters, bool normalize) {
+    const at::Tensor& assign, const at::Tensor& vlad, const std::optional<at::Tensor>& mask, int64_t ghost_clusters,
+    bool normalize) {
+  check_backward_args(grad_out, x, weight, centroids, assign, vlad, mask, ghost_clusters, normalize);
   const c10::cuda::CUDAGuard guard(x.device());
-  return backward<CudaKernels>(grad_out, x, weight, centroids, assign, vlad, ghost_clusters, normalize);
+  const Inputs in = prepare(x, weight, centroids, std::nullopt, mask);
+  return in_input_dtypes(backward<CudaKernels>(in, grad_out, x, assign, vlad, normalize), x, weight, centroids);
 }
 
 }  // namespace

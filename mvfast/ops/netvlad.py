@@ -725,6 +725,7 @@ def _netvlad_backward_op(
     centroids: Tensor,
     assign: Tensor,
     vlad: Tensor,
+    mask: Tensor | None,
     ghost_clusters: int,
     normalize: bool,
     backend: str,
@@ -732,13 +733,13 @@ def _netvlad_backward_op(
     if backend == "triton":
         return _triton_backward(grad_out, x, weight, centroids, assign, vlad, ghost_clusters, normalize)
     return torch.ops.mvfast.netvlad_bwd(
-        grad_out, x, weight, centroids, assign, vlad, ghost_clusters, normalize
+        grad_out, x, weight, centroids, assign, vlad, mask, ghost_clusters, normalize
     )
 
 
 @_netvlad_backward_op.register_fake
 def _netvlad_backward_fake(
-    grad_out, x, weight, centroids, assign, vlad, ghost_clusters, normalize, backend=None
+    grad_out, x, weight, centroids, assign, vlad, mask, ghost_clusters, normalize, backend=None
 ):
     return (
         torch.empty_like(x),
@@ -756,7 +757,7 @@ if hasattr(torch.ops.mvfast, "netvlad_fwd"):  # the compiled kernel ops, when mv
 def _setup_context(ctx, inputs, output):
     x, weight, bias, centroids, mask, ghost_clusters, normalize, backend = inputs
     _, assign, vlad = output
-    ctx.save_for_backward(x, weight, centroids, assign, vlad)
+    ctx.save_for_backward(x, weight, centroids, assign, vlad, mask)
     ctx.ghost_clusters, ctx.normalize, ctx.backend = ghost_clusters, normalize, backend
     ctx.has_bias = bias is not None
     ctx.mark_non_differentiable(assign, vlad)
@@ -766,8 +767,8 @@ def _setup_context(ctx, inputs, output):
 def _backward(ctx, grad_out, _grad_assign, _grad_vlad):
     if grad_out is None:  # undefined: no gradient reached the output (gradcheck tests this case)
         return (None,) * 8
-    x, weight, centroids, assign, vlad = ctx.saved_tensors
-    args = (grad_out, x, weight, centroids, assign, vlad, ctx.ghost_clusters, ctx.normalize)
+    x, weight, centroids, assign, vlad, mask = ctx.saved_tensors
+    args = (grad_out, x, weight, centroids, assign, vlad, mask, ctx.ghost_clusters, ctx.normalize)
     # The compiled kernels' backward op (it has a fake kernel of its own) is called directly in an ordinary
     # backward. Triton's Python kernels, and a backward that records a graph (create_graph=True), go
     # through the backward custom op: it has no derivative and says so, where the compiled op would be
