@@ -117,6 +117,17 @@ class MicroVideoNet(nn.Module):
             if path is not None:
                 net.load_weights(path)
 
+    def class_heads(self) -> list[str]:
+        """The state_dict prefixes of the layers whose outputs are the video classes: the classifier, the
+        behaviour heads' last layers when they give the classes (num_behaviours None) or the maps from
+        behaviours to classes. Fine-tuning on other classes starts them afresh."""
+        if self.frame2d is not None:
+            return [f"frame2d.classifier.{len(self.frame2d.classifier) - 1}."]
+        heads = ["classifier.", "aux_heads."]
+        if self.config.num_behaviours is None:
+            heads += [f"behaviour.{name}.head.{len(net.head) - 1}." for name, net in self.behaviour.items()]
+        return heads
+
     def feature_dims(self) -> dict[str, int]:
         """The parts of the classifier's input and their sizes, in order."""
         cfg = self.config
