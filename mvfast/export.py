@@ -30,6 +30,7 @@ import json
 import statistics
 import sys
 import time
+import warnings
 from pathlib import Path
 
 import torch
@@ -115,7 +116,9 @@ def export_onnx(wrapper, example: tuple, path: Path) -> Path:
         raise CLIError('ONNX export needs onnx and onnxscript: pip install "mvfast[export]"') from None
 
     def run():
-        with mvfast.backend("reference"):
+        # (torch.onnx warns once per axis that its name is shared by inputs, which is how they are meant)
+        with mvfast.backend("reference"), warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message="# The axis name")
             torch.onnx.export(
                 wrapper,
                 example,

@@ -186,3 +186,19 @@ def test_commands_take_the_exported_folder(exported, tmp_path):
     (bad / "config.json").write_text('{"format": "something else"}')
     with pytest.raises(mvfast._cli.CLIError, match="not the config of an mvfast export"):
         load_checkpoint(bad)
+
+
+def test_the_serving_benchmark_runs(tmp_path):
+    """benchmarks/serving.py on its two quick ways, one timed call each (the full run is the README's)."""
+    script = __import__("pathlib").Path(__file__).resolve().parents[1] / "benchmarks" / "serving.py"
+    proc = subprocess.run(
+        [sys.executable, str(script), "--ways", "eager-reference,eager-mvfast", "--batches", "1,2"]
+        + ["--repeats", "1", "--json", str(tmp_path / "s.json")],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert "| eager-mvfast |" in proc.stdout and "| batch 2 |" in proc.stdout
+    rows = json.loads((tmp_path / "s.json").read_text())["results"]
+    assert len(rows) == 4 and all(r["max_difference"] < 1e-4 for r in rows)
