@@ -29,6 +29,7 @@ Ctrl-C (or SIGTERM) saves last.pt at the next step boundary and exits; --resume 
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import math
 import random
@@ -523,8 +524,6 @@ def run_epoch(job: Job, data: Data, learner: Learner, progress: Progress, stop: 
 def train_step(job: Job, learner: Learner, progress: Progress, batches: list[dict]) -> tuple[float, int]:
     """One optimizer step at progress.lr over the gradients of `batches` (--accumulate of them, each
     loss divided by their number); returns the mean loss and the clips it saw."""
-    import contextlib
-
     for group in learner.optimizer.param_groups:
         group["lr"] = progress.lr * group.get("lr_mult", 1.0)
     amp = learner.amp_dtype
