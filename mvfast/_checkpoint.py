@@ -200,6 +200,7 @@ def init_from(model, path, classes: list, preset: str) -> tuple[list[str], list[
         if k in theirs and tuple(theirs[k].shape) != tuple(v.shape)
     }
     new_classes = [k for k in mine if k in theirs and heads and k.startswith(heads)]
+    head_shapes = {k: why for k, why in shape.items() if k in new_classes}
     shape = {k: why for k, why in shape.items() if k not in new_classes}
     missing = [k for k in mine if k not in theirs]
     unused = [k for k in theirs if k not in mine]
@@ -217,13 +218,13 @@ def init_from(model, path, classes: list, preset: str) -> tuple[list[str], list[
             mine[k].copy_(theirs[k])
 
     def names(keys, why=None):
-        shown = [f"{k} ({why[k]})" if why else k for k in keys[:6]]
+        shown = [f"{k} ({why[k]})" if why and k in why else k for k in keys[:6]]
         return ", ".join(shown) + (f", ... ({len(keys) - 6} more)" if len(keys) > 6 else "")
 
     change = "the same classes" if same_classes else f"{len(old_classes)} classes -> {len(classes)}"
     lines = [f"{where}: preset {preset}, {change}; loaded {len(loaded)} of {len(mine)} tensors"]
     if new_classes:
-        lines.append(f"  re-initialised for the new classes: {names(new_classes)}")
+        lines.append(f"  re-initialised for the new classes: {names(new_classes, head_shapes)}")
     if shape:
         lines.append(f"  re-initialised, shape differs: {names(list(shape), shape)}")
     if missing:

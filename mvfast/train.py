@@ -9,8 +9,8 @@
     python -m mvfast.train --data csv --data-root list.csv     # path,label[,title][,split]
     python -m mvfast.train --config run.yaml --lr 1e-3         # a YAML file of these settings; flags win
     python -m mvfast.train --out runs/x --resume               # continue runs/x/last.pt exactly
-    python -m mvfast.train --data csv --data-root new.csv --init-from runs/x/best.pt --freeze scene \
-        --lr-mult behaviour=0.1                                # fine-tune on new classes, a new run
+    python -m mvfast.train --data csv --data-root new.csv --init-from runs/x/best.pt  # new classes, new run
+    python -m mvfast.train ... --init-from runs/x/best.pt --freeze scene --lr-mult behaviour=0.1
     python -m mvfast.train --data csv --data-root tags.csv --multi-label --class-weights auto
     python -m mvfast.train --optimizer sgd --lr 0.01 --accumulate 4 --ema --patience 3
     torchrun --nproc_per_node 2 -m mvfast.train                # DDP: gloo on CPU, nccl on GPUs

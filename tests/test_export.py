@@ -202,3 +202,24 @@ def test_the_serving_benchmark_runs(tmp_path):
     assert "| eager-mvfast |" in proc.stdout and "| batch 2 |" in proc.stdout
     rows = json.loads((tmp_path / "s.json").read_text())["results"]
     assert len(rows) == 4 and all(r["max_difference"] < 1e-4 for r in rows)
+
+
+def test_predict_takes_the_exported_folder(exported, tmp_path, capsys):
+    pytest.importorskip("av", reason="PyAV is needed to write and decode the video")
+    import numpy as np
+
+    import mvfast.predict
+    from mvfast.data.encode import encode_video
+
+    out, _, _ = exported
+    frames = np.random.default_rng(0).integers(0, 255, (25, 64, 64, 3)).astype(np.uint8)
+    video = encode_video(tmp_path / "clip.mp4", frames, fps=12.5)
+    assert mvfast.predict.main([str(out), str(video), "--json", "--top-k", "2"]) == 0
+    result = json.loads(capsys.readouterr().out)
+    assert result["checkpoint"] == str(out)
+    top = result["predictions"][0]["top"]
+    assert (
+        len(top) == 2
+        and {t["label"] for t in top} <= set(CLASSES)
+        and "labels" not in result["predictions"][0]
+    )

@@ -78,6 +78,7 @@ def test_init_from_new_classes_with_frozen_parts_and_lr_mult(run, tmp_path, env)
     reinit = next(line for line in log.splitlines() if "re-initialised for the new classes" in line)
     heads = ("classifier.weight", "classifier.bias", "rgb.head.weight", "motion.head.bias")
     assert all(k in reinit for k in heads) and "conv" not in reinit, reinit
+    assert "classifier.weight ((3, 40) in the checkpoint, (2, 40) here)" in reinit, reinit
     assert "warning: --freeze keeps 2 freshly initialised tensors" in log  # rgb.head is frozen too
     old, new = weights(source), weights(out / "last.pt")
     for k in old:
