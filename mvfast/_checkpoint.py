@@ -9,6 +9,10 @@ A run folder holds two kinds:
 
 Both carry the run's settings (``config``), the model's ``model_spec`` (preset, classes, overrides), its
 ``data_config`` and ``classes``, so either builds the model again (:func:`model_from_checkpoint`).
+
+A folder written by ``python -m mvfast.export`` (``model.safetensors`` + ``config.json``, no pickle) reads as
+a checkpoint of kind "exported" with the same keys (:func:`load_checkpoint`), so every command that takes a
+checkpoint takes it too; :func:`init_from` starts a new run from either.
 """
 
 from __future__ import annotations
@@ -25,7 +29,8 @@ from mvfast._cli import CLIError
 from mvfast.utils import atomic_write
 
 FORMAT = 1
-TRAINING, WEIGHTS = "training", "weights"
+TRAINING, WEIGHTS, EXPORTED = "training", "weights", "exported"
+EXPORT_CONFIG, EXPORT_WEIGHTS = "config.json", "model.safetensors"
 
 
 def atomic_save(obj, path: str | os.PathLike) -> Path:
@@ -47,6 +52,8 @@ def load_checkpoint(path: str | os.PathLike, map_location="cpu") -> dict:
     """A checkpoint written by python -m mvfast.train (or its run folder's last.pt), loaded with
     weights_only=True; ``ckpt["path"]`` says where it was read from."""
     path = Path(path)
+    if path.is_dir() and (path / EXPORT_CONFIG).is_file():
+        return load_exported(path)
     if path.is_dir():
         found = latest_checkpoint(path)
         if found is None:
@@ -66,6 +73,39 @@ def load_checkpoint(path: str | os.PathLike, map_location="cpu") -> dict:
     ckpt.setdefault("kind", TRAINING)  # written before best.pt held the weights alone
     ckpt["path"] = str(path)
     return ckpt
+
+
+def load_exported(folder: Path) -> dict:
+    """An exported folder as a checkpoint dict (kind "exported"): the weights of model.safetensors and what
+    config.json says (model_spec, data_config, classes, the run's settings)."""
+    import json
+
+    try:
+        meta = json.loads((folder / EXPORT_CONFIG).read_text(encoding="utf-8"))
+    except (OSError, ValueError) as e:
+        raise CLIError(f"{str(folder / EXPORT_CONFIG)!r} is not valid JSON: {e}") from None
+    if not isinstance(meta, dict) or meta.get("format") != "mvfast-export":
+        raise CLIError(f"{str(folder / EXPORT_CONFIG)!r} is not the config of an mvfast export")
+    weights = folder / EXPORT_WEIGHTS
+    if not weights.is_file():
+        raise CLIError(f"exported folder {str(folder)!r} has no {EXPORT_WEIGHTS}")
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    try:
+        state = load_file(str(weights))
+    except (SafetensorError, OSError) as e:
+        raise CLIError(f"cannot read {str(weights)!r}: {str(e).splitlines()[0]}") from None
+    return {
+        "format": FORMAT,
+        "kind": EXPORTED,
+        "model": state,
+        "model_spec": meta["model_spec"],
+        "data_config": meta["data_config"],
+        "classes": meta["classes"],
+        "config": meta.get("settings", {}),
+        "path": str(folder),
+    }
 
 
 def latest_checkpoint(folder: str | os.PathLike) -> Path | None:
@@ -125,7 +165,9 @@ def data_config_from_dict(d: dict):
 def model_from_checkpoint(ckpt: dict, device="cpu"):
     """(model in eval mode with the checkpoint's weights, its DataConfig, class names)."""
     spec = ckpt["model_spec"]
-    model = build_model(spec)
+    # The scene weights files were read when the run began; the checkpoint holds what they became.
+    overrides = {k: v for k, v in spec["overrides"].items() if k != "scene_weights"}
+    model = build_model({**spec, "overrides": overrides})
     try:
         model.load_state_dict(ckpt["model"])
     except RuntimeError as e:
@@ -134,6 +176,62 @@ def model_from_checkpoint(ckpt: dict, device="cpu"):
         ) from None
     model.to(device).eval()
     return model, data_config_from_dict(ckpt["data_config"]), list(ckpt["classes"])
+
+
+def init_from(model, path, classes: list, preset: str) -> tuple[list[str], list[str]]:
+    """Loads into `model` every tensor of the checkpoint or exported folder at `path` whose name and shape
+    match, for a new run on `classes`; returns the lines that say what was loaded and what not, and why, and
+    the names of the tensors left as initialised.
+
+    When the classes differ from the checkpoint's (in number or names), the layers whose outputs are the
+    classes (``model.class_heads()``: the classifier, and the behaviour heads where they give the classes)
+    keep their fresh initialisation even where their shapes happen to match. A checkpoint of another preset,
+    or one of which nothing fits, is a CLIError that lists what did not match.
+    """
+    ckpt = load_checkpoint(path)
+    theirs, mine = ckpt["model"], model.state_dict()
+    spec = ckpt["model_spec"]
+    old_classes = [str(c) for c in ckpt["classes"]]
+    same_classes = old_classes == [str(c) for c in classes]
+    heads = () if same_classes else tuple(getattr(model, "class_heads", lambda: ())())
+    shape = {
+        k: f"{tuple(theirs[k].shape)} in the checkpoint, {tuple(v.shape)} here"
+        for k, v in mine.items()
+        if k in theirs and tuple(theirs[k].shape) != tuple(v.shape)
+    }
+    new_classes = [k for k in mine if k in theirs and heads and k.startswith(heads)]
+    head_shapes = {k: why for k, why in shape.items() if k in new_classes}
+    shape = {k: why for k, why in shape.items() if k not in new_classes}
+    missing = [k for k in mine if k not in theirs]
+    unused = [k for k in theirs if k not in mine]
+    loaded = [k for k in mine if k in theirs and k not in shape and k not in new_classes]
+    where = f"--init-from {ckpt['path']}"
+    if spec["preset"] != preset or not loaded:
+        listing = "; ".join(f"{k}: {why}" for k, why in list(shape.items())[:3])
+        raise CLIError(
+            f"{where} holds a model of preset {spec['preset']!r} with {len(old_classes)} classes, not one "
+            f"for preset {preset!r}: {len(loaded)} of {len(mine)} tensors match; {len(shape)} differ in "
+            f"shape ({listing or 'none'}), {len(missing)} are missing, {len(unused)} are unused"
+        )
+    with torch.no_grad():
+        for k in loaded:
+            mine[k].copy_(theirs[k])
+
+    def names(keys, why=None):
+        shown = [f"{k} ({why[k]})" if why and k in why else k for k in keys[:6]]
+        return ", ".join(shown) + (f", ... ({len(keys) - 6} more)" if len(keys) > 6 else "")
+
+    change = "the same classes" if same_classes else f"{len(old_classes)} classes -> {len(classes)}"
+    lines = [f"{where}: preset {preset}, {change}; loaded {len(loaded)} of {len(mine)} tensors"]
+    if new_classes:
+        lines.append(f"  re-initialised for the new classes: {names(new_classes, head_shapes)}")
+    if shape:
+        lines.append(f"  re-initialised, shape differs: {names(list(shape), shape)}")
+    if missing:
+        lines.append(f"  re-initialised, not in the checkpoint: {names(missing)}")
+    if unused:
+        lines.append(f"  not used, not in this model: {names(unused)}")
+    return lines, [*new_classes, *shape, *missing]
 
 
 def rng_state() -> dict:

@@ -18,6 +18,7 @@ from mvfast._cli import BACKEND_HELP, DEVICE_HELP, CLIError
 
 DEFAULT_OUT = "runs/train"
 SCHEDULES = ("cosine", "linear", "constant")
+OPTIMIZERS = ("adamw", "sgd")
 
 
 def setting(default, help: str, *, shown: str | None = None, data: bool = False, invocation: bool = False):
@@ -111,26 +112,81 @@ class TrainConfig:
         "as YAML)",
         shown="none",
     )
+    # labels and loss
+    multi_label: bool = setting(
+        False,
+        "each video has any number of classes (csv data: labels as a|b|c): binary cross-entropy with logits, "
+        "a sigmoid per class, and mAP and F1 instead of top-1 for choosing best.pt and early stopping",
+    )
+    threshold: float = setting(
+        0.5, "multi-label: a class is predicted where its score is at least this (F1, precision, recall)"
+    )
+    label_smoothing: float = setting(0.0, "label smoothing of the loss, in [0, 1)")
+    class_weights: str = setting(
+        "none",
+        "none, or auto: per-class loss weights from the training labels (single-label: N / (C * videos of "
+        "the class); multi-label: BCE's pos_weight, negatives / positives of the class)",
+    )
+    # fine-tuning
+    init_from: str | None = setting(
+        None,
+        "start a new run from the weights of a checkpoint (or an exported folder): every tensor whose name "
+        "and shape match is loaded, and the classifier and behaviour heads are re-initialised when the "
+        "classes differ; the log lists what was loaded and what not, and why",
+        shown="off",
+    )
+    freeze: str | None = setting(
+        None,
+        "comma-separated parts of the model to keep as they are (no gradient, BatchNorm statistics kept), "
+        "e.g. scene,behaviour or behaviour.rgb",
+        shown="none",
+    )
+    lr_mult: str | None = setting(
+        None, "learning-rate multipliers of parts of the model, e.g. scene=0.1,behaviour=0.5", shown="none"
+    )
     # optimisation
     epochs: int = setting(10, "passes over the training set")
     steps: int | None = setting(
         None, "total optimizer steps; replaces --epochs when given", shown="--epochs passes"
     )
     batch_size: int = setting(8, "clips per step and process")
-    lr: float = setting(2e-3, "peak learning rate (AdamW), reached at the end of the warm-up")
+    accumulate: int = setting(
+        1,
+        "batches whose gradients are added up for each optimizer step (an effective batch of N times "
+        "--batch-size)",
+    )
+    optimizer: str = setting("adamw", "adamw (betas 0.9, 0.95) or sgd (with --momentum)")
+    momentum: float = setting(0.9, "the momentum of --optimizer sgd")
+    lr: float = setting(2e-3, "peak learning rate, reached at the end of the warm-up")
     schedule: str = setting(
         "cosine", "the learning rate after the warm-up: cosine or linear (down to --min-lr), or constant"
     )
     warmup_steps: int = setting(20, "steps of linear warm-up from 0 to --lr")
     min_lr: float = setting(1e-5, "where the cosine and linear schedules end")
-    weight_decay: float = setting(0.05, "AdamW weight decay (not applied to biases and norm weights)")
+    weight_decay: float = setting(0.05, "weight decay (not applied to biases and norm weights)")
     grad_clip: float = setting(1.0, "largest gradient norm; 0 turns clipping off")
+    ema: bool = setting(
+        False,
+        "keep an exponential moving average of the weights (torch.optim.swa_utils.AveragedModel, buffers "
+        "too): validation, best.pt and the summary use it",
+    )
+    ema_decay: float = setting(0.999, "--ema: the average's decay per optimizer step")
+    patience: int = setting(
+        0,
+        "stop when validation top-1 (mAP with --multi-label) has not improved for this many validations; 0 "
+        "never stops early",
+    )
     seed: int = setting(0, "seed of the model's initial weights, augmentation, data order and dropout")
     # system
     device: str = setting("auto", DEVICE_HELP)
     backend: str = setting("auto", BACKEND_HELP)
     amp: bool = setting(False, "mixed precision: bfloat16 where supported, else float16 with loss scaling")
     compile: bool = setting(False, "torch.compile the model")
+    sync_bn: bool = setting(
+        False,
+        "under torchrun on GPUs, BatchNorm statistics over all processes (SyncBatchNorm; the fused "
+        "Conv+BN+ReLU blocks then run unfused); ignored on CPUs and in one process",
+    )
     threads: int = setting(0, "torch intra-op threads; 0 leaves the number to PyTorch", invocation=True)
     # output
     out: str | None = setting(
@@ -266,6 +322,10 @@ def resolve(argv, prog: str, description: str) -> tuple[TrainConfig, dict | None
     if resume:
         if values.get("force"):
             raise CLIError("--resume continues a run and --force starts a new one: give one of them")
+        if values.get("init_from"):
+            raise CLIError(
+                "--resume continues a run and --init-from starts a new one from weights: give one of them"
+            )
         folder = Path(values.get("out") or DEFAULT_OUT)
         path = latest_checkpoint(folder) if resume == "auto" else Path(resume)
         if path is None:
@@ -310,6 +370,24 @@ def check(cfg: TrainConfig) -> None:
         raise CLIError(f"--steps must be >= 1, got {cfg.steps}")
     if not cfg.lr > 0:
         raise CLIError(f"--lr must be > 0, got {cfg.lr}")
+    if cfg.accumulate < 1:
+        raise CLIError(f"--accumulate must be >= 1, got {cfg.accumulate}")
+    if cfg.patience < 0:
+        raise CLIError(f"--patience must be >= 0, got {cfg.patience}")
+    if cfg.optimizer not in OPTIMIZERS:
+        raise CLIError(f"unknown --optimizer {cfg.optimizer!r}; choose {', '.join(OPTIMIZERS)}")
+    if not 0 <= cfg.momentum < 1:
+        raise CLIError(f"--momentum must be in [0, 1), got {cfg.momentum}")
+    if not 0 < cfg.ema_decay < 1:
+        raise CLIError(f"--ema-decay must be in (0, 1), got {cfg.ema_decay}")
+    if not 0 < cfg.threshold < 1:
+        raise CLIError(f"--threshold must be in (0, 1), got {cfg.threshold}")
+    if not 0 <= cfg.label_smoothing < 1:
+        raise CLIError(f"--label-smoothing must be in [0, 1), got {cfg.label_smoothing}")
+    if cfg.class_weights not in ("none", "auto"):
+        raise CLIError(f"--class-weights must be none or auto, got {cfg.class_weights!r}")
+    parse_parts(cfg.freeze, "--freeze")
+    parse_lr_mult(cfg.lr_mult)
     if cfg.schedule not in SCHEDULES:
         raise CLIError(f"unknown --schedule {cfg.schedule!r}; choose {', '.join(SCHEDULES)}")
     if cfg.dropout is not None and not 0 <= cfg.dropout < 1:
@@ -340,14 +418,52 @@ def parse_modalities(value) -> tuple[str, ...] | None:
     return tuple(names)
 
 
+def parse_parts(value, flag: str) -> tuple[str, ...]:
+    """ "scene,behaviour" (or a list) -> ("scene", "behaviour"); None -> (). The names are checked against the
+    model's modules when it is built."""
+    if value is None:
+        return ()
+    names = [n.strip() for n in (value.split(",") if isinstance(value, str) else value) if n.strip()]
+    if not names:
+        raise CLIError(f"{flag}: no part named in {value!r}")
+    return tuple(dict.fromkeys(names))
+
+
+def parse_lr_mult(value) -> dict[str, float]:
+    """ "scene=0.1,behaviour=0.5" (or a mapping) -> {"scene": 0.1, "behaviour": 0.5}."""
+    if value is None:
+        return {}
+    items = (
+        value.items() if isinstance(value, dict) else [i.split("=", 1) for i in str(value).split(",") if i]
+    )
+    out = {}
+    for item in items:
+        if len(item) != 2:
+            raise CLIError(f"--lr-mult expects PART=FACTOR[,PART=FACTOR...], got {value!r}")
+        name, factor = str(item[0]).strip(), item[1]
+        try:
+            factor = float(factor)
+        except (TypeError, ValueError):
+            raise CLIError(f"--lr-mult {name}: the factor must be a number, got {factor!r}") from None
+        if not name or factor < 0:
+            raise CLIError(f"--lr-mult expects PART=FACTOR with a factor >= 0, got {value!r}")
+        out[name] = factor
+    return out
+
+
 def model_overrides(cfg: TrainConfig) -> dict:
-    """The model config fields the settings change: --set, --modalities and --dropout."""
+    """The model config fields the settings change: --set, --modalities, --dropout, --multi-label and
+    --label-smoothing (class weights, which need the data, are added by train)."""
     overrides = dict(cfg.overrides)
     modalities = parse_modalities(cfg.modalities)
     if modalities is not None:
         overrides["modalities"] = modalities
     if cfg.dropout is not None:
         overrides["dropout"] = cfg.dropout
+    if cfg.multi_label:
+        overrides["multi_label"] = True
+    if cfg.label_smoothing:
+        overrides["label_smoothing"] = cfg.label_smoothing
     return overrides
 
 

@@ -11,7 +11,25 @@ import numpy as np
 import torch
 
 from mvfast._cli import to_device
-from mvfast.metrics import classification_metrics, video_level
+from mvfast.metrics import classification_metrics, multilabel_metrics, video_level
+
+
+def is_multi_label(model) -> bool:
+    """Whether the model scores each class on its own (a sigmoid per class) rather than one of them."""
+    return bool(getattr(model.config, "multi_label", False))
+
+
+def scores(logits: torch.Tensor, multi_label: bool = False) -> torch.Tensor:
+    """Class scores (float32[B, C]) of logits (B, C): a softmax over the classes, or with multi_label a
+    sigmoid per class."""
+    logits = logits.float()
+    return logits.sigmoid() if multi_label else logits.softmax(1)
+
+
+def labels_over(class_scores: torch.Tensor, threshold: float) -> list[int]:
+    """The classes whose score (float[C]) is at least `threshold`, highest first: a multi-label prediction."""
+    picked = (class_scores >= threshold).nonzero().flatten()
+    return picked[class_scores[picked].argsort(descending=True)].tolist()
 
 
 def _sync(device: torch.device) -> None:
@@ -44,15 +62,15 @@ def prepare(path, data_cfg, title: str | None = None) -> tuple[dict, dict]:
 
 @torch.no_grad()
 def predict_file(model, path, data_cfg, device, title: str | None = None) -> dict:
-    """probs (float[C], mean over the clips), attention (float[F, H] mean over the clips, or None),
-    decode_ms, model_ms and the facts of :func:`prepare`."""
+    """probs (float[C], the class scores' mean over the clips; sigmoids for a multi-label model), attention
+    (float[F, H] mean over the clips, or None), decode_ms, model_ms and the facts of :func:`prepare`."""
     t0 = time.perf_counter()
     batch, facts = prepare(path, data_cfg, title)
     batch = to_device(batch, device)
     _sync(device)
     t1 = time.perf_counter()
     out = model(batch)
-    probs = out["logits"].float().softmax(1).mean(0).cpu()
+    probs = scores(out["logits"], is_multi_label(model)).mean(0).cpu()
     _sync(device)
     t2 = time.perf_counter()
     attention = out.get("attention")
@@ -94,12 +112,14 @@ def time_inference(model, items, data_cfg, device, use_titles: bool = True) -> d
 def infer(model, loader, loss_fn, device, amp_dtype=None, gather=None) -> dict | None:
     """Runs `model` in eval mode over a test-mode loader.
 
-    Returns {"probs" float[N, C], "labels" int64[N], "video_index" int64[N], "loss" (mean of loss_fn over the
+    Returns {"probs" float[N, C] (the class scores, :func:`scores`), "labels" int64[N] (multi-hot int64[N, C]
+    for multi-label data), "video_index" int64[N], "loss" (mean of loss_fn over the
     batches, weighted by size), "num_skipped", "skipped"}, or None when no clip could be decoded. `gather`
     (all_gather of a picklable object, under DDP) combines the ranks' shards; every rank gets the result.
     """
     was_training = model.training
     model.eval()
+    multi_label = is_multi_label(model)
     probs, labels, videos, loss_sum, skipped = [], [], [], 0.0, []
     for batch in loader:
         skipped += batch["skipped"]
@@ -109,10 +129,10 @@ def infer(model, loader, loss_fn, device, amp_dtype=None, gather=None) -> dict |
         with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
             out = model(batch)
             loss = loss_fn(out, batch["label"])
-        probs.append(out["logits"].float().softmax(1).cpu())
+        probs.append(scores(out["logits"], multi_label).cpu())
         labels.append(batch["label"].cpu())
         videos.append(batch["video_index"].cpu())
-        loss_sum += float(loss) * batch["label"].numel()
+        loss_sum += float(loss) * batch["label"].shape[0]
     model.train(was_training)
     part = {
         "probs": torch.cat(probs) if probs else None,
@@ -125,7 +145,7 @@ def infer(model, loader, loss_fn, device, amp_dtype=None, gather=None) -> dict |
     kept = [p for p in parts if p["probs"] is not None]
     if not kept:
         return None
-    count = sum(p["labels"].numel() for p in kept)
+    count = sum(p["labels"].shape[0] for p in kept)
     return {
         "probs": torch.cat([p["probs"] for p in kept]),
         "labels": torch.cat([p["labels"] for p in kept]),
@@ -136,9 +156,15 @@ def infer(model, loader, loss_fn, device, amp_dtype=None, gather=None) -> dict |
     }
 
 
-def validation_metrics(result: dict, num_classes: int) -> tuple[dict, dict]:
-    """(clip-level, video-level) metrics of an :func:`infer` result. The loss of both is the clips' mean."""
-    clip = classification_metrics(result["probs"], result["labels"], num_classes, loss=result["loss"])
+def validation_metrics(
+    result: dict, num_classes: int, multi_label: bool = False, threshold: float = 0.5
+) -> tuple[dict, dict]:
+    """(clip-level, video-level) metrics of an :func:`infer` result. The loss of both is the clips' mean.
+    Multi-label: :func:`mvfast.metrics.multilabel_metrics` at `threshold`."""
     vp, vl, _ = video_level(result["probs"], result["labels"], result["video_index"])
+    if multi_label:
+        clip = multilabel_metrics(result["probs"], result["labels"], threshold, loss=result["loss"])
+        return clip, multilabel_metrics(vp, vl, threshold, loss=result["loss"])
+    clip = classification_metrics(result["probs"], result["labels"], num_classes, loss=result["loss"])
     video = classification_metrics(vp, vl, num_classes, loss=result["loss"])
     return clip, video

@@ -21,6 +21,14 @@ from mvfast._cli import CLIError
 from mvfast._config import DEFAULT_OUT
 
 METRIC_KEYS = ("loss", "precision", "recall", "top1", "top5", "mean_class_accuracy")
+# multi-label: mvfast.metrics.multilabel_metrics (map on validation only: it needs every score)
+MULTI_LABEL_KEYS = ("loss", "map", "micro_f1", "macro_f1", "precision", "recall", "top1")
+
+
+def metric_keys(multi_label: bool) -> tuple[str, ...]:
+    return MULTI_LABEL_KEYS if multi_label else METRIC_KEYS
+
+
 # A folder holds a run once one of these is there: the run has trained (or finished).
 RUN_MARKERS = ("last.pt", "best.pt", "summary.json")
 # What a run writes, and --force removes.
@@ -113,7 +121,10 @@ def tensorboard(out: Path, log: RunLog):
 def epoch_line(row: dict, epochs: int) -> str:
     """The log line of an epoch's row of metrics.csv."""
     val = ""
-    if "val_top1" in row:
+    if "val_map" in row:
+        val = f" | val loss {row['val_loss']:.3f} mAP {row['val_map']:.3f} F1 {row['val_micro_f1']:.3f}"
+        val += f" (clips mAP {row['val_clip_map']:.3f})"
+    elif "val_top1" in row:
         val = f" | val loss {row['val_loss']:.3f} top-1 {row['val_top1']:.3f}"
         val += f" (clips {row['val_clip_top1']:.3f})"
     skipped = f" | skipped {row['skipped']} files" if row.get("skipped") else ""
@@ -175,14 +186,16 @@ def plot_history(out: Path, history: list[dict]) -> None:
         os.replace(out / f".{name}.tmp.png", out / name)
 
 
-def convergence(history: list[dict]) -> dict | None:
-    """Training time until validation top-1 first came within 0.01 of the run's best."""
-    vals = [r for r in history if "val_top1" in r]
+def convergence(history: list[dict], monitor: str = "top1") -> dict | None:
+    """Training time until validation top-1 (or another `monitor`) first came within 0.01 of the run's
+    best."""
+    key = f"val_{monitor}"
+    vals = [r for r in history if key in r]
     if not vals:
         return None
-    best = max(r["val_top1"] for r in vals)
-    first = next(r for r in vals if r["val_top1"] >= best - 0.01)
-    return {"seconds": first["time"], "epoch": first["epoch"], "val_top1": first["val_top1"]}
+    best = max(r[key] for r in vals)
+    first = next(r for r in vals if r[key] >= best - 0.01)
+    return {"seconds": first["time"], "epoch": first["epoch"], key: first[key]}
 
 
 def summary_table(summary: dict) -> str:
@@ -193,8 +206,12 @@ def summary_table(summary: dict) -> str:
         ("top-1", "top1"),
         ("top-5", "top5"),
         ("mean class accuracy", "mean_class_accuracy"),
+        ("mAP", "map"),
+        ("micro F1", "micro_f1"),
+        ("macro F1", "macro_f1"),
         ("loss", "loss"),
     ]
+    rows = [(name, k) for name, k in rows if k in t or k in v]
 
     def fmt(d, k):
         return f"{d[k]:.3f}" if k in d else "-"

@@ -18,7 +18,7 @@ from pathlib import Path
 
 from mvfast._checkpoint import load_checkpoint, model_from_checkpoint
 from mvfast._cli import CLIError, add_device_flags, pick_device, run_main, set_backend
-from mvfast._inference import predict_file
+from mvfast._inference import is_multi_label, labels_over, predict_file
 
 
 def predict(argv=None) -> list[dict]:
@@ -39,6 +39,12 @@ def predict(argv=None) -> list[dict]:
     )
     parser.add_argument("--test-clips", type=int, help="clips averaged per video (default: the checkpoint's)")
     parser.add_argument("--json", action="store_true", help="print JSON instead of text (default: off)")
+    parser.add_argument(
+        "--threshold",
+        type=float,
+        help="multi-label models: the labels are the classes scored at least this "
+        "(default: the checkpoint's)",
+    )
     add_device_flags(parser)
     args = parser.parse_args(argv)
     if args.title and len(args.title) != len(args.videos):
@@ -55,6 +61,7 @@ def predict(argv=None) -> list[dict]:
     device = pick_device(args.device)
     set_backend(args.backend, device)
     model, data_cfg, classes = model_from_checkpoint(ckpt, device)
+    threshold = args.threshold if args.threshold is not None else ckpt["config"].get("threshold", 0.5)
     if args.test_clips:
         data_cfg = data_cfg.replace(test_clips=args.test_clips)
     results, failed = [], 0
@@ -80,6 +87,8 @@ def predict(argv=None) -> list[dict]:
             "model_ms": round(r["model_ms"], 2),
             "clips": data_cfg.test_clips,
         }
+        if is_multi_label(model):  # scores are sigmoids: the labels are those over the threshold
+            entry["labels"] = [str(classes[j]) for j in labels_over(r["probs"], threshold)]
         if r["attention"] is not None:
             weights = r["attention"][:, 0] if r["attention"].dim() == 2 else r["attention"]  # first head
             order = weights.argsort(descending=True).tolist()
@@ -97,6 +106,8 @@ def predict(argv=None) -> list[dict]:
                 f"{path}  (decode {entry['decode_ms']:.1f} ms, model {entry['model_ms']:.1f} ms, "
                 f"{entry['clips']} clips)"
             )
+            if "labels" in entry:
+                print(f"  labels (score >= {threshold:g}): {', '.join(entry['labels']) or 'none'}")
             for t in entry["top"]:
                 print(f"  {t['prob']:6.3f}  {t['label']}")
             if "key_frames" in entry:

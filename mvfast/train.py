@@ -9,6 +9,10 @@
     python -m mvfast.train --data csv --data-root list.csv     # path,label[,title][,split]
     python -m mvfast.train --config run.yaml --lr 1e-3         # a YAML file of these settings; flags win
     python -m mvfast.train --out runs/x --resume               # continue runs/x/last.pt exactly
+    python -m mvfast.train --data csv --data-root new.csv --init-from runs/x/best.pt  # new classes, new run
+    python -m mvfast.train ... --init-from runs/x/best.pt --freeze scene --lr-mult behaviour=0.1
+    python -m mvfast.train --data csv --data-root tags.csv --multi-label --class-weights auto
+    python -m mvfast.train --optimizer sgd --lr 0.01 --accumulate 4 --ema --patience 3
     torchrun --nproc_per_node 2 -m mvfast.train                # DDP: gloo on CPU, nccl on GPUs
 
 Every setting below is a flag; model config fields without a flag of their own: --set name=value.
@@ -16,14 +20,16 @@ Every setting below is a flag; model config fields without a flag of their own: 
 Each run gets its own folder: --out, or else runs/train (runs/train-2, ... when that holds a run). An --out
 that holds a run is refused unless --resume continues it or --force starts over. The folder gets
 config.yaml (the resolved settings), train.log (what the console showed), last.pt (the training state,
-every --ckpt-every steps and at each epoch end), best.pt (the weights of the best validation top-1, with
-what evaluate and predict need), metrics.csv (a row per epoch), precision.png and loss.png (the paper's
-Fig. 3 and 4), summary.md / summary.json (the rows of Table 1), tensorboard/ with --tensorboard.
+every --ckpt-every steps and at each epoch end), best.pt (the weights of the best validation top-1, or mAP
+with --multi-label, with what evaluate and predict need; the averaged weights with --ema), metrics.csv (a
+row per epoch), precision.png and loss.png (the paper's Fig. 3 and 4), summary.md / summary.json (the rows
+of Table 1), tensorboard/ with --tensorboard.
 Ctrl-C (or SIGTERM) saves last.pt at the next step boundary and exits; --resume continues bit for bit.
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import math
 import random
@@ -46,12 +52,14 @@ from mvfast._config import (
     model_config,
     model_overrides,
     open_source,
+    parse_lr_mult,
+    parse_parts,
     resolve,
     to_yaml,
 )
-from mvfast._inference import infer, time_inference, validation_metrics
+from mvfast._inference import infer, scores, time_inference, validation_metrics
 from mvfast.data.samplers import ResumableSampler, SeededClips, Shard, ignore_sigint
-from mvfast.metrics import Accumulator
+from mvfast.metrics import Accumulator, MultiLabelAccumulator
 
 
 def lr_at(step: int, total: int, cfg: TrainConfig) -> float:
@@ -65,12 +73,72 @@ def lr_at(step: int, total: int, cfg: TrainConfig) -> float:
     return cfg.min_lr + 0.5 * (cfg.lr - cfg.min_lr) * (1 + math.cos(math.pi * progress))
 
 
-def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
-    decay, no_decay = [], []
-    for p in model.parameters():
+def part_of(name: str, parts) -> str | None:
+    """The longest of `parts` (module names) that parameter `name` lies in, or None."""
+    hits = [p for p in parts if name == p or name.startswith(p + ".")]
+    return max(hits, key=len) if hits else None
+
+
+def param_groups(model: torch.nn.Module, weight_decay: float, lr_mult: dict | None = None) -> list[dict]:
+    """Weight decay on matrices and kernels only; one pair of groups per --lr-mult part (``lr_mult`` set),
+    then the rest at the full learning rate."""
+    lr_mult = lr_mult or {}
+    groups: dict = {}
+    for name, p in model.named_parameters():
         if p.requires_grad:
-            (decay if p.dim() >= 2 else no_decay).append(p)
-    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+            part = part_of(name, lr_mult)
+            groups.setdefault((part, p.dim() >= 2), []).append(p)
+    out = []
+    for part in [*lr_mult, None]:
+        for decay in (True, False):
+            if (part, decay) in groups or (part is None and not lr_mult):
+                group = {
+                    "params": groups.get((part, decay), []),
+                    "weight_decay": weight_decay if decay else 0.0,
+                }
+                if part is not None:
+                    group["lr_mult"] = lr_mult[part]
+                out.append(group)
+    return out
+
+
+def check_parts(model: torch.nn.Module, names, flag: str) -> None:
+    modules = dict(model.named_modules())
+    bad = [n for n in names if n not in modules]
+    if bad:
+        top = ", ".join(n for n, _ in model.named_children())
+        raise CLIError(
+            f"{flag}: the model has no part {', '.join(bad)}; its parts are {top} (or dotted below)"
+        )
+
+
+def sync_batchnorm(model: torch.nn.Module) -> int:
+    """Every BatchNorm of the model as a SyncBatchNorm; returns how many.
+
+    A fused Conv+BN+ReLU block holds an nn.BatchNorm but computes its batch statistics inside the fused op,
+    on this process's batch: converting the BatchNorm inside it would change nothing. So the blocks are
+    unfused first (same parameters and buffers, same state_dict keys), and the BatchNorms converted then.
+    """
+    from mvfast.nn.fuse import unfuse
+
+    unfuse(model)
+    count = sum(isinstance(m, torch.nn.modules.batchnorm._BatchNorm) for m in model.modules())
+    converted = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
+    assert converted is model  # the model is not itself a BatchNorm
+    return count
+
+
+def auto_class_weights(items, num_classes: int, multi_label: bool) -> list[float]:
+    """--class-weights auto from the training videos: single-label N / (C * n_c); multi-label BCE's
+    pos_weight (N - n_c) / n_c. A class without videos gets 1."""
+    counts = [0] * num_classes
+    for item in items:
+        for label in item.labels if multi_label and item.labels is not None else (item.label,):
+            counts[label] += 1
+    n = len(items)
+    if multi_label:
+        return [(n - c) / c if c else 1.0 for c in counts]
+    return [n / (num_classes * c) if c else 1.0 for c in counts]
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -115,21 +183,41 @@ class Learner:
     scaler: torch.amp.GradScaler
     amp_dtype: torch.dtype | None
     spec: dict  # mvfast._checkpoint.model_spec
+    ema: torch.optim.swa_utils.AveragedModel | None = None  # with --ema
+    frozen: tuple = ()  # --freeze: module names kept in eval mode
+    multi_label: bool = False
+
+    @property
+    def monitor(self) -> str:
+        """The validation metric that chooses best.pt and stops early."""
+        return "map" if self.multi_label else "top1"
+
+    @property
+    def evaluated(self) -> torch.nn.Module:
+        """The weights that validation, best.pt and the summary use: the average with --ema."""
+        return self.ema.module if self.ema is not None else self.model
+
+    def new_accumulator(self, num_classes: int, threshold: float):
+        if self.multi_label:
+            return MultiLabelAccumulator(num_classes, threshold)
+        return Accumulator(num_classes)
 
 
 @dataclass
 class Progress:
     """The counters a checkpoint holds besides the model and the optimizer."""
 
-    train_acc: Accumulator
+    train_acc: Accumulator | MultiLabelAccumulator
     step: int = 0
     epoch: int = 0
     position: int = 0  # batches of this epoch done
     history: list = field(default_factory=list)
     train_seconds: float = 0.0
-    best_top1: float = -1.0
+    best_top1: float = -1.0  # the best validation value of the learner's monitor (top-1, or mAP)
     lr: float = 0.0
     steps_this_run: int = 0
+    stale: int = 0  # validations since the monitor last improved (--patience)
+    early_stopped: bool = False
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -152,7 +240,7 @@ def train(argv=None) -> dict:
         learner.net = parallel(job, learner.model)
         job.log(describe(job, data, learner))
         with StopSignal() as stop:
-            while progress.step < data.total_steps:
+            while progress.step < data.total_steps and not progress.early_stopped:
                 if not run_epoch(job, data, learner, progress, stop):
                     return stopped(job, data, learner, progress, stop)
                 end_of_epoch(job, data, learner, progress)
@@ -205,8 +293,9 @@ def loaders(job: Job, data_cfg) -> Data:
 
     def dataset(items, training: bool):
         ds = VideoDataset(
-            items, source.classes, data_cfg, training, cfg.cache, source.use_titles, source.name
-        )
+            items, source.classes, data_cfg, training, cfg.cache, source.use_titles, source.name,
+            multi_label=cfg.multi_label,
+        )  # fmt: skip
         ds.log_skips = False  # the loop's SkipCounter reports them, once per file
         return ds
 
@@ -217,7 +306,8 @@ def loaders(job: Job, data_cfg) -> Data:
     if sampler.num_samples < batch_size:
         batch_size = sampler.num_samples
         log(f"batch size lowered to {batch_size}: the training set has {len(train_set)} videos")
-    steps_per_epoch = sampler.num_samples // batch_size
+    # An optimizer step takes --accumulate batches (the last step of an epoch those that are left).
+    steps_per_epoch = math.ceil((sampler.num_samples // batch_size) / cfg.accumulate)
     total_steps = cfg.steps or cfg.epochs * steps_per_epoch
     if cfg.warmup_steps > total_steps:
         log(
@@ -250,24 +340,62 @@ def loaders(job: Job, data_cfg) -> Data:
 
 
 def model_and_optimizer(job: Job, data: Data) -> Learner:
+    """The model (from --init-from's weights, with --freeze, SyncBatchNorm), its optimizer and EMA."""
     cfg, device = job.cfg, job.device
     random.seed(cfg.seed)
     np.random.seed(cfg.seed)
     torch.manual_seed(cfg.seed)
-    spec = ckpt_io.model_spec(cfg.preset, len(data.classes), model_overrides(cfg))
-    model = ckpt_io.build_model(spec).to(device)
-    optimizer = torch.optim.AdamW(param_groups(model, cfg.weight_decay), lr=cfg.lr, betas=(0.9, 0.95))
+    overrides = model_overrides(cfg)
+    if cfg.class_weights == "auto":
+        weights = auto_class_weights(data.source.train_items, len(data.classes), cfg.multi_label)
+        overrides["class_weights"] = [round(w, 6) for w in weights]
+        job.log(f"class weights (auto): {min(weights):.3g} to {max(weights):.3g}")
+    spec = ckpt_io.model_spec(cfg.preset, len(data.classes), overrides)
+    model = ckpt_io.build_model(spec)
+    fresh = []  # tensors --init-from left as initialised
+    if cfg.init_from and not job.cfg.resume:
+        lines, fresh = ckpt_io.init_from(model, cfg.init_from, data.classes, cfg.preset)
+        for line in lines:
+            job.log(line)
+    frozen = parse_parts(cfg.freeze, "--freeze")
+    lr_mult = parse_lr_mult(cfg.lr_mult)
+    check_parts(model, frozen, "--freeze")
+    check_parts(model, lr_mult, "--lr-mult")
+    unlearnt = [k for k in fresh if part_of(k, frozen)]
+    if unlearnt:
+        job.log(
+            f"warning: --freeze keeps {len(unlearnt)} freshly initialised tensors as they are: {unlearnt[:4]}"
+        )
+    for name in frozen:
+        model.get_submodule(name).requires_grad_(False)
+    if not any(p.requires_grad for p in model.parameters()):
+        raise CLIError(f"--freeze {cfg.freeze}: nothing is left to train")
+    model = model.to(device)
+    if cfg.sync_bn and job.ddp and device.type == "cuda":
+        job.log(f"SyncBatchNorm: {sync_batchnorm(model)} BatchNorm layers, statistics over {job.world} GPUs")
+    elif cfg.sync_bn:
+        job.log("note: --sync-bn ignored: it applies under torchrun on GPUs only")
+    groups = param_groups(model, cfg.weight_decay, lr_mult)
+    if cfg.optimizer == "sgd":
+        optimizer = torch.optim.SGD(groups, lr=cfg.lr, momentum=cfg.momentum)
+    else:
+        optimizer = torch.optim.AdamW(groups, lr=cfg.lr, betas=(0.9, 0.95))
+    ema = None
+    if cfg.ema:
+        ema = torch.optim.swa_utils.AveragedModel(
+            model, multi_avg_fn=torch.optim.swa_utils.get_ema_multi_avg_fn(cfg.ema_decay), use_buffers=True
+        )
     amp_dtype = None
     if cfg.amp:
         gpu_bf16 = device.type == "cuda" and torch.cuda.is_bf16_supported()
         amp_dtype = torch.bfloat16 if device.type == "cpu" or gpu_bf16 else torch.float16
     scaler = torch.amp.GradScaler(device.type, enabled=amp_dtype == torch.float16)
-    return Learner(model, model, optimizer, scaler, amp_dtype, spec)
+    return Learner(model, model, optimizer, scaler, amp_dtype, spec, ema, frozen, cfg.multi_label)
 
 
 def restore(job: Job, learner: Learner, data: Data, ckpt: dict | None) -> Progress:
     """A fresh start, or the state of the checkpoint resumed: weights, optimizer, counters, RNG."""
-    progress = Progress(Accumulator(len(data.classes)))
+    progress = Progress(learner.new_accumulator(len(data.classes), job.cfg.threshold))
     if ckpt is None:
         # Dropout differs between ranks; the model's initial weights (drawn above) do not.
         torch.manual_seed(job.cfg.seed + job.rank)
@@ -278,9 +406,14 @@ def restore(job: Job, learner: Learner, data: Data, ckpt: dict | None) -> Progre
     except (RuntimeError, ValueError, KeyError) as e:
         raise CLIError(f"checkpoint {ckpt['path']!r} does not fit this model: {e}") from None
     learner.scaler.load_state_dict(ckpt["scaler"])
+    if learner.ema is not None:
+        if "ema" not in ckpt:
+            raise CLIError(f"checkpoint {ckpt['path']!r} was written without --ema: resume without it")
+        learner.ema.load_state_dict(ckpt["ema"])
     progress.step, progress.epoch, progress.position = ckpt["step"], ckpt["epoch"], ckpt["position"]
     progress.history, progress.train_seconds = ckpt["history"], ckpt["train_seconds"]
     progress.best_top1 = ckpt["best_top1"]
+    progress.stale, progress.early_stopped = ckpt.get("stale", 0), ckpt.get("early_stopped", False)
     accs, states, rank = ckpt["train_acc"], ckpt["rng"], job.rank
     progress.train_acc.load_state(accs[rank] if rank < len(accs) else progress.train_acc.state())
     ckpt_io.set_rng_state(states[rank] if rank < len(states) else states[0])
@@ -313,7 +446,8 @@ def describe(job: Job, data: Data, learner: Learner) -> str:
         f"{source.name}: {len(source.train_items)} training / {len(source.val_items)} validation videos, "
         f"{len(data.classes)} classes | {cfg.preset} ({n_params / 1e6:.2f} M parameters) on {job.device}"
         f"{times}, backend {cfg.backend} | {data.epochs} epochs of {data.steps_per_epoch} steps, batch "
-        f"{data.batch_size}{times} | {job.out}"
+        f"{data.batch_size}{times}{f' x {cfg.accumulate} accumulated' if cfg.accumulate > 1 else ''} | "
+        f"{job.out}"
     )
 
 
@@ -322,9 +456,11 @@ def run_epoch(job: Job, data: Data, learner: Learner, progress: Progress, stop: 
     from tqdm import tqdm
 
     cfg = job.cfg
-    data.sampler.set_position(progress.epoch, progress.position * data.batch_size)
+    data.sampler.set_position(progress.epoch, progress.position * data.batch_size * cfg.accumulate)
     data.train_data.epoch = progress.epoch
     learner.net.train()
+    for name in learner.frozen:  # frozen parts keep their BatchNorm statistics, and no dropout
+        learner.model.get_submodule(name).eval()
     bar = tqdm(
         total=data.steps_per_epoch,
         initial=progress.position,
@@ -339,19 +475,25 @@ def run_epoch(job: Job, data: Data, learner: Learner, progress: Progress, stop: 
     batches = iter(data.train_loader)
     completed = True
     while progress.position < data.steps_per_epoch and progress.step < data.total_steps:
+        step_batches = []
         try:
-            batch = next(batches)
+            for _ in range(cfg.accumulate):
+                step_batches.append(next(batches))
         except StopIteration:
-            break
+            if not step_batches:
+                break
         except Exception:
             if stop.name is None:
                 raise
             completed = False  # a worker was stopped by the signal as well
             break
-        data.skips.update(batch)
-        if job.agree(batch["label"].numel() > 0, dist.ReduceOp.MIN):
+        for batch in step_batches:
+            data.skips.update(batch)
+        # a batch in which every file failed is left out, on every rank alike (DDP syncs each backward)
+        step_batches = [b for b in step_batches if job.agree(b["label"].numel() > 0, dist.ReduceOp.MIN)]
+        if step_batches:
             progress.lr = lr_at(progress.step, data.total_steps, cfg)
-            loss, n = train_step(job, learner, progress, batch)
+            loss, n = train_step(job, learner, progress, step_batches)
             clips += n
             rate = clips * job.world / (time.perf_counter() - rate_t0)
             bar.set_postfix(loss=f"{loss:.3f}", lr=f"{progress.lr:.2e}", clips_s=f"{rate:.1f}")
@@ -379,26 +521,38 @@ def run_epoch(job: Job, data: Data, learner: Learner, progress: Progress, stop: 
     return completed
 
 
-def train_step(job: Job, learner: Learner, progress: Progress, batch: dict) -> tuple[float, int]:
-    """One optimizer step at progress.lr; returns the loss and the clips it saw."""
+def train_step(job: Job, learner: Learner, progress: Progress, batches: list[dict]) -> tuple[float, int]:
+    """One optimizer step at progress.lr over the gradients of `batches` (--accumulate of them, each
+    loss divided by their number); returns the mean loss and the clips it saw."""
     for group in learner.optimizer.param_groups:
-        group["lr"] = progress.lr
-    batch = to_device(batch, job.device)
-    labels = batch["label"]
+        group["lr"] = progress.lr * group.get("lr_mult", 1.0)
     amp = learner.amp_dtype
-    with torch.autocast(job.device.type, dtype=amp, enabled=amp is not None):
-        output = learner.net(batch)
-        loss = learner.model.loss(output, labels)
     learner.optimizer.zero_grad(set_to_none=True)
-    learner.scaler.scale(loss).backward()
+    loss_sum, clips = 0.0, 0
+    for i, batch in enumerate(batches):
+        batch = to_device(batch, job.device)
+        labels = batch["label"]
+        # DDP averages the gradients over the processes at the last batch's backward only
+        last = i == len(batches) - 1
+        sync = contextlib.nullcontext() if last or not job.ddp else learner.net.no_sync()
+        with sync:
+            with torch.autocast(job.device.type, dtype=amp, enabled=amp is not None):
+                output = learner.net(batch)
+                loss = learner.model.loss(output, labels)
+            learner.scaler.scale(loss / len(batches)).backward()
+        loss_value = loss.item()
+        logits = output["logits"]
+        progress.train_acc.update(scores(logits, True) if learner.multi_label else logits, labels, loss_value)
+        loss_sum += loss_value
+        clips += labels.shape[0]
     if job.cfg.grad_clip > 0:
         learner.scaler.unscale_(learner.optimizer)
         torch.nn.utils.clip_grad_norm_(learner.model.parameters(), job.cfg.grad_clip)
     learner.scaler.step(learner.optimizer)
     learner.scaler.update()
-    loss_value = loss.item()
-    progress.train_acc.update(output["logits"], labels, loss_value)
-    return loss_value, labels.numel()
+    if learner.ema is not None:
+        learner.ema.update_parameters(learner.model)
+    return loss_sum / len(batches), clips
 
 
 def end_of_epoch(job: Job, data: Data, learner: Learner, progress: Progress) -> None:
@@ -409,30 +563,44 @@ def end_of_epoch(job: Job, data: Data, learner: Learner, progress: Progress) -> 
         dist.all_reduce(state)
         p.train_acc.load_state(state)
     train_metrics = p.train_acc.compute()
+    keys = _run.metric_keys(learner.multi_label)
     row = {"epoch": p.epoch + 1, "step": p.step, "time": p.train_seconds, "lr": p.lr}
-    row.update({f"train_{k}": train_metrics[k] for k in _run.METRIC_KEYS})
+    row.update({f"train_{k}": train_metrics[k] for k in keys if k in train_metrics})
     last_epoch = p.step >= data.total_steps
+    validated = False
     if data.val_loader is not None and ((p.epoch + 1) % cfg.eval_every == 0 or last_epoch):
         # Without the DDP wrapper: the ranks' shards may differ by a batch, and eval needs no sync.
-        net = learner.net.module if job.ddp else learner.net
+        net = learner.evaluated if learner.ema is not None else learner.net.module if job.ddp else learner.net
         gather = job.gather if job.ddp else None
         result = infer(net, data.val_loader, learner.model.loss, job.device, learner.amp_dtype, gather)
         if result is not None:
-            clip_m, video_m = validation_metrics(result, len(data.classes))
-            row.update({f"val_{k}": video_m[k] for k in _run.METRIC_KEYS})
-            row.update({f"val_clip_{k}": clip_m[k] for k in _run.METRIC_KEYS})
+            clip_m, video_m = validation_metrics(
+                result, len(data.classes), learner.multi_label, cfg.threshold
+            )
+            row.update({f"val_{k}": video_m[k] for k in keys})
+            row.update({f"val_clip_{k}": clip_m[k] for k in keys})
             data.skips.add(result["skipped"])
+            validated = True
     skipped = row["skipped"] = data.skips.end_epoch(p.epoch + 1)
     p.history.append(row)
     p.epoch += 1
     p.position = 0
-    p.train_acc = Accumulator(len(data.classes))
+    p.train_acc = learner.new_accumulator(len(data.classes), cfg.threshold)
     if job.master:
         job.log(_run.epoch_line(row, data.epochs))
         _run.record_epoch(job.out, p.history, job.writer)
-    improved = row.get("val_top1", -1.0) > p.best_top1
+    monitor = f"val_{learner.monitor}"
+    improved = row.get(monitor, -1.0) > p.best_top1
     if improved:
-        p.best_top1 = row["val_top1"]
+        p.best_top1, p.stale = row[monitor], 0
+    elif validated:
+        p.stale += 1
+    if cfg.patience and p.stale >= cfg.patience and not last_epoch:
+        p.early_stopped = True
+        job.log(
+            f"early stop: validation {learner.monitor} has not improved for {p.stale} validations "
+            f"(best {p.best_top1:.3f})"
+        )
     save_last(job, data, learner, progress)
     if improved and job.master:
         ckpt_io.atomic_save({**identity(job, data, learner, p), "kind": ckpt_io.WEIGHTS}, job.out / "best.pt")
@@ -444,7 +612,7 @@ def identity(job: Job, data: Data, learner: Learner, progress: Progress) -> dict
     """What both checkpoints hold: the weights and what builds and feeds the model again."""
     return {
         "format": ckpt_io.FORMAT,
-        "model": learner.model.state_dict(),
+        "model": learner.evaluated.state_dict(),
         "config": ckpt_io.plain(dataclasses.asdict(job.cfg)),
         "model_spec": learner.spec,
         "data_config": ckpt_io.data_config_to_dict(data.config),
@@ -466,6 +634,7 @@ def save_last(job: Job, data: Data, learner: Learner, progress: Progress) -> Non
     state = {
         **identity(job, data, learner, progress),
         "kind": ckpt_io.TRAINING,
+        "model": learner.model.state_dict(),  # the weights trained; with --ema their average is "ema"
         "optimizer": learner.optimizer.state_dict(),
         "scaler": learner.scaler.state_dict(),
         "position": progress.position,
@@ -474,7 +643,11 @@ def save_last(job: Job, data: Data, learner: Learner, progress: Progress) -> Non
         "train_acc": accs,
         "rng": states,
         "world": job.world,
+        "stale": progress.stale,
+        "early_stopped": progress.early_stopped,
     }
+    if learner.ema is not None:
+        state["ema"] = learner.ema.state_dict()
     ckpt_io.atomic_save(state, job.out / "last.pt")
 
 
@@ -491,16 +664,18 @@ def summary(job: Job, data: Data, learner: Learner, progress: Progress) -> dict 
     """The last epoch's metrics, convergence time, per-video inference time: summary.json and summary.md."""
     if not job.master:
         return None
-    cfg, model, last = job.cfg, learner.model, progress.history[-1] if progress.history else {}
+    cfg, model, last = job.cfg, learner.evaluated, progress.history[-1] if progress.history else {}
+    keys = _run.metric_keys(learner.multi_label)
     result = {
         "preset": cfg.preset,
         "data": data.source.name,
         "modalities": list(getattr(model.config, "modalities", ())),
         "dropout": getattr(model.config, "dropout", None),
-        **{split: {k: last[f"{split}_{k}"] for k in _run.METRIC_KEYS if f"{split}_{k}" in last}
+        **{split: {k: last[f"{split}_{k}"] for k in keys if f"{split}_{k}" in last}
            for split in ("train", "val", "val_clip")},
-        "best_val_top1": progress.best_top1,
-        "converged": _run.convergence(progress.history),
+        f"best_val_{learner.monitor}": progress.best_top1,
+        "early_stopped": progress.early_stopped,
+        "converged": _run.convergence(progress.history, learner.monitor),
         "train_seconds": progress.train_seconds,
         "steps": progress.step,
         "epochs": progress.epoch,

@@ -3,9 +3,10 @@ fast and independently of the real model.
 
 Contract: ``create_model(name, num_classes, **overrides)`` and ``preset_config(name, num_classes,
 **overrides)`` with presets "tiny", "paper", "frame2d"; ``MODALITIES``; ``model.config`` with
-``num_classes``, ``modalities``, ``dropout``, ``aux_weight`` and ``inputs()`` (the fields of
-``mvfast.models.InputSpec``); ``model(batch)`` -> {"logits" (B, C), "aux_logits" {name: (B, C)}, "attention"
-(B, F, H) or None}; ``model.loss(out, labels)``.
+``num_classes``, ``modalities``, ``dropout``, ``aux_weight``, ``multi_label``, ``label_smoothing``,
+``class_weights`` and ``inputs()`` (the fields of ``mvfast.models.InputSpec``); ``model(batch)`` -> {"logits"
+(B, C), "aux_logits" {name: (B, C)}, "attention" (B, F, H) or None}; ``model.loss(out, labels)`` (labels
+int64[B], or multi-hot [B, C] with multi_label); ``model.class_heads()``.
 
 In a test process: ``install()`` puts it in place of ``mvfast.models``. As a script it does that and then
 runs a module as ``python -m`` would (also under torchrun)::
@@ -42,6 +43,9 @@ class MicroVideoConfig:
     vocab_size: int = 512
     max_title_tokens: int = 8
     frames_only: bool = False
+    multi_label: bool = False
+    label_smoothing: float = 0.0
+    class_weights: tuple | None = None
 
     def __post_init__(self):
         bad = [m for m in self.modalities if m not in MODALITIES]
@@ -110,10 +114,21 @@ class MicroVideoNet(nn.Module):
         return {"logits": logits, "aux_logits": aux, "attention": attention}
 
     def loss(self, out, labels):
-        loss = F.cross_entropy(out["logits"], labels)
+        loss = self._loss(out["logits"], labels)
         for logits in out["aux_logits"].values():
-            loss = loss + self.config.aux_weight * F.cross_entropy(logits, labels)
+            loss = loss + self.config.aux_weight * self._loss(logits, labels)
         return loss
+
+    def _loss(self, logits, labels):
+        c = self.config
+        weight = None if c.class_weights is None else torch.tensor(c.class_weights, device=logits.device)
+        if c.multi_label:
+            target = labels.float() * (1 - c.label_smoothing) + 0.5 * c.label_smoothing
+            return F.binary_cross_entropy_with_logits(logits, target, pos_weight=weight)
+        return F.cross_entropy(logits, labels, weight=weight, label_smoothing=c.label_smoothing)
+
+    def class_heads(self):
+        return ["classifier.", "rgb.head.", "motion.head."]
 
 
 def preset_config(name: str, num_classes: int, **overrides) -> MicroVideoConfig:
@@ -123,8 +138,9 @@ def preset_config(name: str, num_classes: int, **overrides) -> MicroVideoConfig:
     unknown = sorted(set(overrides) - fields)
     if unknown:
         raise ValueError(f"create_model: unknown config fields {unknown}")
-    if "modalities" in overrides:
-        overrides["modalities"] = tuple(overrides["modalities"])
+    for key in ("modalities", "class_weights"):
+        if overrides.get(key) is not None:
+            overrides[key] = tuple(overrides[key])
     return dataclasses.replace(PRESETS[name], num_classes=num_classes, **overrides)
 
 

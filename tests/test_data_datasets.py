@@ -184,6 +184,30 @@ def test_video_csv(tmp_path, clip_files):
         VideoCSV(tmp_path / "m.csv", split="val")
 
 
+def test_video_csv_multi_label(tmp_path, clip_files):
+    avi, mp4 = clip_files
+    rows = [
+        {"path": str(avi), "label": "cat|indoor"},
+        {"path": str(mp4), "label": "dog | outdoor|dog"},  # spaces and a repeat
+        {"path": str(avi), "label": ""},  # no label at all
+    ]
+    with open(tmp_path / "m.csv", "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=["path", "label"])
+        w.writeheader()
+        w.writerows(rows)
+    ds = VideoCSV(tmp_path / "m.csv", config=CFG, cache=False, train=False, multi_label=True)
+    assert ds.classes == ["cat", "dog", "indoor", "outdoor"]
+    assert [item.labels for item in ds.items] == [(0, 2), (1, 3), ()]
+    clips = [ds[i] for i in range(0, len(ds), CFG.test_clips)]
+    assert [c["label"].tolist() for c in clips] == [[1, 0, 1, 0], [0, 1, 0, 1], [0, 0, 0, 0]]
+    batch = collate(clips)
+    assert batch["label"].shape == (3, 4) and batch["label"].dtype == torch.long
+    with pytest.raises(ValueError, match="needs --multi-label"):
+        VideoCSV(tmp_path / "m.csv")
+    with pytest.raises(ValueError, match="'outdoor' of"):
+        VideoCSV(tmp_path / "m.csv", multi_label=True, classes=["cat", "dog", "indoor"])
+
+
 def sample(a_len=None, w_len=None, label=0):
     s = {
         "rgb": torch.randn(3, 4, 8, 8),

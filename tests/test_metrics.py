@@ -99,3 +99,97 @@ def test_video_level_averages_clips():
     # clip level: only the first clip is right; video level: 7 -> class 1, 2 -> class 0, both wrong
     assert classification_metrics(probs, target, 2)["top1"] == pytest.approx(1 / 5)
     assert classification_metrics(vp, vt, 2)["top1"] == 0.0
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Multi-label
+
+
+def brute_force_ap(scores, target):
+    """AP by its definition: the mean over a class's positives of the precision among the samples scored at
+    least as high as that positive."""
+    out = []
+    for c in range(scores.shape[1]):
+        s, t = scores[:, c].tolist(), target[:, c].tolist()
+        positives = [x for x, y in zip(s, t, strict=True) if y]
+        if not positives:
+            out.append(float("nan"))
+            continue
+        precisions = []
+        for x in positives:
+            above = [y for v, y in zip(s, t, strict=True) if v >= x]
+            precisions.append(sum(above) / len(above))
+        out.append(sum(precisions) / len(precisions))
+    return torch.tensor(out, dtype=torch.float64)
+
+
+def random_multilabel(seed, N=40, C=6, ties=False):
+    g = torch.Generator().manual_seed(seed)
+    target = torch.rand(N, C, generator=g) < 0.3
+    target[0] = True  # every class has a positive
+    scores = (torch.rand(N, C, generator=g) + 0.6 * target).clamp(max=1) / 1.0
+    if ties:
+        scores = (scores * 4).round() / 4  # many tied scores
+    return scores, target
+
+
+@pytest.mark.parametrize("ties", [False, True])
+def test_average_precision_by_its_definition(ties):
+    from mvfast.metrics import average_precision
+
+    for seed in range(5):
+        scores, target = random_multilabel(seed, ties=ties)
+        torch.testing.assert_close(average_precision(scores, target), brute_force_ap(scores, target))
+    # a class without positives: undefined
+    ap = average_precision(torch.tensor([[0.9, 0.1], [0.2, 0.8]]), torch.tensor([[1, 0], [0, 0]]))
+    assert ap[0] == 1.0 and ap[1].isnan()
+
+
+def test_f1_at_a_threshold_by_hand():
+    from mvfast.metrics import MultiLabelAccumulator, multilabel_metrics
+
+    scores = torch.tensor([[0.9, 0.6, 0.1], [0.4, 0.7, 0.2], [0.8, 0.3, 0.55]])
+    target = torch.tensor([[1, 0, 0], [1, 1, 0], [0, 0, 0]])
+    # predicted at 0.5: [[1,1,0],[0,1,0],[1,0,1]]
+    #   class 0: TP 1 FP 1 FN 1 -> F1 1/2;  class 1: TP 1 FP 1 FN 0 -> F1 2/3;  class 2: TP 0 FP 1 -> F1 0
+    m = multilabel_metrics(scores, target, threshold=0.5, loss=0.25)
+    assert m["micro_f1"] == pytest.approx(2 * 2 / (2 * 2 + 3 + 1))
+    assert m["macro_f1"] == pytest.approx((1 / 2 + 2 / 3 + 0) / 3)
+    assert m["precision"] == pytest.approx(2 / 5) and m["recall"] == pytest.approx(2 / 3)
+    # the labelled samples' best classes (0 and 1) are labels; the unlabelled third does not count
+    assert m["top1"] == 1.0
+    assert m["per_class"]["support"] == [2, 1, 0] and m["per_class"]["ap"][2] is None
+    assert m["loss"] == 0.25 and m["count"] == 3
+    assert m["map"] == pytest.approx((brute_force_ap(scores, target)[:2]).mean().item())
+    # counts add up over shards, as across DDP ranks
+    a, b = MultiLabelAccumulator(3), MultiLabelAccumulator(3)
+    a.update(scores[:1], target[:1], 0.1)
+    b.update(scores[1:], target[1:], 0.3)
+    a.load_state(a.state() + b.state())
+    whole = a.compute()
+    for key in ("micro_f1", "macro_f1", "precision", "recall", "top1", "count"):
+        assert whole[key] == pytest.approx(m[key]), key
+
+
+def test_multilabel_metrics_agree_with_torchmetrics():
+    tm = pytest.importorskip("torchmetrics.functional.classification", reason="torchmetrics not installed")
+    from mvfast.metrics import average_precision, multilabel_metrics
+
+    for seed, ties in ((0, False), (1, True), (2, False)):
+        scores, target = random_multilabel(seed, N=64, C=5, ties=ties)
+        C = target.shape[1]
+        theirs = tm.multilabel_average_precision(scores, target.long(), C, average=None)
+        torch.testing.assert_close(average_precision(scores, target).float(), theirs, rtol=1e-5, atol=1e-6)
+        m = multilabel_metrics(scores, target, threshold=0.4)
+        micro = tm.multilabel_f1_score(scores, target.long(), C, threshold=0.4, average="micro")
+        macro = tm.multilabel_f1_score(scores, target.long(), C, threshold=0.4, average="macro")
+        assert m["micro_f1"] == pytest.approx(float(micro), abs=1e-6)
+        assert m["macro_f1"] == pytest.approx(float(macro), abs=1e-6)
+
+
+def test_video_level_of_multi_hot_labels():
+    probs = torch.tensor([[0.2, 0.9], [0.4, 0.7], [0.8, 0.1]])
+    target = torch.tensor([[0, 1], [0, 1], [1, 0]])
+    vp, vl, videos = video_level(probs, target, torch.tensor([5, 5, 2]))
+    assert videos.tolist() == [2, 5] and vl.tolist() == [[1, 0], [0, 1]]
+    torch.testing.assert_close(vp, torch.tensor([[0.8, 0.1], [0.3, 0.8]]))

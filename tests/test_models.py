@@ -257,6 +257,34 @@ def test_loss_is_ce_plus_weighted_aux():
     torch.testing.assert_close(model.loss(out, y), expected)
 
 
+def test_multi_label_loss_smoothing_and_class_weights():
+    """multi_label: BCE with logits against multi-hot labels for the classifier and the behaviour heads,
+    written out by hand here; label smoothing and class weights as documented on the config."""
+    w = (1.0, 2.0, 0.5, 1.0, 3.0)
+    model = model_of("tiny", aux_weight=0.3, multi_label=True, label_smoothing=0.2, class_weights=w)
+    batch = make_batch(model.config, 3)
+    out = model(batch)
+    y = torch.tensor([[1, 0, 1, 0, 0], [0, 0, 0, 0, 1], [1, 1, 1, 0, 0]], dtype=torch.float32)
+
+    def bce(logits):
+        t = y * 0.8 + 0.1  # each binary target 0.2 / 2 towards 1/2
+        pos = torch.tensor(w)
+        per = -(pos * t * F.logsigmoid(logits) + (1 - t) * F.logsigmoid(-logits))
+        return per.mean()
+
+    expected = bce(out["logits"]) + 0.3 * (bce(out["aux_logits"]["rgb"]) + bce(out["aux_logits"]["motion"]))
+    torch.testing.assert_close(model.loss(out, y), expected)
+    single = model_of("tiny", label_smoothing=0.1, class_weights=w)
+    out = single(batch)
+    labels = batch["label"]
+    want = F.cross_entropy(out["logits"], labels, weight=torch.tensor(w), label_smoothing=0.1)
+    torch.testing.assert_close(single._loss(out["logits"], labels), want)
+    with pytest.raises(ValueError, match="class_weights: expected 5 numbers"):
+        model_of("tiny", class_weights=(1.0, 2.0))
+    with pytest.raises(ValueError, match="label_smoothing"):
+        model_of("tiny", label_smoothing=1.0)
+
+
 def test_behaviour_classes_other_than_video_classes():
     model = model_of("tiny", num_behaviours=4, num_scenes=3)
     batch = make_batch(model.config, 2)

@@ -51,7 +51,8 @@ class Collate:
         rgb (float32[B, 3, T, H, W]), motion (float32[B, 2, T, H, W]), frames (float32[B, F, 3, h, w]);
         audio (float32[B, A, 64]) and audio_mask (bool[B, A]); text (int64[B, W]) and text_mask (bool[B, W]);
         has_audio, has_text (bool[B]): whether the modality is present at all for each sample (a sample
-        without it has an all-False mask); label (int64[B]) when the samples have labels; video_index and
+        without it has an all-False mask); label (int64[B], or multi-hot int64[B, C] for multi-label samples)
+        when the samples have labels; video_index and
         clip_index (int64[B]) when they have them; meta (list of B dicts);
         num_skipped (int) and skipped (list of (path, reason)): failed files dropped from this batch.
     A batch in which every file failed has B = 0: rgb and the other tensors are absent and `label` is empty.
@@ -102,7 +103,10 @@ class Collate:
 
         for key in ("label", "video_index", "clip_index"):
             if all(key in s for s in good):
-                batch[key] = torch.tensor([int(s[key]) for s in good], dtype=torch.long)
+                if torch.is_tensor(good[0][key]) and good[0][key].dim() == 1:  # multi-hot labels
+                    batch[key] = torch.stack([s[key] for s in good])
+                else:
+                    batch[key] = torch.tensor([int(s[key]) for s in good], dtype=torch.long)
         batch["meta"] = [s.get("meta", {}) for s in good]
         return batch
 

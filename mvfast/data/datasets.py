@@ -16,6 +16,7 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
+import torch
 from torch.utils.data import Dataset
 
 from .cache import ClipCache
@@ -30,9 +31,13 @@ log = logging.getLogger("mvfast.data")
 
 @dataclass(frozen=True)
 class VideoItem:
+    """A video: its file, its class index, its title, and for multi-label data all its class indices
+    (``labels``; then ``label`` is the first of them, or -1 for none, and only groups videos for a split)."""
+
     path: str
     label: int
     title: str | None = None
+    labels: tuple[int, ...] | None = None
 
 
 def _resolve_cache(cache) -> ClipCache | None:
@@ -53,6 +58,8 @@ class VideoDataset(Dataset):
         train: random clips (one item per video) or evenly spaced test clips (test_clips items per video).
         cache: True for the default cache folder, a folder or a :class:`ClipCache`, False/None for none.
         use_titles: whether to emit `text` / `text_mask` (a video without a title then has a masked one).
+        multi_label: `label` is a multi-hot int64[C] of the item's ``labels`` (or of its one ``label`` when it
+            has no list) instead of the class index.
     """
 
     def __init__(
@@ -64,17 +71,20 @@ class VideoDataset(Dataset):
         cache=True,
         use_titles: bool = True,
         name: str | None = None,
+        multi_label: bool = False,
     ):
         self.name = name or type(self).__name__
         if not items:
             raise ValueError(f"{self.name}: the dataset is empty (no videos found)")
         self.items = list(items)
         self.classes = list(classes)
+        self.multi_label = multi_label
         for item in self.items:
-            if not 0 <= item.label < len(self.classes):
-                raise ValueError(
-                    f"{self.name}: label {item.label} of {item.path} is outside [0, {len(self.classes)})"
-                )
+            for label in item.labels if item.labels is not None else (item.label,):
+                if not 0 <= label < len(self.classes):
+                    raise ValueError(
+                        f"{self.name}: label {label} of {item.path} is outside [0, {len(self.classes)})"
+                    )
         self.config = config or DataConfig()
         self.train = train
         self.cache = _resolve_cache(cache)
@@ -140,7 +150,12 @@ class VideoDataset(Dataset):
             sample["text"], sample["text_mask"] = tokenize(
                 item.title or "", self.config.vocab_size, self.config.max_title_tokens
             )
-        sample["label"] = item.label
+        if self.multi_label:
+            hot = torch.zeros(len(self.classes), dtype=torch.long)
+            hot[list(item.labels if item.labels is not None else (item.label,))] = 1
+            sample["label"] = hot
+        else:
+            sample["label"] = item.label
         sample["video_index"] = video_index
         sample["clip_index"] = clip_index if not self.train else -1
         sample["meta"]["title"] = item.title
@@ -206,6 +221,7 @@ class VideoCSV(VideoDataset):
 
     Relative paths are relative to the CSV's folder. Labels are class names, or integers 0..C-1 (then the
     classes are their string forms). `split`, when given, keeps the rows whose `split` column equals it.
+    With `multi_label` a label is a list of classes separated by ``|`` (``cat|indoor``; empty for none).
     Other arguments: see :class:`VideoDataset`.
     """
 
@@ -218,6 +234,7 @@ class VideoCSV(VideoDataset):
         use_titles: bool = True,
         split: str | None = None,
         classes: list[str] | None = None,
+        multi_label: bool = False,
     ):
         path = Path(path)
         if not path.is_file():
@@ -234,27 +251,45 @@ class VideoCSV(VideoDataset):
             if split is not None and "split" not in fields:
                 raise ValueError(f"VideoCSV: split={split!r} given but {str(path)!r} has no split column")
             rows = [r for r in reader if split is None or r.get("split") == split]
-        labels = [r["label"].strip() for r in rows]
+        labels = [_row_labels(r, multi_label, path) for r in rows]
         if classes is None:
-            if labels and all(lab.lstrip("-").isdigit() for lab in labels):
-                classes = [str(i) for i in range(max(int(lab) for lab in labels) + 1)]
+            names = {lab for row_labels in labels for lab in row_labels}
+            if names and all(lab.lstrip("-").isdigit() for lab in names):
+                classes = [str(i) for i in range(max(int(lab) for lab in names) + 1)]
             else:
-                classes = sorted(set(labels))
+                classes = sorted(names)
         index = {c: i for i, c in enumerate(classes)}
         items = []
-        for row, lab in zip(rows, labels, strict=True):
-            if lab not in index:
-                raise ValueError(
-                    f"VideoCSV: label {lab!r} of {row['path']!r} is not a class ({len(classes)} classes)"
-                )
+        for row, row_labels in zip(rows, labels, strict=True):
+            for lab in row_labels:
+                if lab not in index:
+                    raise ValueError(
+                        f"VideoCSV: label {lab!r} of {row['path']!r} is not a class ({len(classes)} classes)"
+                    )
             p = Path(row["path"])
             p = p if p.is_absolute() else path.parent / p
-            title = row.get("title")
-            items.append(VideoItem(str(p), index[lab], title if title else None))
+            title = row.get("title") or None
+            ids = tuple(index[lab] for lab in row_labels)
+            if multi_label:
+                items.append(VideoItem(str(p), ids[0] if ids else -1, title, ids))
+            else:
+                items.append(VideoItem(str(p), ids[0], title))
         if not items:
             where = f" with split={split!r}" if split is not None else ""
             raise ValueError(f"VideoCSV: no rows{where} in {str(path)!r}")
-        super().__init__(items, classes, config, train, cache, use_titles)
+        super().__init__(items, classes, config, train, cache, use_titles, multi_label=multi_label)
+
+
+def _row_labels(row: dict, multi_label: bool, path: Path) -> tuple[str, ...]:
+    text = (row["label"] or "").strip()
+    if multi_label:
+        return tuple(dict.fromkeys(lab.strip() for lab in text.split("|") if lab.strip()))
+    if "|" in text:
+        raise ValueError(
+            f"VideoCSV: label {text!r} of {row['path']!r} in {str(path)!r} is a list of classes: multi-label "
+            "data needs --multi-label (or multi_label=True)"
+        )
+    return (text,)
 
 
 def _read_lines(path: Path) -> list[str]:

@@ -1,7 +1,8 @@
 """Which videos a command runs on: the data settings of the command line turned into the videos of each split.
 
 :func:`select` reads the fields ``data`` (one of :data:`DATA_KINDS`), ``data_root``, ``split``, ``val_root``,
-``train_split``, ``val_split``, ``val_fraction``, ``seed`` and ``synthetic_*`` of any settings object (the
+``train_split``, ``val_split``, ``val_fraction``, ``seed``, ``multi_label`` (csv: ``a|b`` label lists) and
+``synthetic_*`` of any settings object (the
 commands' ``TrainConfig``) and gives a :class:`DataSource`: the classes and the videos of the training and
 validation splits, before any of them is decoded. Bad settings, missing paths and empty sets raise
 ValueError or OSError with a message for the user.
@@ -106,11 +107,13 @@ def _folder(cfg, root: str, config: DataConfig) -> DataSource:
 def _csv(cfg, root: str, config: DataConfig, classes: list | None) -> DataSource:
     with open(root, encoding="utf-8") as f:
         header = f.readline()
-    full = VideoCSV(root, config=config, cache=False, classes=classes)
+    multi = bool(getattr(cfg, "multi_label", False))
+    full = VideoCSV(root, config=config, cache=False, classes=classes, multi_label=multi)
     if "split" not in [c.strip() for c in header.split(",")]:
         tr, va = holdout(full.items, cfg.val_fraction, cfg.seed)
         return DataSource(f"csv {root}", full.classes, tr, va, True)
     # every row's label is a class, whichever split it is in
-    train = VideoCSV(root, config=config, cache=False, split=cfg.train_split, classes=full.classes)
-    val = VideoCSV(root, config=config, cache=False, split=cfg.val_split, classes=full.classes)
+    opts = dict(config=config, cache=False, classes=full.classes, multi_label=multi)
+    train = VideoCSV(root, split=cfg.train_split, **opts)
+    val = VideoCSV(root, split=cfg.val_split, **opts)
     return DataSource(f"csv {root}", full.classes, train.items, val.items, True)

@@ -7,7 +7,6 @@ PyTorch's and ``mvfast.fuse`` swaps the blocks for fused ones in place.
 
 from __future__ import annotations
 
-import torch
 from torch import Tensor, nn
 
 
@@ -114,15 +113,32 @@ class VGG(nn.Module):
         return feats, self.classifier[-1](feats)  # (N, num_classes)
 
     def load_weights(self, path) -> None:
-        """Loads a state_dict file (e.g. torchvision's ``vgg16-397923af.pth``) with weights_only=True."""
-        state = torch.load(path, map_location="cpu", weights_only=True)
-        if isinstance(state, dict) and "state_dict" in state and isinstance(state["state_dict"], dict):
-            state = state["state_dict"]
+        """Loads a VGG state_dict file into this net: torchvision's own (``vgg16-397923af.pth``,
+        ``vgg19_bn-c79401a0.pth``, ...: ``torchvision.models.vgg16().state_dict()`` saved by torch.save), one
+        wrapped in a checkpoint dict ({"state_dict": ...} or {"model": ...}, "module." prefixes of
+        DataParallel removed), or a .safetensors file. torch files are read with weights_only=True.
+
+        torchvision's key layout is this net's own (its layers are built by torchvision's make_layers), so
+        the file maps key for key. A file of another VGG (depth, BatchNorm or not, widths, classes) or not a
+        state_dict at all is a ValueError of one line saying which.
+        """
+        from mvfast.models._weights import describe_vgg, read_state_dict
+
+        state = read_state_dict(path, "scene weights")
         mine = self.state_dict()
+        missing = [k for k in mine if k not in state]
+        unexpected = [k for k in state if k not in mine]
+        if missing or unexpected:
+            raise ValueError(
+                f"scene weights {str(path)!r} are {describe_vgg(state)}, not a state_dict of this scene net "
+                f"({describe_vgg(mine)}; set scene_nets and scene_batch_norm to the file's): "
+                f"{len(missing)} keys missing (e.g. {missing[:2]}), {len(unexpected)} unexpected "
+                f"(e.g. {unexpected[:2]})"
+            )
         wrong = [
             f"{k}: file {tuple(v.shape)}, model {tuple(mine[k].shape)}"
             for k, v in state.items()
-            if k in mine and tuple(v.shape) != tuple(mine[k].shape)
+            if tuple(v.shape) != tuple(mine[k].shape)
         ]
         if wrong:
             raise ValueError(

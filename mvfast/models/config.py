@@ -161,7 +161,18 @@ class MicroVideoConfig:
     branch_dropout: float = 0.5
     """Dropout in the 3D CNN heads and the VGG classifiers (C3D and VGG: 0.5)."""
     aux_weight: float = 0.5
-    """Weight of the behaviour heads' auxiliary cross-entropy in :meth:`MicroVideoNet.loss`."""
+    """Weight of the behaviour heads' auxiliary loss in :meth:`MicroVideoNet.loss`."""
+    multi_label: bool = False
+    """Each video has any number of the classes: the loss is binary cross-entropy with logits per class and
+    the scores are sigmoids (independent per class) instead of a softmax over the classes; labels are
+    multi-hot (Tensor[B, num_classes])."""
+    label_smoothing: float = 0.0
+    """Label smoothing of the loss: single-label, cross-entropy's (the target gets 1 - e + e/C, the others
+    e/C); multi-label, every binary target moves e/2 towards 1/2."""
+    class_weights: tuple[float, ...] | None = None
+    """A weight per class in the loss (single-label: cross-entropy's ``weight``; multi-label: BCE's
+    ``pos_weight``, the weight of a class's positives against its negatives); None weighs all alike.
+    ``python -m mvfast.train --class-weights auto`` sets them from the training labels."""
 
     def __post_init__(self):
         object.__setattr__(self, "modalities", tuple(self.modalities))
@@ -169,6 +180,8 @@ class MicroVideoConfig:
         object.__setattr__(self, "scene_nets", tuple(self.scene_nets))
         if self.scene_weights is not None:
             object.__setattr__(self, "scene_weights", tuple(self.scene_weights))
+        if self.class_weights is not None:
+            object.__setattr__(self, "class_weights", tuple(self.class_weights))
         _validate(self)
 
     @property
@@ -268,6 +281,21 @@ def _validate(cfg: MicroVideoConfig) -> None:
             raise ValueError(f"MicroVideoConfig.{name}: expected a probability in [0, 1), got {p!r}")
     if not isinstance(cfg.aux_weight, (int, float)) or cfg.aux_weight < 0:
         raise ValueError(f"MicroVideoConfig.aux_weight: expected a number >= 0, got {cfg.aux_weight!r}")
+    if not isinstance(cfg.multi_label, bool):
+        raise ValueError(f"MicroVideoConfig.multi_label: expected True or False, got {cfg.multi_label!r}")
+    if not isinstance(cfg.label_smoothing, (int, float)) or not 0.0 <= cfg.label_smoothing < 1.0:
+        raise ValueError(
+            f"MicroVideoConfig.label_smoothing: expected a number in [0, 1), got {cfg.label_smoothing!r}"
+        )
+    if cfg.class_weights is not None:
+        w = cfg.class_weights
+        if len(w) != cfg.num_classes or any(
+            isinstance(v, bool) or not isinstance(v, (int, float)) or not v > 0 for v in w
+        ):
+            raise ValueError(
+                f"MicroVideoConfig.class_weights: expected {cfg.num_classes} numbers > 0 (one per class), "
+                f"got {len(w)}: {list(w)[:5]}{'...' if len(w) > 5 else ''}"
+            )
     if not (isinstance(cfg.scene_width, (int, float)) and cfg.scene_width > 0):
         raise ValueError(f"MicroVideoConfig.scene_width: expected a number > 0, got {cfg.scene_width!r}")
     vgg = ("vgg11", "vgg13", "vgg16", "vgg19")

@@ -117,6 +117,17 @@ class MicroVideoNet(nn.Module):
             if path is not None:
                 net.load_weights(path)
 
+    def class_heads(self) -> list[str]:
+        """The state_dict prefixes of the layers whose outputs are the video classes: the classifier, the
+        behaviour heads' last layers when they give the classes (num_behaviours None) or the maps from
+        behaviours to classes. Fine-tuning on other classes starts them afresh."""
+        if self.frame2d is not None:
+            return [f"frame2d.classifier.{len(self.frame2d.classifier) - 1}."]
+        heads = ["classifier.", "aux_heads."]
+        if self.config.num_behaviours is None:
+            heads += [f"behaviour.{name}.head.{len(net.head) - 1}." for name, net in self.behaviour.items()]
+        return heads
+
     def feature_dims(self) -> dict[str, int]:
         """The parts of the classifier's input and their sizes, in order."""
         cfg = self.config
@@ -301,13 +312,28 @@ class MicroVideoNet(nn.Module):
     # loss
 
     def loss(self, out: dict, labels: Tensor) -> Tensor:
-        """Cross-entropy of ``out["logits"]`` plus ``config.aux_weight`` times the sum of the cross-entropies
-        of ``out["aux_logits"]`` (the behaviour heads), all against the video labels (Tensor[B])."""
-        loss = F.cross_entropy(out["logits"], labels)
+        """The loss of ``out["logits"]`` plus ``config.aux_weight`` times the sum of the losses of
+        ``out["aux_logits"]`` (the behaviour heads), all against the video labels: cross-entropy against
+        class indices (Tensor[B]), or with ``config.multi_label`` binary cross-entropy with logits against
+        multi-hot labels (Tensor[B, C]); ``config.label_smoothing`` and ``config.class_weights`` apply to
+        each."""
+        loss = self._loss(out["logits"], labels)
         aux = out.get("aux_logits") or {}
         if aux and self.config.aux_weight:
-            loss = loss + self.config.aux_weight * sum(F.cross_entropy(a, labels) for a in aux.values())
+            loss = loss + self.config.aux_weight * sum(self._loss(a, labels) for a in aux.values())
         return loss
+
+    def _loss(self, logits: Tensor, labels: Tensor) -> Tensor:
+        cfg = self.config
+        weight = None
+        if cfg.class_weights is not None:
+            weight = torch.tensor(cfg.class_weights, dtype=torch.float32, device=logits.device)
+        if not cfg.multi_label:
+            return F.cross_entropy(logits, labels, weight=weight, label_smoothing=cfg.label_smoothing)
+        target = labels.to(logits.dtype)
+        if cfg.label_smoothing:
+            target = target * (1 - cfg.label_smoothing) + 0.5 * cfg.label_smoothing
+        return F.binary_cross_entropy_with_logits(logits, target, pos_weight=weight)
 
     def extra_repr(self) -> str:
         cfg = self.config
