@@ -136,6 +136,25 @@ def model_from_checkpoint(ckpt: dict, device="cpu"):
     return model, data_config_from_dict(ckpt["data_config"]), list(ckpt["classes"])
 
 
+@dataclasses.dataclass
+class InferenceModel:
+    """What predict and extract run: the model (eval mode, on its device), its DataConfig, the class names,
+    and where it was read from."""
+
+    model: torch.nn.Module
+    data_config: object
+    classes: list
+    source: str
+
+
+def load_for_inference(path: str | os.PathLike, device="cpu") -> InferenceModel:
+    """The model that predict and extract run, from a checkpoint of python -m mvfast.train (best.pt,
+    last.pt) or a run folder (its last.pt); user errors as CLIError."""
+    ckpt = load_checkpoint(path)
+    model, data_cfg, classes = model_from_checkpoint(ckpt, device)
+    return InferenceModel(model, data_cfg, classes, ckpt["path"])
+
+
 def rng_state() -> dict:
     """Python's, NumPy's, torch's and every GPU's random state, in types torch.load(weights_only) reads."""
     np_state = np.random.get_state(legacy=False)

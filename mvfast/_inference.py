@@ -14,6 +14,12 @@ from mvfast._cli import to_device
 from mvfast.metrics import classification_metrics, video_level
 
 
+def scores(logits: torch.Tensor) -> torch.Tensor:
+    """Per-clip class scores (float32[N, C]) of the model's logits (Tensor[N, C]): softmax over the classes.
+    Every command turns logits into scores here, and averages the scores of a video's clips."""
+    return logits.float().softmax(-1)
+
+
 def _sync(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
@@ -52,7 +58,7 @@ def predict_file(model, path, data_cfg, device, title: str | None = None) -> dic
     _sync(device)
     t1 = time.perf_counter()
     out = model(batch)
-    probs = out["logits"].float().softmax(1).mean(0).cpu()
+    probs = scores(out["logits"]).mean(0).cpu()
     _sync(device)
     t2 = time.perf_counter()
     attention = out.get("attention")
@@ -109,7 +115,7 @@ def infer(model, loader, loss_fn, device, amp_dtype=None, gather=None) -> dict |
         with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
             out = model(batch)
             loss = loss_fn(out, batch["label"])
-        probs.append(out["logits"].float().softmax(1).cpu())
+        probs.append(scores(out["logits"]).cpu())
         labels.append(batch["label"].cpu())
         videos.append(batch["video_index"].cpu())
         loss_sum += float(loss) * batch["label"].numel()
