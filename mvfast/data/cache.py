@@ -27,7 +27,7 @@ from .video import DecodedVideo, decode_video
 log = logging.getLogger("mvfast.data")
 
 # Bumped whenever what decode_video produces or the entry layout changes, so old entries are not misread.
-FORMAT_VERSION = 2
+FORMAT_VERSION = 3
 _MAGIC = b"MVFASTC1"
 _ALIGN = 64
 

@@ -39,8 +39,8 @@ VIDEO_EXTENSIONS = (".mp4", ".avi", ".mkv", ".mov", ".webm", ".m4v")
 _MAGIC = ((4, b"ftyp", "MP4/MOV"), (0, b"RIFF", "AVI"), (0, b"\x1a\x45\xdf\xa3", "Matroska/WebM"))
 
 # Motion fields and grey frames are computed in chunks of this many frames, bounding the scratch memory of
-# rasterize (3 float64 planes per frame) for long videos.
-_MOTION_CHUNK = 16
+# rasterize (3 float32 planes per frame: 13 MB at 128 px) for long videos.
+_MOTION_CHUNK = 64
 
 # With `needs`, a gap of more than this many seconds between two kept frames is skipped by seeking rather
 # than decoded: beyond the length of the usual group of pictures (1-5 s), so a seek, which decodes from the
@@ -329,6 +329,8 @@ class _Decoder:
             self.near = np.setdiff1d(near, self.exact)
             keep = np.union1d(self.exact, self.near)
         self.timeline = _Timeline(cfg.fps, cfg.resize, self._capacity(), cfg.max_duration, keep)
+        # Rows whose motion is read: all of them, or those of the clips (scene frames are RGB only).
+        self.moving = None if keep is None else np.isin(keep, self.exact)
 
         self.pending = self.previous = None
         self.index = -1  # display index of the pending frame
@@ -361,10 +363,14 @@ class _Decoder:
         return math.ceil(estimate * self.cfg.fps) + 2 if estimate else 64
 
     def _lengths(self) -> list[int]:
+        """The timeline lengths to keep frames for: N of the stream's duration (exact on every file seen),
+        or N - 1, N, N + 1 of the container's (which adds the other streams and rounding)."""
         estimate = self._duration()
         if not estimate:
             return [1]  # unknown: the first pass keeps little and measures N
         n = max(1, math.ceil(estimate * self.cfg.fps - 1e-6))
+        if self.vs.duration and self.vs.time_base:
+            return [n]
         return [m for m in (n - 1, n, n + 1) if m >= 1]
 
     def decode(self) -> DecodedVideo | None:
@@ -487,7 +493,8 @@ class _Decoder:
 
     def _length(self) -> int:
         """N of a file that was not read to its end: from its duration."""
-        return self._lengths()[len(self._lengths()) // 2]
+        lengths = self._lengths()
+        return lengths[len(lengths) // 2]
 
     def _runs(self) -> list[tuple[int, int, bool]]:
         """(first slot, last slot, near only) of each stretch of kept slots to decode in one go. A clip's
@@ -615,7 +622,9 @@ class _Decoder:
         if len(rows) == 0:
             return
         timeline.write(rows, _square(frame, "rgb24", R))
-        if not self.motion:
+        if self.moving is not None:
+            rows = rows[self.moving[rows]]
+        if not self.motion or len(rows) == 0:
             return
         row = int(rows[0])
         self.copies.append((row, rows))
