@@ -17,6 +17,7 @@ partial, and tries the failed ones again.
 
 from __future__ import annotations
 
+import argparse
 import csv
 import json
 import logging
@@ -564,16 +565,10 @@ def add_job_flags(parser, chunk: int = 64) -> None:
     )
     parser.add_argument(
         "--progress",
-        action=argparse_bool(),
+        action=argparse.BooleanOptionalAction,
         default=True,
         help="a progress bar with videos/s (on a terminal only; default: on)",
     )
-
-
-def argparse_bool():
-    import argparse
-
-    return argparse.BooleanOptionalAction
 
 
 def check_job_flags(args) -> None:
