@@ -13,6 +13,9 @@ GPU = torch.cuda.is_available()
 
 # Bars the issues require, declared by the suites: dicts of op, case, device, mode, impl, base, at_least.
 BARS: list[dict] = []
+# Tables of their own that suites add to the end of the run: functions of the results (benchmark dicts with
+# extra_info and stats) that return markdown, or "" when they have nothing to show.
+TABLES: list = []
 
 
 def unavailable(impls: dict, device: str, impl: str) -> str | None:

@@ -14,6 +14,11 @@ def pytest_terminal_summary(terminalreporter):
     tr = terminalreporter
     tr.write_sep("=", "mvfast: ratios (baseline median / impl median; > 1 is faster)")
     tr.write_line(report.table(results))
+    for make in benchutil.TABLES:
+        text = make(results)
+        if text:
+            tr.write_line("")
+            tr.write_line(text)
     if benchutil.BARS:
         tr.write_sep("-", "mvfast: performance bars")
         for bar in benchutil.BARS:

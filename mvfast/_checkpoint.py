@@ -234,6 +234,27 @@ def init_from(model, path, classes: list, preset: str) -> tuple[list[str], list[
     return lines, [*new_classes, *shape, *missing]
 
 
+@dataclasses.dataclass
+class InferenceModel:
+    """What predict and extract run: the model (eval mode, on its device), its DataConfig, the class names,
+    and where it was read from."""
+
+    model: torch.nn.Module
+    data_config: object
+    classes: list
+    source: str
+    threshold: float = 0.5  # a multi-label model's: the labels are the classes scored at least this
+
+
+def load_for_inference(path: str | os.PathLike, device="cpu") -> InferenceModel:
+    """The model that predict and extract run, from a checkpoint of python -m mvfast.train (best.pt,
+    last.pt), a run folder (its last.pt) or a folder of python -m mvfast.export; user errors as CLIError."""
+    ckpt = load_checkpoint(path)
+    model, data_cfg, classes = model_from_checkpoint(ckpt, device)
+    threshold = float((ckpt.get("config") or {}).get("threshold", 0.5))
+    return InferenceModel(model, data_cfg, classes, ckpt["path"], threshold)
+
+
 def rng_state() -> dict:
     """Python's, NumPy's, torch's and every GPU's random state, in types torch.load(weights_only) reads."""
     np_state = np.random.get_state(legacy=False)

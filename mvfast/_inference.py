@@ -20,8 +20,9 @@ def is_multi_label(model) -> bool:
 
 
 def scores(logits: torch.Tensor, multi_label: bool = False) -> torch.Tensor:
-    """Class scores (float32[B, C]) of logits (B, C): a softmax over the classes, or with multi_label a
-    sigmoid per class."""
+    """Class scores (float32[N, C]) of logits (N, C): a softmax over the classes, or with multi_label a
+    sigmoid per class. Every command turns logits into scores here, and averages the scores of a video's
+    clips."""
     logits = logits.float()
     return logits.sigmoid() if multi_label else logits.softmax(1)
 

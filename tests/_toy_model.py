@@ -5,8 +5,9 @@ Contract: ``create_model(name, num_classes, **overrides)`` and ``preset_config(n
 **overrides)`` with presets "tiny", "paper", "frame2d"; ``MODALITIES``; ``model.config`` with
 ``num_classes``, ``modalities``, ``dropout``, ``aux_weight``, ``multi_label``, ``label_smoothing``,
 ``class_weights`` and ``inputs()`` (the fields of ``mvfast.models.InputSpec``); ``model(batch)`` -> {"logits"
-(B, C), "aux_logits" {name: (B, C)}, "attention" (B, F, H) or None}; ``model.loss(out, labels)`` (labels
-int64[B], or multi-hot [B, C] with multi_label); ``model.class_heads()``.
+(B, C), "aux_logits" {name: (B, C)}, "attention" (B, F, H) or None}, and with ``return_features=True`` also
+"features" {"embedding" (B, D), ...}; ``model.loss(out, labels)`` (labels int64[B], or multi-hot [B, C] with
+multi_label); ``model.class_heads()``.
 
 In a test process: ``install()`` puts it in place of ``mvfast.models``. As a script it does that and then
 runs a module as ``python -m`` would (also under torchrun)::
@@ -91,7 +92,7 @@ class MicroVideoNet(nn.Module):
         self.dropout = nn.Dropout(c.dropout)
         self.classifier = nn.Linear(w * len(c.modalities), c.num_classes)
 
-    def forward(self, batch):
+    def forward(self, batch, return_features=False):
         c, feats, aux, attention = self.config, [], {}, None
         for name in ("rgb", "motion"):
             if name in c.modalities:
@@ -110,8 +111,13 @@ class MicroVideoNet(nn.Module):
         if "text" in c.modalities:
             m = batch["text_mask"].unsqueeze(-1).float()
             feats.append((self.text(batch["text"]) * m).sum(1) / m.sum(1).clamp(min=1))
-        logits = self.classifier(self.dropout(torch.cat(feats, 1)))
-        return {"logits": logits, "aux_logits": aux, "attention": attention}
+        h = torch.cat(feats, 1)
+        out = {"logits": self.classifier(self.dropout(h)), "aux_logits": aux, "attention": attention}
+        if return_features:
+            out["features"] = {"embedding": h}
+            if attention is not None:
+                out["features"]["attention_weights"] = attention
+        return out
 
     def loss(self, out, labels):
         loss = self._loss(out["logits"], labels)

@@ -7,7 +7,15 @@ import numpy as np
 import pytest
 import torch
 
-from mvfast.data import DataConfig, VideoDecodeError, clip_starts, decode_video, load_video, sample_clip
+from mvfast.data import (
+    DataConfig,
+    VideoDecodeError,
+    clip_starts,
+    decode_video,
+    inference_needs,
+    load_video,
+    sample_clip,
+)
 from mvfast.data.encode import encode_video
 
 SHARED_VIDEOS = Path(__file__).resolve().parents[1].parent / "shared" / "videos"
@@ -295,3 +303,114 @@ def test_config_validation_names_the_field():
         DataConfig(short_video="wrap")
     keys = {"fps", "resize", "max_duration", "audio_pool", "max_audio_windows"}
     assert set(DataConfig().cache_key()) == keys
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Decoding only what inference cuts (needs=)
+
+
+def _same_test_samples(full, part, cfg):
+    for clip in range(cfg.test_clips):
+        a, b = sample_clip(full, cfg, clip=clip), sample_clip(part, cfg, clip=clip)
+        for key in ("rgb", "motion", "frames", "audio", "audio_mask"):
+            assert torch.equal(a[key], b[key]), (clip, key)
+
+
+def _inputs_of_every_kind(media):
+    files = [media[(s, v, a)] for s, v, a, _ in MATRIX]
+    if SHARED_VIDEOS.is_dir():
+        files += sorted(p for p in SHARED_VIDEOS.iterdir() if p.suffix in (".mp4", ".avi", ".mkv"))
+    return files
+
+
+def test_needs_keeps_exactly_the_test_samples(media):
+    # Every container and codec, and the real files (no frame count in the mkv's header, decode-order
+    # stamps in the AVI): the samples cut from the kept frames equal those of a whole decode, bit for bit.
+    cfg = CFG.replace(test_clips=3)
+    for path in _inputs_of_every_kind(media):
+        full = decode_video(path, cfg)
+        part = decode_video(path, cfg, needs=inference_needs(cfg))
+        assert part.num_frames == full.num_frames and part.slots is not None, path
+        assert len(part.slots) < full.num_frames or full.num_frames <= cfg.clip_len * 3, path
+        _same_test_samples(full, part, cfg)
+        assert part.meta["seeks"] == 0  # short files are read through
+
+
+def test_needs_without_motion_or_audio(media):
+    path = media[("mp4", "libx264", "aac")]
+    part = decode_video(path, CFG, needs=inference_needs(CFG), motion=False, audio=False)
+    assert part.audio is None and not part.motion.any() and part.meta["motion_codec_frames"] == 0
+    full = decode_video(path, CFG)
+    s = sample_clip(part, CFG, clip=1)
+    assert torch.equal(s["rgb"], sample_clip(full, CFG, clip=1)["rgb"])
+
+
+def test_needs_with_a_wrong_duration_in_the_header(tmp_path):
+    # The container says 0.5 s longer than the frames last (a header written before the file was cut):
+    # the kept frames are judged on the wrong length, and a second pass reads them right.
+    path = encode_video(tmp_path / "short.mp4", moving_square(n=30), fps=20)
+    cfg = CFG.replace(test_clips=3)
+    from mvfast.data import video as video_module
+
+    original = video_module._Decoder._duration
+    try:
+        video_module._Decoder._duration = lambda self: 2.0
+        part = decode_video(path, cfg, needs=inference_needs(cfg))
+    finally:
+        video_module._Decoder._duration = original
+    _same_test_samples(decode_video(path, cfg), part, cfg)
+
+
+@pytest.fixture(scope="module")
+def long_video(tmp_path_factory):
+    # 40 s at 20 fps with a key frame every second, and a tone: long enough that the clips are seeked to.
+    n = 800
+    frames = np.concatenate([moving_square(n=40, seed=i % 3) for i in range(n // 40)])
+    path = tmp_path_factory.mktemp("long") / "long.mp4"
+    return encode_video(
+        path, frames, fps=20, audio=tone(n / 20, 22050), options={"preset": "ultrafast", "g": "20"}
+    )
+
+
+def test_needs_seeks_in_a_long_video(long_video):
+    cfg = CFG.replace(test_clips=3)
+    full = decode_video(long_video, cfg)
+    part = decode_video(long_video, cfg, needs=inference_needs(cfg))
+    assert part.meta["seeks"] >= 3 and part.meta["source_frames"] < full.meta["source_frames"] / 3
+    # The clips (frames and motion) and the audio are exact; a scene frame far from the clips is the key
+    # frame before its time (at most a second, the key frame interval, earlier).
+    for clip in range(cfg.test_clips):
+        a, b = sample_clip(full, cfg, clip=clip), sample_clip(part, cfg, clip=clip)
+        for key in ("rgb", "motion", "audio"):
+            assert torch.equal(a[key], b[key]), (clip, key)
+    near = {int(k): v for k, v in part.meta["near_seconds"].items()}
+    assert near and all(0 <= k / cfg.fps - t <= 1.0 + 1e-6 for k, t in near.items())
+
+
+def test_segments_of_a_long_video(long_video):
+    from mvfast.data import segment, segment_bounds
+
+    cfg = CFG.replace(test_clips=2)
+    assert segment_bounds(100, 12.5, 2.0, 1.0)[:2] == [(0, 25), (12, 37)]
+    assert segment_bounds(100, 12.5, 2.0, 1.0)[-1] == (75, 100)  # one more, ending with the video
+    assert segment_bounds(10, 12.5, 2.0, 1.0) == [(0, 10)]
+    full = decode_video(long_video, cfg)
+    part = decode_video(long_video, cfg, needs=inference_needs(cfg, window=10.0, stride=10.0))
+    bounds = segment_bounds(full.num_frames, cfg.fps, 10.0, 10.0)
+    assert len(bounds) == 4
+    for a, b in bounds:
+        whole, kept = segment(full, a, b), segment(part, a, b)
+        assert whole.num_frames == kept.num_frames == b - a
+        for clip in range(cfg.test_clips):
+            x, y = sample_clip(whole, cfg, clip=clip), sample_clip(kept, cfg, clip=clip)
+            assert torch.equal(x["rgb"], y["rgb"]) and torch.equal(x["motion"], y["motion"])
+            assert torch.equal(x["audio"], y["audio"]) and 0 < x["audio"].shape[0] < full.audio.shape[0]
+
+
+def test_motion_is_the_same_every_decode(media):
+    # With frame threads FFmpeg's H.264 decoder exported the B-frames' vectors only some of the time.
+    path = media[("mp4", "libx264", None)]
+    first = decode_video(path, CFG.replace(decode_threads=2))
+    for _ in range(4):
+        again = decode_video(path, CFG.replace(decode_threads=2))
+        assert np.array_equal(first.motion, again.motion)

@@ -122,9 +122,13 @@ def test_predict_skips_a_broken_file_and_reports_user_errors(run, toy, tmp_path,
     broken = tmp_path / "broken.mp4"
     broken.write_bytes(b"not a video" * 50)
     good = synthetic_videos(run)[0]
-    assert mvfast.predict.main([str(run[0]), str(broken), str(good), "--json"]) == 0
+    # One file failed: exit 1 (issue 14), or 0 with --allow-failures; the output is the same.
+    assert mvfast.predict.main([str(run[0]), str(broken), str(good), "--json"]) == 1
+    capsys.readouterr()
+    assert mvfast.predict.main([str(run[0]), str(broken), str(good), "--json", "--allow-failures"]) == 0
     result = json.loads(capsys.readouterr().out)
     assert "error" in result["predictions"][0] and "top" in result["predictions"][1]
+    assert [p["status"] for p in result["predictions"]] == ["failed", "ok"]
     assert mvfast.predict.main([str(run[0]), str(broken)]) == 2
     assert "none of the 1 videos could be decoded" in capsys.readouterr().err
     assert mvfast.predict.main([str(run[0]), str(tmp_path / "nope.mp4")]) == 2

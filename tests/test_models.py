@@ -332,6 +332,34 @@ def test_eval_is_deterministic():
     assert torch.equal(a["logits"], b["logits"]) and torch.equal(a["attention"], b["attention"])
 
 
+@pytest.mark.parametrize("name", ["tiny", "frame2d"])
+def test_return_features(name):
+    # The embedding is the classifier's input: the classifier of it gives the logits (dropout is off in
+    # eval), and the parts are those it is concatenated from.
+    model = model_of(name).eval()
+    B = 3
+    batch = make_batch(model.config, B, mixed=True)
+    with torch.no_grad():
+        plain = model(batch)
+        out = model(batch, return_features=True)
+    assert torch.equal(plain["logits"], out["logits"]) and "features" not in plain
+    f = out["features"]
+    if name == "frame2d":
+        assert set(f) == {"embedding"} and f["embedding"].shape == (B, model.frame2d.hidden)
+        logits = model.frame2d.classifier[-1](f["embedding"])
+        torch.testing.assert_close(logits, out["logits"], rtol=1e-5, atol=1e-5)
+        return
+    cfg = model.config
+    assert f["embedding"].shape == (B, sum(model.feature_dims().values()))
+    torch.testing.assert_close(model.classifier(f["embedding"]), out["logits"], rtol=1e-5, atol=1e-5)
+    parts = torch.cat([model.norms[k](f[k]) for k in model.feature_dims()], dim=1)
+    torch.testing.assert_close(parts, f["embedding"])
+    assert f["behaviour"].shape == (B, cfg.behaviours) and f["scene"].shape == (B, cfg.num_scenes)
+    assert f["frames_vlad"].shape == (B, cfg.frame_clusters * cfg.frame_dim)
+    assert f["attention_weights"] is out["attention"]
+    assert {"audio_vlad", "text_vlad", "attention", "joint"} <= set(f)
+
+
 @pytest.mark.slow
 def test_compile_fullgraph():
     model = model_of("tiny")

@@ -17,7 +17,15 @@ from .config import DataConfig
 from .datasets import UCF101, VideoCSV, VideoDataset, VideoFolder, VideoItem
 from .encode import encode_video
 from .motion import codec_vectors, rasterize, rgb_difference_flow
-from .sampling import clip_starts, load_video, sample_clip
+from .sampling import (
+    clip_starts,
+    inference_needs,
+    load_video,
+    sample_clip,
+    scene_indices,
+    segment,
+    segment_bounds,
+)
 from .text import tokenize
 from .video import VIDEO_EXTENSIONS, DecodedVideo, VideoDecodeError, decode_video
 
@@ -27,6 +35,10 @@ __all__ = [
     "decode_video",
     "sample_clip",
     "clip_starts",
+    "scene_indices",
+    "segment",
+    "segment_bounds",
+    "inference_needs",
     "DecodedVideo",
     "VideoDecodeError",
     "VIDEO_EXTENSIONS",

@@ -78,23 +78,44 @@ def to_mono_float(samples: np.ndarray, planar: bool, channels: int) -> np.ndarra
     return x.astype(np.float32, copy=False).mean(axis=0)
 
 
+def _smooth(n: int) -> bool:
+    for f in (2, 3, 5, 7):
+        while n % f == 0:
+            n //= f
+    return n == 1
+
+
 def resample(wave: np.ndarray, rate: int, target: int = SAMPLE_RATE) -> np.ndarray:
     """Band-limited resampling of a mono waveform by its spectrum: (S,) -> (round(S * target / rate),).
 
-    Truncating the spectrum is an ideal low-pass below the new Nyquist frequency. Done with NumPy rather than
-    FFmpeg's resampler, which runs a filter graph with its own threads: a DataLoader worker forked while
-    such threads existed in its parent was seen to hang.
+    Truncating the spectrum is an ideal low-pass below the new Nyquist frequency. The track is first padded
+    with silence to a length whose FFTs are fast and that maps to a whole number of output samples (a
+    track's own length is whatever the codec gave: 89088 samples of AAC became 64644 = 4 * 3 * 5387, whose
+    inverse FFT took 5x as long), which also keeps its end from wrapping round into its start. Done with
+    NumPy and torch rather than FFmpeg's resampler, which runs a filter graph with its own threads: a
+    DataLoader worker forked while such threads existed in its parent was seen to hang.
     """
     if rate == target or wave.size == 0:
         return wave.astype(np.float32, copy=False)
     n_out = max(1, round(wave.size * target / rate))
-    spectrum = np.fft.rfft(wave.astype(np.float64))
-    bins = n_out // 2 + 1
-    if spectrum.size >= bins:
+    g = math.gcd(int(rate), int(target))
+    a, b = int(rate) // g, int(target) // g  # a input samples span b output samples exactly
+    padded, out = wave.size, n_out
+    if a <= 4096:  # else an unusual rate, for which no padding makes both lengths fast
+        k = -(-wave.size // a)
+        while not (_smooth(a * k) and _smooth(b * k)):
+            k += 1
+        padded, out = a * k, b * k
+    x = torch.zeros(padded, dtype=torch.float64)
+    x[: wave.size] = torch.from_numpy(np.asarray(wave, dtype=np.float64))
+    spectrum = torch.fft.rfft(x)
+    bins = out // 2 + 1
+    if spectrum.numel() >= bins:
         spectrum = spectrum[:bins]
     else:
-        spectrum = np.concatenate([spectrum, np.zeros(bins - spectrum.size, dtype=spectrum.dtype)])
-    return (np.fft.irfft(spectrum, n=n_out) * (n_out / wave.size)).astype(np.float32)
+        spectrum = torch.cat([spectrum, spectrum.new_zeros(bins - spectrum.numel())])
+    y = torch.fft.irfft(spectrum, n=out) * (out / padded)
+    return y[:n_out].numpy().astype(np.float32)
 
 
 _FILTERBANK: torch.Tensor | None = None

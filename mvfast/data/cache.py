@@ -27,7 +27,7 @@ from .video import DecodedVideo, decode_video
 log = logging.getLogger("mvfast.data")
 
 # Bumped whenever what decode_video produces or the entry layout changes, so old entries are not misread.
-FORMAT_VERSION = 2
+FORMAT_VERSION = 3
 _MAGIC = b"MVFASTC1"
 _ALIGN = 64
 
@@ -135,6 +135,10 @@ class ClipCache:
         signature: tuple[int, int] | None = None,
     ) -> Path:
         """Writes the entry atomically; `signature` is the file's (size, mtime_ns) when it was decoded."""
+        if video.slots is not None:
+            raise ValueError(
+                f"ClipCache.store: {path} was decoded in part (needs=...); the cache holds whole videos"
+            )
         entry = self.entry_path(path, config)
         entry.parent.mkdir(parents=True, exist_ok=True)
         signature = signature if signature is not None else self._signature(path)

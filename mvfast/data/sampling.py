@@ -26,6 +26,66 @@ def clip_starts(num_frames: int, clip_len: int, num_clips: int) -> list[int]:
     return [round(i * span / (num_clips - 1)) for i in range(num_clips)]
 
 
+def scene_indices(num_frames: int, scene_frames: int) -> np.ndarray:
+    """Timeline indices of the scene frames: evenly spread over the video, each in the middle of its part."""
+    return np.minimum(
+        ((np.arange(scene_frames) + 0.5) * num_frames / scene_frames).astype(np.int64), num_frames - 1
+    )
+
+
+def segment_bounds(num_frames: int, fps: float, window: float, stride: float) -> list[tuple[int, int]]:
+    """[first, end) timeline indices of the segments of `window` seconds every `stride` seconds: from the
+    start, then one more that ends with the video where the last does not; one segment for a video shorter
+    than a window."""
+    length = max(1, round(window * fps))
+    step = max(1, round(stride * fps))
+    if num_frames <= length:
+        return [(0, num_frames)]
+    starts = list(range(0, num_frames - length + 1, step))
+    if starts[-1] + length < num_frames:
+        starts.append(num_frames - length)
+    return [(a, a + length) for a in starts]
+
+
+def inference_needs(config: DataConfig, window: float | None = None, stride: float | None = None):
+    """The ``needs`` of :func:`mvfast.data.decode_video` for the test clips and scene frames that
+    :func:`sample_clip` cuts (``train=False``), of the whole video or of each segment (``window``,
+    ``stride`` in seconds, :func:`segment_bounds`): a function of the timeline length giving the clips'
+    indices (exact) and the scene frames' (near)."""
+    cfg = config
+
+    def needs(n: int) -> tuple[np.ndarray, np.ndarray]:
+        bounds = [(0, n)] if window is None else segment_bounds(n, cfg.fps, window, stride or window)
+        exact, near = [], []
+        for a, b in bounds:
+            m = b - a
+            for start in clip_starts(m, cfg.clip_len, cfg.test_clips):
+                exact.append(a + _clip_indices(m, start, cfg.clip_len, cfg.short_video)[0])
+            near.append(a + scene_indices(m, cfg.scene_frames))
+        return np.unique(np.concatenate(exact)), np.unique(np.concatenate(near))
+
+    return needs
+
+
+def segment(video: DecodedVideo, first: int, end: int) -> DecodedVideo:
+    """The timeline frames [first, end) of a video (and the audio windows of that time) as a video of its
+    own, without copying the frames of a whole decode; of a decode that kept some frames, the kept ones in
+    that range."""
+    n = video.num_frames
+    meta = dict(video.meta, num_frames=end - first, duration=(end - first) / (n / video.meta["duration"]))
+    if video.slots is None:
+        frames, motion, slots = video.frames[first:end], video.motion[:, first:end], None
+    else:
+        a, b = np.searchsorted(video.slots, [first, end])
+        frames, motion, slots = video.frames[a:b], video.motion[:, a:b], video.slots[a:b] - first
+    audio = video.audio
+    if audio is not None and len(audio):
+        # Audio windows span the whole track evenly (pooled to at most max_audio_windows).
+        lo, hi = (round(i * len(audio) / n) for i in (first, end))
+        audio = audio[lo : max(hi, lo + 1)]
+    return DecodedVideo(frames=frames, motion=motion, audio=audio, meta=meta, slots=slots)
+
+
 def _clip_indices(n: int, start: int, clip_len: int, mode: str) -> tuple[np.ndarray, str | None]:
     if n >= clip_len:
         return np.arange(start, start + clip_len), None
@@ -77,7 +137,7 @@ def sample_clip(
             "padded" or None when the video has at least T frames).
     """
     cfg = config or DataConfig()
-    n = video.frames.shape[0]
+    n = video.num_frames
     R = video.frames.shape[1]
     T, S = cfg.clip_len, cfg.size
     if S > R:
@@ -106,20 +166,19 @@ def sample_clip(
     idx, short = _clip_indices(n, start, T, cfg.short_video)
 
     rows, cols = slice(crop_y, crop_y + S), slice(crop_x, crop_x + S)
+    at = video.rows(idx)  # the rows holding those timeline frames (the same, unless only some were kept)
     # Flips are applied to the 8-bit data while it is cut out, and channels moved first while 8-bit too,
     # so that the float tensors are written once, contiguous.
-    frames = _take(video.frames, (idx, rows, cols), -2 if flip else None)  # (T, S, S, 3) uint8
+    frames = _take(video.frames, (at, rows, cols), -2 if flip else None)  # (T, S, S, 3) uint8
     rgb = _normalize(frames.permute(3, 0, 1, 2).contiguous(), cfg.mean, cfg.std, 0)  # (3, T, S, S)
     flow = mo.dequantize(
-        _take(video.motion, (slice(None), idx, rows, cols), -1 if flip else None)
+        _take(video.motion, (slice(None), at, rows, cols), -1 if flip else None)
     )  # (2, T, S, S)
     if flip:
         flow[0].neg_()
     if short == "padded":
         flow[:, n:] = 0  # a repeated frame does not move
-    scene_idx = np.minimum(
-        ((np.arange(cfg.scene_frames) + 0.5) * n / cfg.scene_frames).astype(np.int64), n - 1
-    )
+    scene_idx = video.rows(scene_indices(n, cfg.scene_frames))
     scene = _take(video.frames, (scene_idx,), -2 if flip else None).permute(0, 3, 1, 2)  # (F, 3, R, R) uint8
     if cfg.scene_size != R:
         # Resized while still uint8 (torch's fast channels-last path), then normalised at the smaller size.

@@ -41,6 +41,13 @@ class MicroVideoNet(nn.Module):
       are none or their inputs are missing);
     - ``attention`` (Tensor[B, F, H]): the attention weights of the frames (the key frames), or None when the
       model has no attention (frame2d, attention_heads=0, or no "frames" modality).
+
+    ``model(batch, return_features=True)`` adds ``features``, a dict of Tensor[B, ...]: ``embedding`` (the
+    classifier's input: the layer-normalised parts concatenated, before dropout; for frame2d the frames' mean
+    penultimate feature, which the linear last layer maps to the mean of the frames' logits), and those of
+    the parts it computes: ``behaviour`` (f_A, N_a), ``scene`` (f_s, N_s), ``joint`` (N_a * N_s),
+    ``frames_vlad``, ``audio_vlad``, ``text_vlad`` (the NetVLAD descriptors), ``attention`` (the pooled frame
+    feature, H * D_f) and ``attention_weights`` (F, H).
     """
 
     def __init__(self, config: MicroVideoConfig):
@@ -151,10 +158,10 @@ class MicroVideoNet(nn.Module):
     # -----------------------------------------------------------------------------------------------
     # forward
 
-    def forward(self, batch: dict) -> dict:
+    def forward(self, batch: dict, return_features: bool = False) -> dict:
         B = self._batch_size(batch)
         if self.frame2d is not None:
-            return self._forward_frame2d(batch, B)
+            return self._forward_frame2d(batch, B, return_features)
         cfg = self.config
         parts: dict[str, Tensor] = {}
 
@@ -190,7 +197,18 @@ class MicroVideoNet(nn.Module):
         # Classifier.
         h = torch.cat([self.norms[name](parts[name]) for name in self.norms], dim=1)  # (B, sum of dims)
         logits = self.classifier(self.dropout(h))  # (B, C)
-        return {"logits": logits, "aux_logits": aux, "attention": attention}
+        out = {"logits": logits, "aux_logits": aux, "attention": attention}
+        if return_features:
+            features = {"embedding": h}
+            if f_a is not None:
+                features["behaviour"] = f_a
+            if cfg.uses("frames"):
+                features["scene"] = f_s
+            features.update(parts)
+            if attention is not None:
+                features["attention_weights"] = attention
+            out["features"] = features
+        return out
 
     def _behaviour(self, batch: dict, B: int) -> tuple[Tensor | None, dict[str, Tensor]]:
         if not self.behaviour:
@@ -243,15 +261,21 @@ class MicroVideoNet(nn.Module):
         ids = text.masked_fill(~mask, 0)  # (B, W): padding ids, whatever the masked values were
         return self.embed(ids), mask  # (B, W, D_t)
 
-    def _forward_frame2d(self, batch: dict, B: int) -> dict:
+    def _forward_frame2d(self, batch: dict, B: int, return_features: bool = False) -> dict:
         frames = batch.get("frames")
         if frames is None:
             logits = self._zeros(B, self.config.num_classes)
+            h = self._zeros(B, self.frame2d.hidden)
         else:
             F_ = frames.shape[1]
-            _, frame_logits = self.frame2d(self._layout(frames.flatten(0, 1)))  # (B * F, C)
+            # (B * F, hidden), (B * F, C)
+            feats, frame_logits = self.frame2d(self._layout(frames.flatten(0, 1)))
             logits = frame_logits.view(B, F_, -1).mean(dim=1)  # (B, C): averaged over the frames
-        return {"logits": logits, "aux_logits": {}, "attention": None}
+            h = feats.view(B, F_, -1).mean(dim=1)  # (B, hidden)
+        out = {"logits": logits, "aux_logits": {}, "attention": None}
+        if return_features:
+            out["features"] = {"embedding": h}
+        return out
 
     # -----------------------------------------------------------------------------------------------
     # helpers
