@@ -254,8 +254,10 @@ def test_sweep_prints_the_table(run, tmp_path, monkeypatch, capsys):
     assert json.loads((tmp_path / "traditional-CNN" / "summary.json").read_text())["modalities"] == ["frames"]
 
 
-def test_the_real_model_through_python_m(tmp_path, cache_env):
-    # python -m mvfast.train itself, with mvfast.models' tiny preset (the other tests use a stand-in)
+@pytest.mark.parametrize("amp", [[], ["--amp"]], ids=["float32", "amp"])
+def test_the_real_model_through_python_m(tmp_path, cache_env, amp):
+    # python -m mvfast.train itself, with mvfast.models' tiny preset (the other tests use a stand-in); with
+    # --amp under autocast (bfloat16 on the CPU), the fused ops casting for themselves
     models = pytest.importorskip("mvfast.models")
     if not hasattr(models, "create_model"):
         pytest.skip("mvfast.models has no create_model yet")
@@ -273,7 +275,7 @@ def test_the_real_model_through_python_m(tmp_path, cache_env):
             "--batch-size",
             "2",
         ]
-        + ["--no-progress", "--workers", "0", "--inference-videos", "1", "--set", "frame_clusters=4"],
+        + ["--no-progress", "--workers", "0", "--inference-videos", "1", "--set", "frame_clusters=4", *amp],
         env={**os.environ, **cache_env},
         capture_output=True,
         text=True,

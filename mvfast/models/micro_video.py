@@ -182,17 +182,17 @@ class MicroVideoNet(nn.Module):
         # Clusters (eq. 7-9) and attention (eq. 10-13) over the frames.
         attention = None
         if cfg.uses("frames"):
-            parts["frames_vlad"] = self._pool(self.frame_vlad, x_f, frame_mask)  # (B, K_f * D_f)
+            parts["frames_vlad"] = self.frame_vlad(x_f, frame_mask)  # (B, K_f * D_f)
             if self.attention is not None:
                 # (B, H, D_f) and the key frames' weights (B, F, H)
-                pooled, attention = self._pool(self.attention, x_f, frame_mask, return_weights=True)
+                pooled, attention = self.attention(x_f, frame_mask, return_weights=True)
                 parts["attention"] = pooled.flatten(1)  # (B, H * D_f)
         if cfg.uses("audio"):
             x_a, audio_mask = self._audio(batch, B)  # (B, A, D_a), (B, A)
-            parts["audio_vlad"] = self._pool(self.audio_vlad, x_a, audio_mask)  # (B, K_a * D_a)
+            parts["audio_vlad"] = self.audio_vlad(x_a, audio_mask)  # (B, K_a * D_a)
         if cfg.uses("text"):
             x_t, text_mask = self._text(batch, B)  # (B, W, D_t), (B, W)
-            parts["text_vlad"] = self._pool(self.text_vlad, x_t, text_mask)  # (B, K_t * D_t)
+            parts["text_vlad"] = self.text_vlad(x_t, text_mask)  # (B, K_t * D_t)
 
         # Classifier.
         h = torch.cat([self.norms[name](parts[name]) for name in self.norms], dim=1)  # (B, sum of dims)
@@ -306,22 +306,6 @@ class MicroVideoNet(nn.Module):
     def _zeros(self, *shape: int) -> Tensor:
         ref = self.classifier.weight if self.frame2d is None else self.frame2d.classifier[0].weight
         return torch.zeros(shape, dtype=ref.dtype, device=ref.device)
-
-    @staticmethod
-    def _pool(module: nn.Module, x: Tensor, mask: Tensor, **kwargs):
-        """NetVLAD or attention pooling in the precision of its parameters.
-
-        mvfast's ops take inputs and parameters of one dtype, while under autocast a linear layer hands
-        them a half-precision x; and the matrix products inside an op's CPU kernel would be autocast too.
-        So the pooling runs with autocast off, on x cast to the parameters' dtype (its accumulation is
-        float32 anyway).
-        """
-        x = x.to(module.weight.dtype)
-        device = x.device.type
-        if device in ("cpu", "cuda") and torch.is_autocast_enabled(device):
-            with torch.autocast(device, enabled=False):
-                return module(x, mask, **kwargs)
-        return module(x, mask, **kwargs)
 
     @staticmethod
     def _mask(batch: dict, mask_key: str, has_key: str, shape, device) -> Tensor:

@@ -526,6 +526,9 @@ def _backward(ctx, grad_out, grad_weights, _grad_lse):
 
 
 _attention_pool_op.register_autograd(_backward, setup_context=_setup_context)
+# Under autocast x, weight and bias run in autocast's dtype (the kernels accumulate in float32 and return
+# out and the weights in that dtype); lse stays float32.
+_eager.register_autocast(OP, _eager.cast_all)
 
 
 def _kernel_forward(x, weight, bias, mask, return_weights):
@@ -578,9 +581,18 @@ def attention_pool(
         Tensor[B, H, D] in x's dtype (accumulation in float32); with ``return_weights`` a tuple
         ``(out, weights)`` with weights Tensor[B, L, H], summing to 1 over L (0 for an all-masked sample).
 
+    Under ``torch.autocast`` (CPU or CUDA) x, weight and bias are cast to autocast's dtype (float64 ones
+    are left alone, as autocast does) and out and the weights are in that dtype, as a matmul's would be;
+    the softmax and the weighted sum accumulate in float32 and the gradients of float32 parameters are
+    float32.
+
     On a GPU, float32 products follow ``torch.get_float32_matmul_precision()`` as torch.matmul does
     (``"highest"``, the default: exact float32; otherwise TF32).
     """
+    if dtype := _eager.autocast_dtype(x):
+        with _eager.autocast_off(x):
+            x, weight, bias = _eager.cast_all((x, weight, bias), dtype)
+            return attention_pool(x, weight, bias, mask, return_weights=return_weights)
     _validate(x, weight, bias, mask)
     name = _backend.resolve(OP, x.device, lambda b: _op_reasons(b, x, weight))
     if name == "reference":

@@ -25,6 +25,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from mvfast import _backend
+from mvfast.ops import _eager
 from mvfast.ops.conv3d_bn_relu import _batch_norm_relu, _op_reasons, _validate, run_kernels
 
 OP = "conv2d_bn_relu"
@@ -95,9 +96,20 @@ def conv2d_bn_relu(
     Returns:
         Tensor[N, C, Ho, Wo] in x's dtype and memory format (statistics accumulated in float32).
 
+    Under ``torch.autocast`` as conv3d_bn_relu: x, weight and bias in autocast's dtype, the output in it,
+    BatchNorm's parameters and statistics float32.
+
     On a GPU, a float32 convolution uses TF32 exactly when ``torch.backends.cudnn.allow_tf32`` is set (the
     default), as cuDNN's does.
     """
+    if dtype := _eager.autocast_dtype(x):
+        with _eager.autocast_off(x):
+            x, weight, bias = _eager.cast_all((x, weight, bias), dtype)
+            return conv2d_bn_relu(
+                x, weight, bias, bn_weight, bn_bias, running_mean, running_var, stride=stride,
+                padding=padding, dilation=dilation, groups=groups, training=training, momentum=momentum,
+                eps=eps, relu=relu, num_batches_tracked=num_batches_tracked,
+            )  # fmt: skip
     stride, padding, dilation = _validate(
         OP,
         2,

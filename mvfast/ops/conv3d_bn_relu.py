@@ -1043,6 +1043,17 @@ def _eval_backward(ctx, grad_out):
 _conv3d_bn_relu_op.register_autograd(_backward, setup_context=_setup_context)
 
 
+def _autocast(args, dtype):
+    """The autocast rule: the conv (x, weight, bias) runs in autocast's dtype, the output in it too, as an
+    autocast conv's; BatchNorm's parameters and running statistics stay as they are (float32), which the
+    kernels take beside 16-bit x, and the statistics accumulate in float32."""
+    x, weight, bias, *rest = args
+    return (*_eager.cast_all((x, weight, bias), dtype), *rest)
+
+
+_eager.register_autocast(OP, _autocast)
+
+
 def _kernel_forward(*args):
     return torch.ops.mvfast.conv3d_bn_relu_fwd(*args)
 
@@ -1104,9 +1115,22 @@ def conv3d_bn_relu(
     Returns:
         Tensor[N, C, Do, Ho, Wo] in x's dtype and memory format (statistics accumulated in float32).
 
+    Under ``torch.autocast`` (CPU or CUDA) x, weight and bias are cast to autocast's dtype (float64 ones
+    are left alone, as autocast does) and the output is in that dtype, as an autocast conv's; BatchNorm's
+    parameters and running statistics stay float32 (the op takes them beside 16-bit x), its statistics
+    accumulate in float32.
+
     On a GPU, a float32 convolution uses TF32 exactly when ``torch.backends.cudnn.allow_tf32`` is set (the
     default), as cuDNN's does.
     """
+    if dtype := _eager.autocast_dtype(x):
+        with _eager.autocast_off(x):
+            x, weight, bias = _eager.cast_all((x, weight, bias), dtype)
+            return conv3d_bn_relu(
+                x, weight, bias, bn_weight, bn_bias, running_mean, running_var, stride=stride,
+                padding=padding, dilation=dilation, groups=groups, training=training, momentum=momentum,
+                eps=eps, relu=relu, num_batches_tracked=num_batches_tracked,
+            )  # fmt: skip
     batch_stats = training or running_mean is None
     stride, padding, dilation = _validate(
         OP,

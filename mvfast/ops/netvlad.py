@@ -781,6 +781,9 @@ def _backward(ctx, grad_out, _grad_assign, _grad_vlad):
 
 
 _netvlad_op.register_autograd(_backward, setup_context=_setup_context)
+# Under autocast x, weight, bias and centroids run in autocast's dtype (the kernels accumulate in float32
+# and return out in that dtype); assign and vlad stay float32.
+_eager.register_autocast(OP, _eager.cast_all)
 
 
 def _kernel_forward(*args):
@@ -836,9 +839,19 @@ def netvlad(
     Returns:
         Tensor[B, K*D] when ``normalize``, else Tensor[B, K, D]; in x's dtype (accumulation in float32).
 
+    Under ``torch.autocast`` (CPU or CUDA) x, weight, bias and centroids are cast to autocast's dtype
+    (float64 ones are left alone, as autocast does) and the result is in that dtype, as a matmul's would
+    be; the accumulation stays float32 and the gradients of float32 parameters are float32.
+
     On a GPU, float32 products follow ``torch.get_float32_matmul_precision()`` as torch.matmul does
     (``"highest"``, the default: exact float32; otherwise TF32).
     """
+    if dtype := _eager.autocast_dtype(x):
+        with _eager.autocast_off(x):
+            return netvlad(
+                *_eager.cast_all((x, weight, bias, centroids), dtype),
+                mask, ghost_clusters=ghost_clusters, normalize=normalize,
+            )  # fmt: skip
     _validate(x, weight, bias, centroids, mask, ghost_clusters)
     name = _backend.resolve(OP, x.device, lambda b: _op_reasons(b, x, weight))
     if name == "reference":
