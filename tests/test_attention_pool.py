@@ -235,6 +235,39 @@ def test_gradcheck_float64(backend, seed, H, mask, return_weights):
     assert torch.autograd.gradcheck(f, (x, w, b), eps=1e-6, atol=1e-5, rtol=1e-4)
 
 
+@pytest.mark.parametrize("backend", _gradcheck_backends(), ids=lambda p: p if isinstance(p, str) else p[0])
+@pytest.mark.parametrize("used", [0, 1], ids=["out-only", "weights-only"])
+def test_gradcheck_one_output_used(backend, used):
+    """return_weights=True and a loss of one output only: the other output's gradient is undefined (not
+    materialised as zeros), and the gradients are those through the one used (gradcheck also runs the
+    backward with every gradient undefined)."""
+    name = backend if isinstance(backend, str) else backend[0]
+    x, w, b, m = sample_inputs(torch.float64, B=2, L=5, D=4, H=2, mask="some", seed=0)
+
+    def f(x, w, b):
+        with mvfast.backend(name):
+            return mvfast.ops.attention_pool(x, w, b, m, return_weights=True)[used]
+
+    assert torch.autograd.gradcheck(f, (x, w, b), eps=1e-6, atol=1e-5, rtol=1e-4)
+
+
+@pytest.mark.parametrize("backend", kernel_backends())
+@pytest.mark.parametrize("used", [0, 1], ids=["out-only", "weights-only"])
+def test_one_output_used_matches_reference(backend, used):
+    """Every kernel backend, one of the two outputs in the loss: the gradients equal the reference's."""
+    name, device = backend
+    x, w, b, m = sample_inputs(torch.float32, device, H=2)
+    grads = []
+    for impl in ("reference", name):
+        leaves = [t.detach().clone().requires_grad_() for t in (x, w)]
+        with mvfast.backend(impl):
+            y = mvfast.ops.attention_pool(*leaves, b, m, return_weights=True)[used]
+        g = torch.randn(y.shape, generator=torch.Generator().manual_seed(1)).to(device)
+        grads.append(torch.autograd.grad(y, leaves, g))
+    for got, want in zip(grads[1], grads[0], strict=True):
+        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)
+
+
 @pytest.mark.parametrize("backend", kernel_backends())
 @pytest.mark.parametrize("return_weights", [False, True])
 def test_opcheck(backend, return_weights):

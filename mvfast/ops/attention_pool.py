@@ -23,7 +23,8 @@ import torch
 from torch import Tensor
 
 from mvfast import _backend
-from mvfast.ops import _checks, _eager
+from mvfast.ops import _checks
+from mvfast.ops._op import Op, OpSpec, acc_dtype, autocast_dtype, autocast_off, cast_all
 from mvfast.ops._triton import Launch, Target, mask_bytes, matmul_precision, next_pow2, target, tl, triton
 
 OP = "attention_pool"
@@ -436,106 +437,69 @@ def _triton_backward(grad_out, grad_weights, x, weight, mask, out, lse, weights)
 
 
 # ---------------------------------------------------------------------------------------------------
-# Custom ops: forward returns (out, weights, lse); lse (and weights, when asked for) is saved for
-# backward. bias is an input only so that autograd gives it its (zero) gradient.
+# The op: forward returns (out, weights, lse); lse (and weights, when asked for) is saved for backward
+# (see csrc/ops.cpp). bias is an input only so that autograd gives it its (zero) gradient.
 
 
-def _lse_dtype(x: Tensor) -> torch.dtype:
-    return torch.float64 if x.dtype == torch.float64 else torch.float32
-
-
-@torch.library.custom_op("mvfast::attention_pool", mutates_args=())
-def _attention_pool_op(
-    x: Tensor,
-    weight: Tensor,
-    bias: Tensor | None,
-    mask: Tensor | None,
-    return_weights: bool,
-    backend: str,
-) -> tuple[Tensor, Tensor, Tensor]:
-    if backend == "triton":
-        return _triton_forward(x, weight, mask, return_weights)
-    return torch.ops.mvfast.attention_pool_fwd(x, weight, mask, return_weights)
-
-
-@_attention_pool_op.register_fake
-def _attention_pool_fake(x, weight, bias, mask, return_weights, backend=None):
+def _fake(x, weight, bias, mask, return_weights, backend):
     B, L, D = x.shape
     H = weight.shape[0]
     out = x.new_empty((B, H, D))
     weights = x.new_empty((B, L, H) if return_weights else (0,))
-    lse = x.new_empty((B, H), dtype=_lse_dtype(x))
+    lse = x.new_empty((B, H), dtype=acc_dtype(x))
     return out, weights, lse
 
 
-@torch.library.custom_op("mvfast::attention_pool_backward", mutates_args=())
-def _attention_pool_backward_op(
-    grad_out: Tensor,
-    grad_weights: Tensor | None,
-    x: Tensor,
-    weight: Tensor,
-    mask: Tensor | None,
-    out: Tensor,
-    lse: Tensor,
-    weights: Tensor | None,
-    backend: str,
-) -> tuple[Tensor, Tensor]:
-    if backend == "triton":
-        return _triton_backward(grad_out, grad_weights, x, weight, mask, out, lse, weights)
-    return torch.ops.mvfast.attention_pool_bwd(grad_out, grad_weights, x, weight, mask, out, lse, weights)
-
-
-@_attention_pool_backward_op.register_fake
-def _attention_pool_backward_fake(grad_out, grad_weights, x, weight, mask, out, lse, weights, backend=None):
+def _backward_fake(grad_out, grad_weights, x, weight, mask, out, lse, weights, backend):
     return x.new_empty(x.shape), torch.empty_like(weight)
 
 
-if hasattr(torch.ops.mvfast, "attention_pool_fwd"):  # the compiled kernel ops, when mvfast._C is loaded
-    torch.library.register_fake(
-        "mvfast::attention_pool_fwd",
-        lambda x, weight, mask, return_weights: _attention_pool_fake(x, weight, None, mask, return_weights),
-    )
-    torch.library.register_fake("mvfast::attention_pool_bwd", _attention_pool_backward_fake)
-
-
 def _setup_context(ctx, inputs, output):
-    x, weight, bias, mask, return_weights, backend = inputs
+    x, weight, bias, mask, return_weights = inputs
     out, weights, lse = output
     ctx.save_for_backward(x, weight, mask, out, lse, weights if return_weights else None)
-    ctx.return_weights, ctx.backend = return_weights, backend
+    ctx.return_weights = return_weights
     ctx.has_bias = bias is not None
     ctx.mark_non_differentiable(lse)
     if not return_weights:
         ctx.mark_non_differentiable(weights)
 
 
-def _backward(ctx, grad_out, grad_weights, _grad_lse):
+def _backward(ctx, run, grad_out, grad_weights, _grad_lse):
     x, weight, mask, out, lse, weights = ctx.saved_tensors
-    args = (grad_out, grad_weights if ctx.return_weights else None, x, weight, mask, out, lse, weights)
-    # The compiled kernels' backward op (it has a fake kernel of its own) is called directly in an ordinary
-    # backward. Triton's Python kernels, and a backward that records a graph (create_graph=True), go
-    # through the backward custom op: it has no derivative and says so, where the compiled op would be
-    # dropped from the graph with a warning and the second derivative silently wrong.
-    if ctx.backend == "triton" or torch.is_grad_enabled():
-        grad_x, grad_w = torch.ops.mvfast.attention_pool_backward(*args, ctx.backend)
-    else:
-        grad_x, grad_w = torch.ops.mvfast.attention_pool_bwd(*args)
+    if grad_out is None:  # only the weights were used: out's gradient is zero
+        grad_out = torch.zeros_like(out)
+    if not ctx.return_weights:
+        grad_weights = None
+    grad_x, grad_w = run(ctx, grad_out, grad_weights, x, weight, mask, out, lse, weights)
     # The bias cancels in the softmax over l: its gradient is exactly zero.
     grad_b = weight.new_zeros((weight.shape[0],)) if ctx.has_bias else None
     return grad_x, grad_w, grad_b, None, None, None
 
 
-_attention_pool_op.register_autograd(_backward, setup_context=_setup_context)
-# Under autocast x, weight and bias run in autocast's dtype (the kernels accumulate in float32 and return
-# out and the weights in that dtype); lse stays float32.
-_eager.register_autocast(OP, _eager.cast_all)
-
-
-def _kernel_forward(x, weight, bias, mask, return_weights):
-    return torch.ops.mvfast.attention_pool_fwd(x, weight, mask, return_weights)  # bias cancels
-
-
-_KernelFunction = _eager.kernel_function("AttentionPoolFunction", _kernel_forward, _setup_context, _backward)
+_OP = Op(
+    OpSpec(
+        name=OP,
+        schema="(Tensor x, Tensor weight, Tensor? bias, Tensor? mask, bool return_weights) "
+        "-> (Tensor, Tensor, Tensor)",
+        backward_schema="(Tensor grad_out, Tensor? grad_weights, Tensor x, Tensor weight, Tensor? mask, "
+        "Tensor out, Tensor lse, Tensor? weights) -> (Tensor, Tensor)",
+        fake=_fake,
+        backward_fake=_backward_fake,
+        triton_forward=lambda x, weight, bias, mask, return_weights: _triton_forward(
+            x, weight, mask, return_weights
+        ),
+        triton_backward=_triton_backward,
+        setup_context=_setup_context,
+        backward=_backward,
+        # x, weight and bias in autocast's dtype (the kernels accumulate in float32 and return out and the
+        # weights in that dtype); lse stays float32
+        autocast=cast_all,
+        kernel_args=lambda x, weight, bias, mask, return_weights: (x, weight, mask, return_weights),
+        kernel_fake=lambda x, weight, mask, weights: _fake(x, weight, None, mask, weights, "cpu"),
+    ),
+    "AttentionPoolFunction",
+)
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -589,15 +553,13 @@ def attention_pool(
     On a GPU, float32 products follow ``torch.get_float32_matmul_precision()`` as torch.matmul does
     (``"highest"``, the default: exact float32; otherwise TF32).
     """
-    if dtype := _eager.autocast_dtype(x):
-        with _eager.autocast_off(x):
-            x, weight, bias = _eager.cast_all((x, weight, bias), dtype)
+    if dtype := autocast_dtype(x):
+        with autocast_off(x):
+            x, weight, bias = cast_all((x, weight, bias), dtype)
             return attention_pool(x, weight, bias, mask, return_weights=return_weights)
     _validate(x, weight, bias, mask)
     name = _backend.resolve(OP, x.device, lambda b: _op_reasons(b, x, weight))
     if name == "reference":
         return attention_pool_reference(x, weight, bias, mask, return_weights)
-    args = (x, weight, bias, mask, return_weights)
-    op = torch.ops.mvfast.attention_pool
-    out, weights, _ = _eager.call(op, _KernelFunction, _kernel_forward, args, name)
+    out, weights, _ = _OP.call((x, weight, bias, mask, return_weights), name)
     return (out, weights) if return_weights else out

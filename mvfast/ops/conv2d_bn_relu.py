@@ -25,7 +25,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from mvfast import _backend
-from mvfast.ops import _eager
+from mvfast.ops._op import autocast_dtype, autocast_off, cast_all
 from mvfast.ops.conv3d_bn_relu import _batch_norm_relu, _op_reasons, _validate, run_kernels
 
 OP = "conv2d_bn_relu"
@@ -102,9 +102,9 @@ def conv2d_bn_relu(
     On a GPU, a float32 convolution uses TF32 exactly when ``torch.backends.cudnn.allow_tf32`` is set (the
     default), as cuDNN's does.
     """
-    if dtype := _eager.autocast_dtype(x):
-        with _eager.autocast_off(x):
-            x, weight, bias = _eager.cast_all((x, weight, bias), dtype)
+    if dtype := autocast_dtype(x):
+        with autocast_off(x):
+            x, weight, bias = cast_all((x, weight, bias), dtype)
             return conv2d_bn_relu(
                 x, weight, bias, bn_weight, bn_bias, running_mean, running_var, stride=stride,
                 padding=padding, dilation=dilation, groups=groups, training=training, momentum=momentum,

@@ -41,6 +41,7 @@ from torch import Tensor
 
 from mvfast import _backend
 from mvfast.ops import _checks, _eager
+from mvfast.ops._op import autocast_dtype, autocast_off, cast_all, register_autocast
 from mvfast.ops._triton import Launch, Target, conv_precision, next_pow2, pick, target, tl, triton
 
 OP = "conv3d_bn_relu"
@@ -1048,10 +1049,10 @@ def _autocast(args, dtype):
     autocast conv's; BatchNorm's parameters and running statistics stay as they are (float32), which the
     kernels take beside 16-bit x, and the statistics accumulate in float32."""
     x, weight, bias, *rest = args
-    return (*_eager.cast_all((x, weight, bias), dtype), *rest)
+    return (*cast_all((x, weight, bias), dtype), *rest)
 
 
-_eager.register_autocast(OP, _autocast)
+register_autocast(OP, _autocast)
 
 
 def _kernel_forward(*args):
@@ -1123,9 +1124,9 @@ def conv3d_bn_relu(
     On a GPU, a float32 convolution uses TF32 exactly when ``torch.backends.cudnn.allow_tf32`` is set (the
     default), as cuDNN's does.
     """
-    if dtype := _eager.autocast_dtype(x):
-        with _eager.autocast_off(x):
-            x, weight, bias = _eager.cast_all((x, weight, bias), dtype)
+    if dtype := autocast_dtype(x):
+        with autocast_off(x):
+            x, weight, bias = cast_all((x, weight, bias), dtype)
             return conv3d_bn_relu(
                 x, weight, bias, bn_weight, bn_bias, running_mean, running_var, stride=stride,
                 padding=padding, dilation=dilation, groups=groups, training=training, momentum=momentum,

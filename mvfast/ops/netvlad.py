@@ -20,7 +20,8 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from mvfast import _backend
-from mvfast.ops import _checks, _eager
+from mvfast.ops import _checks
+from mvfast.ops._op import Op, OpSpec, acc_dtype, autocast_dtype, autocast_off, cast_all
 from mvfast.ops._triton import (
     Launch,
     Target,
@@ -683,64 +684,20 @@ def _triton_backward(grad_out, x, weight, centroids, assign, vlad, ghost_cluster
 
 
 # ---------------------------------------------------------------------------------------------------
-# Custom ops: forward returns (out, assign, vlad), the last two saved for backward.
+# The op: forward returns (out, assign, vlad), the last two saved for backward (see csrc/ops.cpp).
 
 
-def _saved_dtype(x: Tensor) -> torch.dtype:
-    return torch.float64 if x.dtype == torch.float64 else torch.float32
-
-
-@torch.library.custom_op("mvfast::netvlad", mutates_args=())
-def _netvlad_op(
-    x: Tensor,
-    weight: Tensor,
-    bias: Tensor | None,
-    centroids: Tensor,
-    mask: Tensor | None,
-    ghost_clusters: int,
-    normalize: bool,
-    backend: str,
-) -> tuple[Tensor, Tensor, Tensor]:
-    if backend == "triton":
-        return _triton_forward(x, weight, bias, centroids, mask, ghost_clusters, normalize)
-    return torch.ops.mvfast.netvlad_fwd(x, weight, bias, centroids, mask, ghost_clusters, normalize)
-
-
-@_netvlad_op.register_fake
-def _netvlad_fake(x, weight, bias, centroids, mask, ghost_clusters, normalize, backend=None):
+def _fake(x, weight, bias, centroids, mask, ghost_clusters, normalize, backend):
     B, M, D = x.shape
     K, KG = centroids.shape[0], weight.shape[0]
     out = x.new_empty((B, K * D) if normalize else (B, K, D))
-    acc = _saved_dtype(x)
+    acc = acc_dtype(x)
     assign = x.new_empty((B, M, KG), dtype=acc)
     vlad = x.new_empty((B, K, D) if normalize else (0,), dtype=acc)
     return out, assign, vlad
 
 
-@torch.library.custom_op("mvfast::netvlad_backward", mutates_args=())
-def _netvlad_backward_op(
-    grad_out: Tensor,
-    x: Tensor,
-    weight: Tensor,
-    centroids: Tensor,
-    assign: Tensor,
-    vlad: Tensor,
-    mask: Tensor | None,
-    ghost_clusters: int,
-    normalize: bool,
-    backend: str,
-) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    if backend == "triton":
-        return _triton_backward(grad_out, x, weight, centroids, assign, vlad, ghost_clusters, normalize)
-    return torch.ops.mvfast.netvlad_bwd(
-        grad_out, x, weight, centroids, assign, vlad, mask, ghost_clusters, normalize
-    )
-
-
-@_netvlad_backward_op.register_fake
-def _netvlad_backward_fake(
-    grad_out, x, weight, centroids, assign, vlad, mask, ghost_clusters, normalize, backend=None
-):
+def _backward_fake(grad_out, x, weight, centroids, assign, vlad, mask, ghost_clusters, normalize, backend):
     return (
         torch.empty_like(x),
         torch.empty_like(weight),
@@ -749,48 +706,42 @@ def _netvlad_backward_fake(
     )
 
 
-if hasattr(torch.ops.mvfast, "netvlad_fwd"):  # the compiled kernel ops, when mvfast._C is loaded
-    torch.library.register_fake("mvfast::netvlad_fwd", _netvlad_fake)
-    torch.library.register_fake("mvfast::netvlad_bwd", _netvlad_backward_fake)
-
-
 def _setup_context(ctx, inputs, output):
-    x, weight, bias, centroids, mask, ghost_clusters, normalize, backend = inputs
+    x, weight, bias, centroids, mask, ghost_clusters, normalize = inputs
     _, assign, vlad = output
     ctx.save_for_backward(x, weight, centroids, assign, vlad, mask)
-    ctx.ghost_clusters, ctx.normalize, ctx.backend = ghost_clusters, normalize, backend
+    ctx.ghost_clusters, ctx.normalize = ghost_clusters, normalize
     ctx.has_bias = bias is not None
     ctx.mark_non_differentiable(assign, vlad)
-    ctx.set_materialize_grads(False)  # else each backward would fill zeros of assign's and vlad's size
 
 
-def _backward(ctx, grad_out, _grad_assign, _grad_vlad):
-    if grad_out is None:  # undefined: no gradient reached the output (gradcheck tests this case)
-        return (None,) * 8
+def _backward(ctx, run, grad_out, _grad_assign, _grad_vlad):
     x, weight, centroids, assign, vlad, mask = ctx.saved_tensors
-    args = (grad_out, x, weight, centroids, assign, vlad, mask, ctx.ghost_clusters, ctx.normalize)
-    # The compiled kernels' backward op (it has a fake kernel of its own) is called directly in an ordinary
-    # backward. Triton's Python kernels, and a backward that records a graph (create_graph=True), go
-    # through the backward custom op: it has no derivative and says so, where the compiled op would be
-    # dropped from the graph with a warning and the second derivative silently wrong.
-    if ctx.backend == "triton" or torch.is_grad_enabled():
-        grad_x, grad_w, grad_b, grad_c = torch.ops.mvfast.netvlad_backward(*args, ctx.backend)
-    else:
-        grad_x, grad_w, grad_b, grad_c = torch.ops.mvfast.netvlad_bwd(*args)
+    grad_x, grad_w, grad_b, grad_c = run(
+        ctx, grad_out, x, weight, centroids, assign, vlad, mask, ctx.ghost_clusters, ctx.normalize
+    )
     return grad_x, grad_w, grad_b if ctx.has_bias else None, grad_c, None, None, None, None
 
 
-_netvlad_op.register_autograd(_backward, setup_context=_setup_context)
-# Under autocast x, weight, bias and centroids run in autocast's dtype (the kernels accumulate in float32
-# and return out in that dtype); assign and vlad stay float32.
-_eager.register_autocast(OP, _eager.cast_all)
-
-
-def _kernel_forward(*args):
-    return torch.ops.mvfast.netvlad_fwd(*args)
-
-
-_KernelFunction = _eager.kernel_function("NetVLADFunction", _kernel_forward, _setup_context, _backward)
+_OP = Op(
+    OpSpec(
+        name=OP,
+        schema="(Tensor x, Tensor weight, Tensor? bias, Tensor centroids, Tensor? mask, int ghost_clusters, "
+        "bool normalize) -> (Tensor, Tensor, Tensor)",
+        backward_schema="(Tensor grad_out, Tensor x, Tensor weight, Tensor centroids, Tensor assign, "
+        "Tensor vlad, Tensor? mask, int ghost_clusters, bool normalize) -> (Tensor, Tensor, Tensor, Tensor)",
+        fake=_fake,
+        backward_fake=_backward_fake,
+        triton_forward=_triton_forward,
+        triton_backward=lambda g, x, w, c, a, v, mask, G, n: _triton_backward(g, x, w, c, a, v, G, n),
+        setup_context=_setup_context,
+        backward=_backward,
+        # x, weight, bias and centroids in autocast's dtype (the kernels accumulate in float32 and return
+        # out in that dtype); assign and vlad stay float32
+        autocast=cast_all,
+    ),
+    "NetVLADFunction",
+)
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -846,10 +797,10 @@ def netvlad(
     On a GPU, float32 products follow ``torch.get_float32_matmul_precision()`` as torch.matmul does
     (``"highest"``, the default: exact float32; otherwise TF32).
     """
-    if dtype := _eager.autocast_dtype(x):
-        with _eager.autocast_off(x):
+    if dtype := autocast_dtype(x):
+        with autocast_off(x):
             return netvlad(
-                *_eager.cast_all((x, weight, bias, centroids), dtype),
+                *cast_all((x, weight, bias, centroids), dtype),
                 mask, ghost_clusters=ghost_clusters, normalize=normalize,
             )  # fmt: skip
     _validate(x, weight, bias, centroids, mask, ghost_clusters)
@@ -857,5 +808,5 @@ def netvlad(
     if name == "reference":
         return netvlad_reference(x, weight, bias, centroids, mask, ghost_clusters, normalize)
     args = (x, weight, bias, centroids, mask, ghost_clusters, normalize)
-    out, _, _ = _eager.call(torch.ops.mvfast.netvlad, _KernelFunction, _kernel_forward, args, name)
+    out, _, _ = _OP.call(args, name)
     return out
