@@ -414,7 +414,7 @@ def test_bad_input_names_the_argument(change, exc, pattern):
 
 @pytest.mark.parametrize("backend", kernel_backends())
 def test_no_grad_calls_match_autograd_calls(backend):
-    """Eager calls of the compiled kernels skip the custom op (mvfast.ops._eager): under torch.no_grad the
+    """Eager calls of the compiled kernels skip the custom op (mvfast.ops._op): under torch.no_grad the
     kernel op alone, with a gradient an autograd.Function with the op's own backward. Both give what the
     custom op gives."""
     name, device = backend

@@ -24,11 +24,11 @@ from __future__ import annotations
 import torch.nn.functional as F
 from torch import Tensor
 
-from mvfast import _backend
-from mvfast.ops._op import autocast_dtype, autocast_off, cast_all
-from mvfast.ops.conv3d_bn_relu import _batch_norm_relu, _op_reasons, _validate, run_kernels
+from mvfast.ops._conv_bn import BN, Conv, fused, reference
+from mvfast.ops.conv3d_bn_relu import run_kernels
 
 OP = "conv2d_bn_relu"
+_chain = reference(F.conv2d)
 
 
 def conv2d_bn_relu_reference(
@@ -52,10 +52,17 @@ def conv2d_bn_relu_reference(
     """The eager chain ``relu(batch_norm(conv2d(x)))`` exactly as nn.Conv2d, nn.BatchNorm2d and nn.ReLU run
     it (running statistics updated in place in training); differentiable by autograd. Its convolution
     is F.conv2d, not the 3D op over a depth of 1: the oracle of the tests and the ``reference`` backend."""
-    z = F.conv2d(x, weight, bias, stride, padding, dilation, groups)
-    return _batch_norm_relu(
-        z, bn_weight, bn_bias, running_mean, running_var, training, momentum, eps, relu, num_batches_tracked
-    )
+    conv = Conv(stride, padding, dilation, groups)
+    bn = BN(bn_weight, bn_bias, running_mean, running_var, training, momentum, eps, num_batches_tracked)
+    return _chain(x, weight, bias, conv, bn, relu)
+
+
+def _kernels(backend, x, weight, bias, conv: Conv, bn: BN, relu: bool) -> Tensor:
+    """The 3D op's kernels on the depth-1 views."""
+    stride, padding, dilation, groups = conv
+    conv = Conv([1, *stride], [0, *padding], [1, *dilation], groups)
+    out = run_kernels(backend, x.unsqueeze(2), weight.unsqueeze(2), bias, conv, bn, relu)  # (N, C, 1, Ho, Wo)
+    return out.squeeze(2)  # (N, C, Ho, Wo)
 
 
 def conv2d_bn_relu(
@@ -102,69 +109,7 @@ def conv2d_bn_relu(
     On a GPU, a float32 convolution uses TF32 exactly when ``torch.backends.cudnn.allow_tf32`` is set (the
     default), as cuDNN's does.
     """
-    if dtype := autocast_dtype(x):
-        with autocast_off(x):
-            x, weight, bias = cast_all((x, weight, bias), dtype)
-            return conv2d_bn_relu(
-                x, weight, bias, bn_weight, bn_bias, running_mean, running_var, stride=stride,
-                padding=padding, dilation=dilation, groups=groups, training=training, momentum=momentum,
-                eps=eps, relu=relu, num_batches_tracked=num_batches_tracked,
-            )  # fmt: skip
-    stride, padding, dilation = _validate(
-        OP,
-        2,
-        x,
-        weight,
-        bias,
-        bn_weight,
-        bn_bias,
-        running_mean,
-        running_var,
-        stride,
-        padding,
-        dilation,
-        groups,
-        eps,
-        momentum,
-        training or running_mean is None,
-    )
-    name = _backend.resolve(OP, x.device, lambda b: _op_reasons(b, x))
-    if name == "reference":  # the eager 2D chain, not conv3d over a depth of 1
-        return conv2d_bn_relu_reference(
-            x,
-            weight,
-            bias,
-            bn_weight,
-            bn_bias,
-            running_mean,
-            running_var,
-            stride,
-            padding,
-            dilation,
-            groups,
-            training,
-            momentum,
-            eps,
-            relu,
-            num_batches_tracked,
-        )
-    out = run_kernels(
-        name,
-        x.unsqueeze(2),  # (N, Cin, 1, H, W)
-        weight.unsqueeze(2),  # (C, Cin/groups, 1, kH, kW)
-        bias,
-        bn_weight,
-        bn_bias,
-        running_mean,
-        running_var,
-        [1, *stride],
-        [0, *padding],
-        [1, *dilation],
-        groups,
-        training,
-        momentum,
-        eps,
-        relu,
-        num_batches_tracked,
-    )
-    return out.squeeze(2)  # (N, C, Ho, Wo)
+    conv = Conv(stride, padding, dilation, groups)
+    bn = BN(bn_weight, bn_bias, running_mean, running_var, training, momentum, eps, num_batches_tracked)
+    # the reference backend runs the eager 2D chain, not conv3d over a depth of 1
+    return fused(OP, 2, x, weight, bias, conv, bn, relu, _chain, _kernels)

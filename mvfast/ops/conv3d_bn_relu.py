@@ -33,15 +33,13 @@ the conv's layout, as ATen's own conv backward answers.
 from __future__ import annotations
 
 import functools
-import math
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from mvfast import _backend
-from mvfast.ops import _checks, _eager
-from mvfast.ops._op import autocast_dtype, autocast_off, cast_all, register_autocast
+from mvfast.ops._conv_bn import BN, Conv, fused, out_spatial, reference
+from mvfast.ops._op import Op, OpSpec, acc_dtype, cast_all
 from mvfast.ops._triton import Launch, Target, conv_precision, next_pow2, pick, target, tl, triton
 
 OP = "conv3d_bn_relu"
@@ -49,133 +47,11 @@ _CL = torch.channels_last_3d
 _MKLDNN = torch.backends.mkldnn.is_available()  # read once: torch.compile does not trace the query
 
 
-def _tuple(op: str, name: str, v, minimum: int, nd: int = 3) -> list[int]:
-    vals = [v] * nd if isinstance(v, int) and not isinstance(v, bool) else v
-    if (
-        not isinstance(vals, (tuple, list))
-        or len(vals) != nd
-        or any(isinstance(a, bool) or not isinstance(a, int) or a < minimum for a in vals)
-    ):
-        raise ValueError(f"{op}: {name} must be an int >= {minimum} or a tuple of {nd} such ints, got {v!r}")
-    return [int(a) for a in vals]
-
-
-def _out_spatial(x_shape, w_shape, stride, padding, dilation) -> list[int]:
-    return [
-        (x_shape[2 + i] + 2 * padding[i] - dilation[i] * (w_shape[2 + i] - 1) - 1) // stride[i] + 1
-        for i in range(len(stride))
-    ]
-
-
-_DIMS = {
-    3: ("(N, C, D, H, W)", "(C, Cin/groups, kD, kH, kW)"),
-    2: ("(N, C, H, W)", "(C, Cin/groups, kH, kW)"),
-}
-
-
-def _validate(
-    op,
-    nd,
-    x,
-    weight,
-    bias,
-    bn_weight,
-    bn_bias,
-    running_mean,
-    running_var,
-    stride,
-    padding,
-    dilation,
-    groups,
-    eps,
-    momentum,
-    batch_stats,
-):
-    """The checks of conv{nd}d_bn_relu's arguments, each error in the op's own terms (``nd`` spatial
-    dimensions). Returns (stride, padding, dilation) as lists of nd ints."""
-    _checks.tensor(op, "x", x, ndim=nd + 2, dims=_DIMS[nd][0])
-    _checks.tensor(op, "weight", weight, ndim=nd + 2, dims=_DIMS[nd][1])
-    if isinstance(groups, bool) or not isinstance(groups, int) or groups < 1:
-        raise ValueError(f"{op}: groups must be an int >= 1, got {groups!r}")
-    C, cin_g = weight.shape[0], weight.shape[1]
-    if C < 1 or C % groups:
-        raise ValueError(
-            f"{op}: weight's out channels ({C}) must be a positive multiple of groups ({groups})"
-        )
-    if cin_g * groups != x.shape[1]:
-        want = x.shape[1] // groups if x.shape[1] % groups == 0 else "?"
-        raise ValueError(
-            f"{op}: weight must have shape ({C}, {want}{', *' * nd}) for x with {x.shape[1]} channels and "
-            f"groups={groups}, got {tuple(weight.shape)}"
-        )
-    for name, t in (
-        ("bias", bias),
-        ("bn_weight", bn_weight),
-        ("bn_bias", bn_bias),
-        ("running_mean", running_mean),
-        ("running_var", running_var),
-    ):
-        if t is not None:
-            _checks.tensor(op, name, t, ndim=1, shape=(C,))
-    if (running_mean is None) != (running_var is None):
-        raise ValueError(f"{op}: running_mean and running_var must both be given or both be None")
-    _checks.same_dtype(op, "x", x, weight=weight, bias=bias)
-    for name, t in (
-        ("bn_weight", bn_weight),
-        ("bn_bias", bn_bias),
-        ("running_mean", running_mean),
-        ("running_var", running_var),
-    ):
-        if t is not None and t.dtype not in (x.dtype, torch.float32):
-            raise TypeError(
-                f"{op}: {name} must have the dtype of x ({str(x.dtype).replace('torch.', '')}) or "
-                f"float32, got {str(t.dtype).replace('torch.', '')}"
-            )
-    _checks.same_device(
-        op,
-        "x",
-        x,
-        weight=weight,
-        bias=bias,
-        bn_weight=bn_weight,
-        bn_bias=bn_bias,
-        running_mean=running_mean,
-        running_var=running_var,
-    )
-    stride = _tuple(op, "stride", stride, 1, nd)
-    padding = _tuple(op, "padding", padding, 0, nd)
-    dilation = _tuple(op, "dilation", dilation, 1, nd)
-    if isinstance(eps, bool) or not isinstance(eps, (int, float)) or not eps > 0:
-        raise ValueError(f"{op}: eps must be a float > 0, got {eps!r}")
-    if momentum is not None and (
-        isinstance(momentum, bool) or not isinstance(momentum, (int, float)) or not 0 <= momentum <= 1
-    ):
-        raise ValueError(f"{op}: momentum must be a float in [0, 1] or None, got {momentum!r}")
-    out = _out_spatial(x.shape, weight.shape, stride, padding, dilation)
-    if min(out) < 1:
-        raise ValueError(
-            f"{op}: x's spatial size {tuple(x.shape[2:])} is too small for the kernel "
-            f"{tuple(weight.shape[2:])} with padding {padding} and dilation {dilation}"
-        )
-    if batch_stats and x.shape[0] * math.prod(out) <= 1:
-        raise ValueError(
-            f"{op}: expected more than 1 value per channel when training, got conv output of shape "
-            f"{(x.shape[0], C, *out)}"
-        )
-    return stride, padding, dilation
-
-
 # ---------------------------------------------------------------------------------------------------
 # Reference
 
 
-def _factor(momentum, num_batches_tracked):
-    """nn.BatchNorm's exponential_average_factor, after counting this batch."""
-    if num_batches_tracked is not None:
-        num_batches_tracked.add_(1)
-        if momentum is None:
-            return 1.0 / float(num_batches_tracked)
-    return 0.0 if momentum is None else momentum
+_chain = reference(F.conv3d)
 
 
 def conv3d_bn_relu_reference(
@@ -198,21 +74,9 @@ def conv3d_bn_relu_reference(
 ) -> Tensor:
     """The eager chain ``relu(batch_norm(conv3d(x)))`` exactly as nn.Conv3d, nn.BatchNorm3d and nn.ReLU run
     it (running statistics updated in place in training); differentiable by autograd."""
-    z = F.conv3d(x, weight, bias, stride, padding, dilation, groups)
-    return _batch_norm_relu(
-        z, bn_weight, bn_bias, running_mean, running_var, training, momentum, eps, relu, num_batches_tracked
-    )
-
-
-def _batch_norm_relu(
-    z, bn_weight, bn_bias, running_mean, running_var, training, momentum, eps, relu, num_batches_tracked
-) -> Tensor:
-    """relu(batch_norm(z)) as nn.BatchNorm*d and nn.ReLU run it: the eager references' common tail."""
-    factor = _factor(momentum, num_batches_tracked) if training and running_mean is not None else 0.0
-    y = F.batch_norm(
-        z, running_mean, running_var, bn_weight, bn_bias, training or running_mean is None, factor, eps
-    )
-    return F.relu(y) if relu else y
+    conv = Conv(stride, padding, dilation, groups)
+    bn = BN(bn_weight, bn_bias, running_mean, running_var, training, momentum, eps, num_batches_tracked)
+    return _chain(x, weight, bias, conv, bn, relu)
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -609,19 +473,20 @@ def _rows_view(t: Tensor, like: Tensor) -> tuple[Tensor, tuple[int, int, int]]:
     return t, (t.stride(0), t.stride(1), ss)
 
 
-def _triton_conv(plan, x, weight, bias, out, stride, padding, dilation, groups, relu, stats):
+def _triton_conv(plan, x, weight, bias, out, conv: Conv, relu, stats):
     """Runs the implicit-GEMM kernel into out (any strides); returns the per-tile (count, mean, M2) or
     None."""
     C, cin_g, KD, KH, KW = weight.shape
-    conv = plan["conv"]
-    tiles = conv.grid[0]
+    stride, padding, dilation, groups = conv
+    launch = plan["conv"]
+    tiles = launch.grid[0]
     # Unused pointers get float32 stand-ins, the type of the real ones, so that eval and training, with
     # and without bias, are one compiled kernel.
     none32 = x.new_empty((0,), dtype=torch.float32)
     pcount = x.new_empty((tiles,), dtype=torch.float32) if stats else none32
     pmean = x.new_empty((tiles, C), dtype=torch.float32) if stats else none32
     pm2 = torch.empty_like(pmean) if stats else none32
-    conv(
+    launch(
         x.device, x, weight, bias if bias is not None else none32, out, pcount, pmean, pm2,
         cin_g, C // groups, C, *x.shape[2:], *out.shape[2:], *x.stride(), *weight.stride(),
         *out.stride(), *stride, *padding, *dilation, KD, KH, KW, int(bias is not None), int(relu), int(stats),
@@ -629,43 +494,29 @@ def _triton_conv(plan, x, weight, bias, out, stride, padding, dilation, groups, 
     return (pcount, pmean, pm2) if stats else None
 
 
-def _out_shape(x, weight, stride, padding, dilation):
-    return (x.shape[0], weight.shape[0], *_out_spatial(x.shape, weight.shape, stride, padding, dilation))
+def _out_shape(x, weight, conv: Conv):
+    return (x.shape[0], weight.shape[0], *out_spatial(x.shape, weight.shape, conv))
 
 
 def _triton_forward(
-    x,
-    weight,
-    bias,
-    bn_weight,
-    bn_bias,
-    running_mean,
-    running_var,
-    stride,
-    padding,
-    dilation,
-    groups,
-    training,
-    eps,
-    relu,
+    x, weight, bias, bn_weight, bn_bias, rmean, rvar, stride, padding, dilation, groups, training, eps, relu
 ):
-    shape = _out_shape(x, weight, stride, padding, dilation)
+    conv = Conv(stride, padding, dilation, groups)
+    shape = _out_shape(x, weight, conv)
     plan = _plan(x, weight, shape, groups, training)
     out = _empty(x, shape, _format_of(x))
     none, none32 = x.new_empty((0,)), x.new_empty((0,), dtype=torch.float32)
     if not training:
-        scale = bn_weight.float() * (running_var.float() + eps).rsqrt()
-        b = bn_bias.float() - running_mean.float() * scale
+        scale = bn_weight.float() * (rvar.float() + eps).rsqrt()
+        b = bn_bias.float() - rmean.float() * scale
         if bias is not None:
             b = b + bias.float() * scale
         w = (weight.float() * scale.view(-1, 1, 1, 1, 1)).to(x.dtype)
-        _triton_conv(plan, x, w, b, out, stride, padding, dilation, groups, relu, stats=False)
+        _triton_conv(plan, x, w, b, out, conv, relu, stats=False)
         return out, none, none32, none32.clone(), none32.clone(), none.clone()
     C = shape[1]
     z = _empty(x, shape, _CL)
-    pcount, pmean, pm2 = _triton_conv(
-        plan, x, weight, None, z, stride, padding, dilation, groups, False, stats=True
-    )
+    pcount, pmean, pm2 = _triton_conv(plan, x, weight, None, z, conv, False, stats=True)
     dev = x.device
     if "stats_partial" in plan:
         parts = plan["stats_partial"].grid[1]
@@ -683,24 +534,12 @@ def _triton_forward(
 
 
 def _triton_backward(
-    grad_out,
-    x,
-    weight,
-    bn_weight,
-    bn_bias,
-    z,
-    mean,
-    invstd,
-    stride,
-    padding,
-    dilation,
-    groups,
-    relu,
-    need_grad_x,
-    need_grad_weight,
-):
+    grad_out, x, weight, bn_weight, bn_bias, z, mean, invstd, stride, padding, dilation, groups, relu,
+    need_grad_x, need_grad_weight,
+):  # fmt: skip
+    conv = Conv(stride, padding, dilation, groups)
     C = z.shape[1]
-    plan = _plan(x, weight, z.shape, groups, True)
+    plan = _plan(x, weight, z.shape, conv.groups, True)
     M = z.numel() // C
     scale = bn_weight.float() * invstd
     shift = bn_bias.float() - mean * scale
@@ -716,34 +555,24 @@ def _triton_backward(
     sums(dev, grad_out, z, gz, scale, shift, mean, invstd, psg, psgx, psg, psgx, *args)
     sum_g, sum_gx = psg.sum(0), psgx.sum(0)
     apply(dev, grad_out, z, gz, scale, shift, mean, invstd, sum_g / M, sum_gx / M, psg, psgx, *args)
-    return _conv_backward(gz, x, weight, stride, padding, dilation, groups, need_grad_x, need_grad_weight) + (
-        sum_gx.to(bn_weight.dtype),
-        sum_g.to(bn_bias.dtype),
-    )
+    gx, gw = _conv_backward(gz, x, weight, conv, need_grad_x, need_grad_weight)
+    return gx, gw, sum_gx.to(bn_weight.dtype), sum_g.to(bn_bias.dtype)
 
 
-def _conv_backward(gz, x, weight, stride, padding, dilation, groups, need_grad_x, need_grad_weight):
+def _conv_backward(gz, x, weight, conv: Conv, need_grad_x, need_grad_weight):
     """(grad_x in gz's layout or empty, grad_weight in weight's layout or empty), by ATen."""
+    stride, padding, dilation, groups = conv
     gx, gw, _ = torch.ops.aten.convolution_backward(
-        gz,
-        x,
-        weight,
-        None,
-        stride,
-        padding,
-        dilation,
-        False,
-        [0, 0, 0],
-        groups,
+        gz, x, weight, None, stride, padding, dilation, False, [0, 0, 0], groups,
         [need_grad_x, need_grad_weight, False],
-    )
+    )  # fmt: skip
     gx = gx.contiguous(memory_format=_format_of(gz)) if need_grad_x else gz.new_empty((0,))
     gw = gw.contiguous(memory_format=_format_of(weight)) if need_grad_weight else weight.new_empty((0,))
     return gx, gw
 
 
 # ---------------------------------------------------------------------------------------------------
-# Custom ops: forward returns (out, z, mean, invstd, var, x_conv), see csrc/ops.cpp. z, mean, invstd (and
+# The op: forward returns (out, z, mean, invstd, var, x_conv), see csrc/ops.cpp. z, mean, invstd (and
 # x_conv, or x) are saved for backward in training; in eval the output itself is (for the ReLU mask).
 
 
@@ -757,90 +586,15 @@ def _format_of(t: Tensor) -> torch.memory_format:
     return _CL if t.is_contiguous(memory_format=_CL) and not t.is_contiguous() else torch.contiguous_format
 
 
-def _acc_dtype(x: Tensor) -> torch.dtype:
-    return torch.float64 if x.dtype == torch.float64 else torch.float32
-
-
-@torch.library.custom_op("mvfast::conv3d_bn_relu", mutates_args=())
-def _conv3d_bn_relu_op(
-    x: Tensor,
-    weight: Tensor,
-    bias: Tensor | None,
-    bn_weight: Tensor,
-    bn_bias: Tensor,
-    running_mean: Tensor | None,
-    running_var: Tensor | None,
-    stride: list[int],
-    padding: list[int],
-    dilation: list[int],
-    groups: int,
-    training: bool,
-    eps: float,
-    relu: bool,
-    conv_channels_last: bool,
-    backend: str,
-) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
-    if backend == "triton":
-        return _triton_forward(
-            x,
-            weight,
-            bias,
-            bn_weight,
-            bn_bias,
-            running_mean,
-            running_var,
-            stride,
-            padding,
-            dilation,
-            groups,
-            training,
-            eps,
-            relu,
-        )
-    return torch.ops.mvfast.conv3d_bn_relu_fwd(
-        x,
-        weight,
-        bias,
-        bn_weight,
-        bn_bias,
-        running_mean,
-        running_var,
-        stride,
-        padding,
-        dilation,
-        groups,
-        training,
-        eps,
-        relu,
-        conv_channels_last,
-    )
-
-
-@_conv3d_bn_relu_op.register_fake
-def _conv3d_bn_relu_fake(
-    x,
-    weight,
-    bias,
-    bn_weight,
-    bn_bias,
-    running_mean,
-    running_var,
-    stride,
-    padding,
-    dilation,
-    groups,
-    training,
-    eps,
-    relu,
-    conv_channels_last,
-    backend="cpu",
+def _fake(
+    x, weight, bias, g, b, rmean, rvar, stride, padding, dilation, groups, training, eps, relu, cl, backend
 ):
-    shape = _out_shape(x, weight, stride, padding, dilation)
+    shape = _out_shape(x, weight, Conv(stride, padding, dilation, groups))
     out = _empty(x, shape, _format_of(x))
-    acc = _acc_dtype(x)
+    acc = acc_dtype(x)
     if not training:
         return (out, x.new_empty((0,)), *(x.new_empty((0,), dtype=acc) for _ in range(3)), x.new_empty((0,)))
-    conv_fmt = _CL if conv_channels_last or backend == "triton" else _format_of(x)
+    conv_fmt = _CL if cl or backend == "triton" else _format_of(x)
     z = _empty(x, shape, conv_fmt)
     stats = [x.new_empty((shape[1],), dtype=acc) for _ in range(3)]
     copies = backend != "triton" and not x.is_contiguous(memory_format=conv_fmt)
@@ -848,175 +602,42 @@ def _conv3d_bn_relu_fake(
     return (out, z, *stats, x_conv)
 
 
-@torch.library.custom_op("mvfast::conv3d_bn_relu_backward", mutates_args=())
-def _conv3d_bn_relu_backward_op(
-    grad_out: Tensor,
-    x: Tensor,
-    weight: Tensor,
-    bn_weight: Tensor,
-    bn_bias: Tensor,
-    z: Tensor,
-    mean: Tensor,
-    invstd: Tensor,
-    stride: list[int],
-    padding: list[int],
-    dilation: list[int],
-    groups: int,
-    relu: bool,
-    need_grad_x: bool,
-    need_grad_weight: bool,
-    backend: str,
-) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    args = (
-        grad_out,
-        x,
-        weight,
-        bn_weight,
-        bn_bias,
-        z,
-        mean,
-        invstd,
-        stride,
-        padding,
-        dilation,
-        groups,
-        relu,
-        need_grad_x,
-        need_grad_weight,
-    )
-    if backend == "triton":
-        return _triton_backward(*args)
-    return torch.ops.mvfast.conv3d_bn_relu_bwd(*args)
-
-
-@_conv3d_bn_relu_backward_op.register_fake
-def _conv3d_bn_relu_backward_fake(
-    grad_out,
-    x,
-    weight,
-    bn_weight,
-    bn_bias,
-    z,
-    mean,
-    invstd,
-    stride,
-    padding,
-    dilation,
-    groups,
-    relu,
-    need_grad_x,
-    need_grad_weight,
-    backend="cpu",
-):
-    gx = torch.empty_like(x, memory_format=_format_of(z)) if need_grad_x else z.new_empty((0,))
-    gw = (
-        torch.empty_like(weight, memory_format=_format_of(weight))
-        if need_grad_weight
-        else weight.new_empty((0,))
-    )
-    return gx, gw, torch.empty_like(bn_weight), torch.empty_like(bn_bias)
-
-
-if hasattr(torch.ops.mvfast, "conv3d_bn_relu_fwd"):  # the compiled kernel ops, when mvfast._C is loaded
-    torch.library.register_fake(
-        "mvfast::conv3d_bn_relu_fwd",
-        lambda *args: _conv3d_bn_relu_fake(*args, backend="cpu"),
-    )
-    torch.library.register_fake(
-        "mvfast::conv3d_bn_relu_bwd",
-        lambda *args: _conv3d_bn_relu_backward_fake(*args, backend="cpu"),
-    )
+def _backward_fake(
+    grad_out, x, weight, g, b, z, mean, invstd, stride, padding, dilation, groups, relu, need_gx, need_gw,
+    backend,
+):  # fmt: skip
+    gx = torch.empty_like(x, memory_format=_format_of(z)) if need_gx else z.new_empty((0,))
+    gw = torch.empty_like(weight, memory_format=_format_of(weight)) if need_gw else weight.new_empty((0,))
+    return gx, gw, torch.empty_like(g), torch.empty_like(b)
 
 
 def _setup_context(ctx, inputs, output):
-    (
-        x,
-        weight,
-        bias,
-        bn_weight,
-        bn_bias,
-        running_mean,
-        running_var,
-        stride,
-        padding,
-        dilation,
-        groups,
-        training,
-        eps,
-        relu,
-        conv_channels_last,
-        backend,
-    ) = inputs
+    x, weight, bias, bn_weight, bn_bias, running_mean, running_var, *conv, training, eps, relu, _ = inputs
     out, z, mean, invstd, var, x_conv = output
-    ctx.conv = (stride, padding, dilation, groups)
-    ctx.training, ctx.relu, ctx.eps, ctx.backend = training, relu, eps, backend
+    ctx.conv = Conv(*conv)
+    ctx.training, ctx.relu, ctx.eps = training, relu, eps
     ctx.has_bias = bias is not None
     if training:
         ctx.save_for_backward(x_conv if x_conv.numel() else x, weight, bn_weight, bn_bias, z, mean, invstd)
     else:
         ctx.save_for_backward(x, weight, bias, bn_weight, running_mean, running_var, out if relu else None)
     ctx.mark_non_differentiable(z, mean, invstd, var, x_conv)
-    # The other outputs never carry a gradient: without this autograd would fill a zero tensor of z's size
-    # (and x_conv's) for each backward, which on a small model's training step came to 2 ms of memset.
-    ctx.set_materialize_grads(False)
 
 
-def _backward(ctx, grad_out, *_):
-    stride, padding, dilation, groups = ctx.conv
+def _backward(ctx, run, grad_out, *_):
     need = ctx.needs_input_grad
-    if grad_out is None:  # undefined: no gradient reached the output (gradcheck tests this case)
-        return (None,) * len(need)
     if ctx.training:
         x, weight, bn_weight, bn_bias, z, mean, invstd = ctx.saved_tensors
-        # The compiled kernels' backward op (it has a fake kernel, so torch.compile traces it as it is) is
-        # called directly in an ordinary backward: the Python backward custom op cost ~0.1 ms per block,
-        # which a small model's many narrow blocks felt. Triton's Python kernels, and a backward that
-        # records a graph (create_graph=True), go through the backward custom op: it has no derivative
-        # and says so, where the compiled op would be dropped from the graph and the second derivative
-        # silently wrong.
-        args = (
-            grad_out,
-            x,
-            weight,
-            bn_weight,
-            bn_bias,
-            z,
-            mean,
-            invstd,
-            stride,
-            padding,
-            dilation,
-            groups,
-            ctx.relu,
-            need[0],
-            need[1],
+        # (the compiled backward op is called directly in an ordinary backward: the Python backward custom
+        # op cost ~0.1 ms per block, which a small model's many narrow blocks felt; see mvfast.ops._op)
+        gx, gw, gg, gb = run(
+            ctx, grad_out, x, weight, bn_weight, bn_bias, z, mean, invstd, *ctx.conv, ctx.relu, *need[:2]
         )
-        if ctx.backend == "triton" or torch.is_grad_enabled():
-            gx, gw, gg, gb = torch.ops.mvfast.conv3d_bn_relu_backward(*args, ctx.backend)
-        else:
-            gx, gw, gg, gb = torch.ops.mvfast.conv3d_bn_relu_bwd(*args)
         # the conv bias cancels in training-mode BN: its gradient is exactly zero
         gbias = weight.new_zeros((weight.shape[0],)) if ctx.has_bias else None
     else:
         gx, gw, gbias, gg, gb = _eval_backward(ctx, grad_out)
-    return (
-        gx if need[0] else None,
-        gw if need[1] else None,
-        gbias,
-        gg,
-        gb,
-        None,
-        None,
-        None,
-        None,
-        None,
-        None,
-        None,
-        None,
-        None,
-        None,
-        None,
-    )
+    return (gx if need[0] else None, gw if need[1] else None, gbias, gg, gb) + (None,) * 11
 
 
 def _eval_backward(ctx, grad_out):
@@ -1024,7 +645,7 @@ def _eval_backward(ctx, grad_out):
     backpropagating through a block in eval mode (frozen BatchNorm)."""
     x, weight, bias, bn_weight, running_mean, running_var, out = ctx.saved_tensors
     stride, padding, dilation, groups = ctx.conv
-    acc = _acc_dtype(x)
+    acc = acc_dtype(x)
     inv = (running_var.to(acc) + ctx.eps).rsqrt()
     s = bn_weight.to(acc) * inv  # (C,)
     g = grad_out if out is None else torch.where(out > 0, grad_out, torch.zeros_like(grad_out))
@@ -1041,9 +662,6 @@ def _eval_backward(ctx, grad_out):
     return gx, gw, gbias, (gs * inv).to(bn_weight.dtype), gb_folded.to(bn_weight.dtype)
 
 
-_conv3d_bn_relu_op.register_autograd(_backward, setup_context=_setup_context)
-
-
 def _autocast(args, dtype):
     """The autocast rule: the conv (x, weight, bias) runs in autocast's dtype, the output in it too, as an
     autocast conv's; BatchNorm's parameters and running statistics stay as they are (float32), which the
@@ -1052,24 +670,30 @@ def _autocast(args, dtype):
     return (*cast_all((x, weight, bias), dtype), *rest)
 
 
-register_autocast(OP, _autocast)
-
-
-def _kernel_forward(*args):
-    return torch.ops.mvfast.conv3d_bn_relu_fwd(*args)
-
-
-_KernelFunction = _eager.kernel_function("Conv3dBNReLUFunction", _kernel_forward, _setup_context, _backward)
+_OP = Op(
+    OpSpec(
+        name=OP,
+        schema="(Tensor x, Tensor weight, Tensor? bias, Tensor bn_weight, Tensor bn_bias, "
+        "Tensor? running_mean, Tensor? running_var, int[] stride, int[] padding, int[] dilation, int groups, "
+        "bool training, float eps, bool relu, bool conv_channels_last) "
+        "-> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)",
+        backward_schema="(Tensor grad_out, Tensor x, Tensor weight, Tensor bn_weight, Tensor bn_bias, "
+        "Tensor z, Tensor mean, Tensor invstd, int[] stride, int[] padding, int[] dilation, int groups, "
+        "bool relu, bool need_grad_x, bool need_grad_weight) -> (Tensor, Tensor, Tensor, Tensor)",
+        fake=_fake,
+        backward_fake=_backward_fake,
+        triton_forward=lambda *args: _triton_forward(*args[:-1]),  # the CPU kernels' conv_channels_last
+        triton_backward=_triton_backward,
+        setup_context=_setup_context,
+        backward=_backward,
+        autocast=_autocast,
+    ),
+    "Conv3dBNReLUFunction",
+)
 
 
 # ---------------------------------------------------------------------------------------------------
 # Public function
-
-
-def _op_reasons(backend: str, x: Tensor) -> list[str]:
-    if backend == "triton" and x.dtype == torch.float64:
-        return ["the triton kernels take float32, float16 and bfloat16, not float64"]
-    return []
 
 
 def _cpu_conv_channels_last(x: Tensor) -> bool:
@@ -1124,122 +748,37 @@ def conv3d_bn_relu(
     On a GPU, a float32 convolution uses TF32 exactly when ``torch.backends.cudnn.allow_tf32`` is set (the
     default), as cuDNN's does.
     """
-    if dtype := autocast_dtype(x):
-        with autocast_off(x):
-            x, weight, bias = cast_all((x, weight, bias), dtype)
-            return conv3d_bn_relu(
-                x, weight, bias, bn_weight, bn_bias, running_mean, running_var, stride=stride,
-                padding=padding, dilation=dilation, groups=groups, training=training, momentum=momentum,
-                eps=eps, relu=relu, num_batches_tracked=num_batches_tracked,
-            )  # fmt: skip
-    batch_stats = training or running_mean is None
-    stride, padding, dilation = _validate(
-        OP,
-        3,
-        x,
-        weight,
-        bias,
-        bn_weight,
-        bn_bias,
-        running_mean,
-        running_var,
-        stride,
-        padding,
-        dilation,
-        groups,
-        eps,
-        momentum,
-        batch_stats,
-    )
-    name = _backend.resolve(OP, x.device, lambda b: _op_reasons(b, x))
-    if name == "reference":
-        return conv3d_bn_relu_reference(
-            x,
-            weight,
-            bias,
-            bn_weight,
-            bn_bias,
-            running_mean,
-            running_var,
-            stride,
-            padding,
-            dilation,
-            groups,
-            training,
-            momentum,
-            eps,
-            relu,
-            num_batches_tracked,
-        )
-    return run_kernels(
-        name,
-        x,
-        weight,
-        bias,
-        bn_weight,
-        bn_bias,
-        running_mean,
-        running_var,
-        stride,
-        padding,
-        dilation,
-        groups,
-        training,
-        momentum,
-        eps,
-        relu,
-        num_batches_tracked,
-    )
+    conv = Conv(stride, padding, dilation, groups)
+    bn = BN(bn_weight, bn_bias, running_mean, running_var, training, momentum, eps, num_batches_tracked)
+    return fused(OP, 3, x, weight, bias, conv, bn, relu, _chain, run_kernels)
 
 
-def run_kernels(
-    backend,
-    x,
-    weight,
-    bias,
-    bn_weight,
-    bn_bias,
-    running_mean,
-    running_var,
-    stride,
-    padding,
-    dilation,
-    groups,
-    training,
-    momentum,
-    eps,
-    relu,
-    num_batches_tracked,
-) -> Tensor:
+def run_kernels(backend: str, x: Tensor, weight: Tensor, bias: Tensor | None, conv: Conv, bn: BN, relu: bool):
     """Kernel backend ``backend`` on arguments that were validated (5-D tensors; stride, padding and
     dilation lists of 3), and the running-statistics update: what conv3d_bn_relu and conv2d_bn_relu (its
     tensors given a depth of 1) run after their checks.
 
     torch.compile and the Triton backend go through the custom op ``mvfast::conv3d_bn_relu``, eager calls
-    of the CPU and CUDA kernels around its Python layers (see mvfast.ops._eager).
+    of the CPU and CUDA kernels around its Python layers (see mvfast.ops._op).
     """
     C = weight.shape[0]
-    g = bn_weight if bn_weight is not None else x.new_ones((C,))
-    b = bn_bias if bn_bias is not None else x.new_zeros((C,))
-    batch_stats = training or running_mean is None
+    g = bn.weight if bn.weight is not None else x.new_ones((C,))
+    b = bn.bias if bn.bias is not None else x.new_zeros((C,))
     conv_cl = backend == "cpu" and _cpu_conv_channels_last(x)
-    args = (x, weight, bias, g, b, running_mean, running_var, stride, padding, dilation, groups, batch_stats)
-    out, _, mean, _, var, _ = _eager.call(
-        torch.ops.mvfast.conv3d_bn_relu,
-        _KernelFunction,
-        _kernel_forward,
-        (*args, float(eps), relu, conv_cl),
-        backend,
-    )
-    if training and running_mean is not None:
-        _update_running_stats(running_mean, running_var, num_batches_tracked, mean, var, bias, momentum)
+    args = (x, weight, bias, g, b, bn.running_mean, bn.running_var, *conv, bn.batch_stats, float(bn.eps))
+    out, _, mean, _, var, _ = _OP.call((*args, relu, conv_cl), backend)
+    if bn.training and bn.running_mean is not None:
+        _update_running_stats(bn, mean, var, bias)
     return out
 
 
-def _update_running_stats(running_mean, running_var, num_batches_tracked, mean, var, bias, momentum):
+def _update_running_stats(bn: BN, mean, var, bias):
     """running += f (batch - running), f = momentum (or 1 / num_batches_tracked), in the statistics' float32
     / float64 (ATen's batch_norm computes f batch + (1 - f) running: the same up to rounding), one lerp_
     each when the buffers are in that dtype."""
+    running_mean, running_var, num_batches_tracked, momentum = (
+        bn.running_mean, bn.running_var, bn.num_batches_tracked, bn.momentum
+    )  # fmt: skip
     with torch.no_grad():
         if num_batches_tracked is not None:
             num_batches_tracked.add_(1)
