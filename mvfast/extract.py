@@ -234,12 +234,7 @@ def write(out: Path, rows: list[dict], chunks, previous: dict, fmt: str) -> None
 
 
 def main(argv=None) -> int:
-    status = {}
-
-    def run(a):
-        status["code"] = extract(a)
-
-    return run_main("mvfast.extract", run, argv) or status.get("code", 0)
+    return run_main("mvfast.extract", extract, argv)
 
 
 if __name__ == "__main__":

@@ -310,12 +310,7 @@ def show(rows: list[dict], args, source: str) -> None:
 
 
 def main(argv=None) -> int:
-    status = {}
-
-    def run(a):
-        status["code"] = predict(a)
-
-    return run_main("mvfast.predict", run, argv) or status.get("code", 0)
+    return run_main("mvfast.predict", predict, argv)
 
 
 if __name__ == "__main__":
