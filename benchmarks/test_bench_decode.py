@@ -31,7 +31,6 @@ from mvfast.data.synthetic import class_factors, render_video
 from mvfast.models.config import preset_config
 
 
-
 def _torchcodec_decoder():
     """torchcodec's VideoDecoder, or None where it is not installed or cannot load FFmpeg's libraries.
     It loads them on the first decoder, not on import, so a decoder of a few bad bytes tells: a load
@@ -55,17 +54,12 @@ VideoDecoder = _torchcodec_decoder()
 SHARED = Path(__file__).resolve().parents[1].parent / "shared" / "videos"
 CFG = DataConfig.for_inputs(preset_config("tiny", 10).inputs(), decode_threads=1)
 IMPLS = ("whole", "needs", "needs-rgb", "pyav-all", "torchcodec-all", "torchcodec-needs")
+# one torch thread in every path, for the module (benchmarks/conftest.py)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+
 INFO = dict(op="decode", device="cpu")
 # The bar, checked in the table: seeking, i.e. the frames of a long file without the gaps between its clips
 # (the audio, decoded whole, is not part of needs-rgb: it is most of "needs" there).
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="module")
