@@ -756,6 +756,11 @@ def _format_of(t: Tensor) -> torch.memory_format:
     return _CL if t.is_contiguous(memory_format=_CL) and not t.is_contiguous() else torch.contiguous_format
 
 
+def _dense(t: Tensor) -> bool:
+    """t is dense in NCDHW or in channels_last_3d order, the two layouts the kernels address."""
+    return t.is_contiguous() or t.is_contiguous(memory_format=_CL)
+
+
 def _acc_dtype(x: Tensor) -> torch.dtype:
     return torch.float64 if x.dtype == torch.float64 else torch.float32
 
@@ -951,7 +956,12 @@ def _setup_context(ctx, inputs, output):
     ctx.training, ctx.relu, ctx.eps, ctx.backend = training, relu, eps, backend
     ctx.has_bias = bias is not None
     if training:
-        ctx.save_for_backward(x_conv if x_conv.numel() else x, weight, bn_weight, bn_bias, z, mean, invstd)
+        # x itself, not the conv's channels_last_3d copy of it (x_conv), unless x is in neither dense
+        # layout: x is often saved anyway by the layer that made it (torchvision's in-place ReLU after the
+        # residual add saves its output for its mask), and then saving the copy held x twice. The
+        # backward kernels convert x to z's layout again (one copy per step, as in the forward).
+        x_saved = x if x_conv.numel() == 0 or _dense(x) else x_conv
+        ctx.save_for_backward(x_saved, weight, bn_weight, bn_bias, z, mean, invstd)
     else:
         ctx.save_for_backward(x, weight, bias, bn_weight, running_mean, running_var, out if relu else None)
     ctx.mark_non_differentiable(z, mean, invstd, var, x_conv)
