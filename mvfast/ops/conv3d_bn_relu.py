@@ -1049,7 +1049,10 @@ def _saved_tensor_hooks_keep_tensors() -> bool:
     saved_bytes's counting hook). Hooks that move or drop saved tensors (torch.autograd.graph.save_on_cpu,
     activation checkpointing) must see every tensor a block keeps, so no block holds another's z for
     later then."""
-    hooks = torch._C._autograd._top_saved_tensors_default_hooks(False)
+    top = getattr(torch._C._autograd, "_top_saved_tensors_default_hooks", None)
+    if top is None:  # a torch without the query (private API): assume hooks, so no block holds another's z
+        return False
+    hooks = top(False)
     return hooks is None or getattr(hooks[0], "keeps_tensors", False)
 
 
