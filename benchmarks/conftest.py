@@ -2,7 +2,18 @@
 run, and each performance bar the suites declare, met or not."""
 
 import benchutil
+import pytest
 import report
+import torch
+
+
+@pytest.fixture(scope="module")
+def one_torch_thread():
+    """One torch thread for the module's benchmarks (``pytestmark = pytest.mark.usefixtures(...)``)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
 
 
 def pytest_terminal_summary(terminalreporter):

@@ -1,7 +1,9 @@
 """Conv3d + BatchNorm3d + ReLU: mvfast's fused kernels against the eager chain (the reference) and
 torch.compile of it, in the same run, at r3d_18's first stage (batch 8, 64 -> 64 channels, 3x3x3, padding
 1, 8x56x56, float32): training forward+backward and eval forward. Then torchvision's whole r3d_18 in eval,
-fused by mvfast.fuse against unfused. CUDA cases run where a GPU is.
+fused by mvfast.fuse against unfused, and its training step on an NCDHW clip (batch 2, 8x56x56): unfused,
+fused, and fused with channels_last=True, with the activations each saves for backward. CUDA cases run
+where a GPU is.
 
     pytest benchmarks/test_bench_conv3d_bn_relu.py --benchmark-only
 """
@@ -148,4 +150,51 @@ def test_r3d_18_eval(benchmark, device, impl):
         pytest.skip(reason)
     step, info = r3d_18_step(device, impl)
     benchmark.group = f"r3d_18 N1-16x112x112 {device} fwd"
+    measure(benchmark, step, device, rounds=ROUNDS[device], info=info)
+
+
+R3D_TRAIN_IMPLS = {"cpu": ["eager", "cpu", "cpu-cl"], "cuda": ["eager", "cuda", "triton"]}
+R3D_TRAIN_CASE = "N2-8x56x56"
+
+
+def r3d_18_train_step(device, impl):
+    """torchvision's r3d_18 (random weights, training) on an NCDHW clip batch of 2x3x8x56x56: forward and
+    backward to every parameter, unfused ("eager": torchvision's in-place ReLUs), fused, or fused with
+    channels_last=True ("cpu-cl"). The step and its extra_info, with the activations saved for backward
+    (parameters not counted) and their ratio to the unfused model's."""
+    from torchvision.models import video
+
+    torch.manual_seed(0)
+    model = video.r3d_18(weights=None).to(device).train()
+    x = torch.randn(2, 3, 8, 56, 56, device=device)
+    backend = {"eager": "auto", "cpu-cl": "cpu"}.get(impl, impl)
+
+    def loss(m):
+        with mvfast.backend(backend):
+            return m(x).sum()
+
+    eager_saved = saved_bytes(lambda: loss(model), exclude=list(model.parameters()))
+    if impl != "eager":
+        model = mvfast.fuse(copy.deepcopy(model), channels_last=impl == "cpu-cl")[0]
+    params = list(model.parameters())
+    info = dict(op="r3d_18", case=R3D_TRAIN_CASE, device=device, mode="train", impl=impl)
+    info["saved_bytes"] = saved_bytes(lambda: loss(model), exclude=params)
+    info["saved_vs_eager"] = info["saved_bytes"] / eager_saved
+
+    def step():
+        torch.autograd.grad(loss(model), params)
+
+    return step, info
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("impl", ["eager", "cpu", "cpu-cl", "cuda", "triton"])
+def test_r3d_18_train(benchmark, device, impl):
+    pytest.importorskip("torchvision.models.video")
+    if impl not in R3D_TRAIN_IMPLS[device]:
+        pytest.skip(f"{impl} does not run on {device}")
+    if impl != "eager" and not mvfast.backends(device)[impl.removesuffix("-cl")]["available"]:
+        pytest.skip(mvfast.backends(device)[impl.removesuffix("-cl")]["reason"])
+    step, info = r3d_18_train_step(device, impl)
+    benchmark.group = f"r3d_18 {R3D_TRAIN_CASE} {device} train"
     measure(benchmark, step, device, rounds=ROUNDS[device], info=info)

@@ -12,7 +12,6 @@ the decoding one, and rasterising the motion vectors of a 16-frame 112x112 clip 
 import av
 import numpy as np
 import pytest
-import torch
 from benchutil import BARS
 from torch.utils.data import DataLoader
 
@@ -22,17 +21,12 @@ from mvfast.data.motion import codec_vectors, rasterize
 from mvfast.data.synthetic import render_video
 
 CFG = DataConfig()
+# one torch thread in every path, for the module (benchmarks/conftest.py)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+
 INFO = dict(op="data", case="synthetic-4x3", device="cpu")
 BARS.append(dict(INFO, mode="epoch", impl="cached", base="decode", at_least=10.0))
 BARS.append(dict(INFO, mode="rasterise", impl="rasterise", max_ms=5.0))
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="module")

@@ -30,25 +30,36 @@ from mvfast.data.encode import encode_video
 from mvfast.data.synthetic import class_factors, render_video
 from mvfast.models.config import preset_config
 
-try:
-    from torchcodec.decoders import VideoDecoder
-except Exception:  # not installed, or its FFmpeg libraries are missing (an OSError from the loader)
-    VideoDecoder = None
+
+def _torchcodec_decoder():
+    """torchcodec's VideoDecoder, or None where it is not installed or cannot load FFmpeg's libraries.
+    It loads them on the first decoder, not on import, so a decoder of a few bad bytes tells: a load
+    failure is a RuntimeError naming libtorchcodec, bad bytes are any other error."""
+    try:
+        from torchcodec.decoders import VideoDecoder
+    except Exception:  # not installed, or broken
+        return None
+    try:
+        VideoDecoder(b"not a video")
+    except RuntimeError as e:
+        if "libtorchcodec" in str(e):
+            return None
+    except Exception:
+        pass
+    return VideoDecoder
+
+
+VideoDecoder = _torchcodec_decoder()
 
 SHARED = Path(__file__).resolve().parents[1].parent / "shared" / "videos"
 CFG = DataConfig.for_inputs(preset_config("tiny", 10).inputs(), decode_threads=1)
 IMPLS = ("whole", "needs", "needs-rgb", "pyav-all", "torchcodec-all", "torchcodec-needs")
+# one torch thread in every path, for the module (benchmarks/conftest.py)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+
 INFO = dict(op="decode", device="cpu")
 # The bar, checked in the table: seeking, i.e. the frames of a long file without the gaps between its clips
 # (the audio, decoded whole, is not part of needs-rgb: it is most of "needs" there).
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="module")

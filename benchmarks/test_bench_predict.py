@@ -39,17 +39,12 @@ from mvfast.data.encode import encode_video
 from mvfast.data.synthetic import class_factors, render_video
 from mvfast.models import create_model
 
+# one torch thread in every path, for the module (benchmarks/conftest.py)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+
 INFO = dict(op="predict", case="folder", device="cpu", mode="videos")
 BAR = 2.0  # predict (2 workers, batch 8) against one file at a time, checked in the table
 CLASSES = 10
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="module")

@@ -534,6 +534,18 @@ def exit_code(tool: str, summary: dict | None, allow_failures: bool) -> int:
 # Flags both commands take
 
 
+def job_parser(prog: str, doc: str) -> argparse.ArgumentParser:
+    """The parser of predict or extract with what both take first: the checkpoint, then the inputs."""
+    parser = argparse.ArgumentParser(
+        prog=prog, description=doc, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("checkpoint", help="a checkpoint of python -m mvfast.train (or its output folder)")
+    parser.add_argument(
+        "inputs", nargs="+", metavar="INPUT", help="video files, folders of videos, manifests (.csv, .txt)"
+    )
+    return parser
+
+
 def add_job_flags(parser, chunk: int = 64) -> None:
     parser.add_argument("--batch-size", type=int, default=8, help="videos per forward pass (default: 8)")
     parser.add_argument(

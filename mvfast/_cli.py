@@ -21,13 +21,14 @@ class CLIError(Exception):
 
 
 def run_main(prog: str, fn, argv) -> int:
-    """Runs ``fn(argv)``: 0 when it returns, 2 (and one line on stderr) on a :class:`CLIError`."""
+    """Runs ``fn(argv)``: its exit status where it returns an int (predict's and extract's 1 when some
+    videos failed), else 0; 2 (and one line on stderr) on a :class:`CLIError`."""
     import logging
 
     logging.basicConfig(format="%(levelname)s %(name)s: %(message)s")
     try:
-        fn(argv)
-        return 0
+        code = fn(argv)
+        return code if isinstance(code, int) and not isinstance(code, bool) else 0
     except CLIError as e:
         print(f"{prog}: error: {e}", file=sys.stderr)
         return 2

@@ -21,7 +21,6 @@ status are those of predict.
 
 from __future__ import annotations
 
-import argparse
 import hashlib
 import json
 import os
@@ -43,15 +42,7 @@ ARRAYS = {"npz": "features.npz", "safetensors": "features.safetensors"}
 
 
 def parse(argv):
-    parser = argparse.ArgumentParser(
-        prog="python -m mvfast.extract",
-        description=__doc__,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
-    parser.add_argument("checkpoint", help="a checkpoint of python -m mvfast.train (or its output folder)")
-    parser.add_argument(
-        "inputs", nargs="+", metavar="INPUT", help="video files, folders of videos, manifests (.csv, .txt)"
-    )
+    parser = _batch.job_parser("python -m mvfast.extract", __doc__)
     parser.add_argument("--out", required=True, help="the folder of the features and index.jsonl")
     parser.add_argument(
         "--parts",
@@ -234,12 +225,7 @@ def write(out: Path, rows: list[dict], chunks, previous: dict, fmt: str) -> None
 
 
 def main(argv=None) -> int:
-    status = {}
-
-    def run(a):
-        status["code"] = extract(a)
-
-    return run_main("mvfast.extract", run, argv) or status.get("code", 0)
+    return run_main("mvfast.extract", extract, argv)
 
 
 if __name__ == "__main__":

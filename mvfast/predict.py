@@ -30,7 +30,6 @@ The exit status is 0 when every video succeeded (ok or partial), 1 when some fai
 
 from __future__ import annotations
 
-import argparse
 import csv
 import io
 import json
@@ -48,15 +47,7 @@ OUT_SUFFIXES = (".jsonl", ".csv")
 
 
 def parse(argv):
-    parser = argparse.ArgumentParser(
-        prog="python -m mvfast.predict",
-        description=__doc__,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
-    parser.add_argument("checkpoint", help="a checkpoint of python -m mvfast.train (or its output folder)")
-    parser.add_argument(
-        "inputs", nargs="+", metavar="INPUT", help="video files, folders of videos, manifests (.csv, .txt)"
-    )
+    parser = _batch.job_parser("python -m mvfast.predict", __doc__)
     parser.add_argument(
         "--out", help="preds.jsonl or preds.csv: the predictions, resumable (default: printed)"
     )
@@ -310,12 +301,7 @@ def show(rows: list[dict], args, source: str) -> None:
 
 
 def main(argv=None) -> int:
-    status = {}
-
-    def run(a):
-        status["code"] = predict(a)
-
-    return run_main("mvfast.predict", run, argv) or status.get("code", 0)
+    return run_main("mvfast.predict", predict, argv)
 
 
 if __name__ == "__main__":

@@ -13,11 +13,13 @@ from typing import IO
 import torch
 
 
-def saved_bytes(fn: Callable[[], object]) -> int:
+def saved_bytes(fn: Callable[[], object], exclude=()) -> int:
     """Bytes of the distinct storages that autograd saves for backward while ``fn()`` runs.
 
     Tensors that share a storage (views, or one tensor saved by several ops) count once; inputs that are
-    saved count too, since they stay alive for backward. This is how mvfast's memory claims are measured:
+    saved count too, since they stay alive for backward, except the storages of the tensors in
+    ``exclude`` (a model's parameters, to count activations only). This is how mvfast's memory claims are
+    measured:
 
     >>> x = torch.randn(8, 300, 1024, requires_grad=True)
     >>> saved_bytes(lambda: mvfast.ops.attention_pool(x, w))  # doctest: +SKIP
@@ -29,8 +31,11 @@ def saved_bytes(fn: Callable[[], object]) -> int:
         storages[s.data_ptr()] = s.nbytes()
         return t
 
+    pack.keeps_tensors = True  # a hook that keeps each tensor as it is (see mvfast.ops.conv3d_bn_relu)
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
         fn()
+    for t in exclude:
+        storages.pop(t.untyped_storage().data_ptr(), None)
     return sum(storages.values())
 
 

@@ -2,6 +2,8 @@
 reference in train and eval (outputs, gradients, running statistics), gradcheck, opcheck, torch.compile,
 channels_last_3d, memory saved for backward, the module's state_dict, and bad input."""
 
+import copy
+
 import pytest
 import torch
 from backend_params import kernel_backends
@@ -357,6 +359,38 @@ def test_saves_the_conv_output_and_channel_statistics_only(backend):
     small = leaves[1].numel() * 4 + 6 * 8 * 8  # weight, bn_weight, bn_bias, mean, invstd
     assert ours <= 2 * act + small, f"{name} saves {ours} bytes: more than x, z and per-channel tensors"
     assert ours <= 0.7 * eager, f"{name} saves {ours} bytes, eager {eager}"
+
+
+def _block_after_inplace_relu(C=8):
+    """nn.Sequential(ReLU(inplace), Conv3d, BatchNorm3d, ReLU(inplace)) in training: a block fed the output
+    of an in-place ReLU, as torchvision's video ResNets feed each residual block (the ReLU after the add)."""
+    torch.manual_seed(0)
+    conv = nn.Conv3d(C, C, 3, padding=1, bias=False)
+    return nn.Sequential(nn.ReLU(inplace=True), conv, nn.BatchNorm3d(C), nn.ReLU(inplace=True)).train()
+
+
+@pytest.mark.parametrize("backend", kernel_backends())
+def test_ncdhw_block_saves_its_input_not_a_copy(backend):
+    """With NCDHW input the CPU kernels run the conv on a channels_last_3d copy of x; backward gets x
+    itself (shared with what the ReLU before it saves) and converts it again, so the block adds z only,
+    against the eager chain's z and ReLU output: at most 70% of the bytes of the eager chain with in-place
+    ReLUs, where saving the copy gave 100%."""
+    name, device = backend
+    eager = _block_after_inplace_relu().to(device)
+    fused = mvfast.fuse(copy.deepcopy(eager))[0]
+    assert any(isinstance(m, mvfast.nn.Conv3dBNReLU) for m in fused.modules())
+    x = torch.randn(2, 8, 4, 16, 16, device=device, requires_grad=True)
+    with mvfast.backend(name):
+        ours = saved_bytes(lambda: fused(x * 1))
+        theirs = saved_bytes(lambda: eager(x * 1))
+        # and the gradients of that path are the eager chain's
+        gy = torch.randn(2, 8, 4, 16, 16, device=device)
+        with exact_float32():
+            got = torch.autograd.grad(fused(x * 1), [x, *fused.parameters()], gy)
+            want = torch.autograd.grad(eager(x * 1), [x, *eager.parameters()], gy)
+    assert ours <= 0.7 * theirs, f"{name} saves {ours} bytes, the eager chain with in-place ReLU {theirs}"
+    for g, w in zip(got, want, strict=True):
+        torch.testing.assert_close(g, w, rtol=1e-4, atol=1e-4)
 
 
 # ---------------------------------------------------------------------------------------------------

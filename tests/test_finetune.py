@@ -229,9 +229,9 @@ def test_accumulated_gradients_equal_one_batch(run, tmp_path, env):
 def test_sync_batchnorm_unfuses_the_fused_blocks():
     """The fused Conv+BN+ReLU blocks compute batch statistics inside their op: SyncBatchNorm needs them
     unfused, with the same parameters and state_dict keys."""
+    from mvfast._optim import sync_batchnorm
     from mvfast.models import create_model
     from mvfast.nn._conv_bn_relu import ConvBNReLU
-    from mvfast.train import sync_batchnorm
 
     model = create_model("tiny", 4)
     keys = list(model.state_dict())

@@ -5,7 +5,10 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
+import torch
 from torch import Tensor, nn
+
+_CHANNELS_LAST = {2: torch.channels_last, 3: torch.channels_last_3d}
 
 
 class ConvBNReLU(nn.Module):
@@ -18,6 +21,9 @@ class ConvBNReLU(nn.Module):
     conv_type: type[nn.Module]
     bn_type: type[nn.Module]
     op: Callable[..., Tensor]
+    # Set by ``mvfast.fuse(model, channels_last=True)``: convert x to channels-last (a no-op when it is
+    # already, as the output of the block before it is), so the output is channels-last too.
+    channels_last: bool = False
 
     def __init__(
         self,
@@ -95,6 +101,8 @@ class ConvBNReLU(nn.Module):
         # nn.BatchNorm's rules: batch statistics in training or without running statistics; the running
         # statistics are updated only in training.
         track = not bn.training or bn.track_running_stats
+        if self.channels_last:
+            x = x.contiguous(memory_format=_CHANNELS_LAST[self.dims])
         return self.op(
             x,
             conv.weight,
@@ -115,4 +123,4 @@ class ConvBNReLU(nn.Module):
         )
 
     def extra_repr(self) -> str:
-        return f"relu={self.relu}"
+        return f"relu={self.relu}" + (", channels_last=True" if self.channels_last else "")

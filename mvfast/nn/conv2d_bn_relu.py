@@ -25,7 +25,8 @@ class Conv2dBNReLU(ConvBNReLU):
     Args: as nn.Conv2d (zero padding only) and nn.BatchNorm2d; ``bias`` is the conv's bias (False by
     default: BatchNorm cancels it).
 
-    Shape: x (Tensor[N, Cin, H, W], NCHW or channels_last) -> Tensor[N, C, Ho, Wo] in x's memory format.
+    Shape: x (Tensor[N, Cin, H, W], NCHW or channels_last) -> Tensor[N, C, Ho, Wo] in x's memory format;
+    in channels_last whatever x's when ``channels_last`` is set (``mvfast.fuse(model, channels_last=True)``).
     """
 
     dims = 2

@@ -32,7 +32,8 @@ class Conv3dBNReLU(ConvBNReLU):
     default: BatchNorm cancels it).
 
     Shape: x (Tensor[N, Cin, D, H, W], NCDHW or channels_last_3d) -> Tensor[N, C, Do, Ho, Wo] in x's
-    memory format.
+    memory format; in channels_last_3d whatever x's when ``channels_last`` is set (as
+    ``mvfast.fuse(model, channels_last=True)`` sets it).
     """
 
     dims = 3

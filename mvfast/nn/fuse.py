@@ -40,15 +40,26 @@ _BLOCKS = (Conv3dBNReLU, Conv2dBNReLU)
 _CONVS = tuple(b.conv_type for b in _BLOCKS)
 
 
-def fuse(model: nn.Module) -> tuple[nn.Module, int]:
+def fuse(model: nn.Module, channels_last: bool = False) -> tuple[nn.Module, int]:
     """Replaces, in place, each Conv3d -> BatchNorm3d -> ReLU chain (and each Conv3d -> BatchNorm3d pair)
     of ``model`` by a Conv3dBNReLU, and each Conv2d -> BatchNorm2d (-> ReLU) one by a Conv2dBNReLU, over
     the same parameters and buffers. Returns ``(model, blocks fused)``.
 
     Outputs in eval, and losses, gradients and running-statistics updates in training, are those of the
     original model; state_dict keys are unchanged. Fusing an already fused model fuses nothing more.
+
+    channels_last: every fused block of the model converts its input to channels-last (channels_last_3d,
+    or channels_last for 2D blocks) and so outputs channels-last: an NCDHW model then runs channels-last
+    from its first block on (the first converts once; residual adds, pooling and the next blocks keep the
+    layout), which the CPU kernels run their convs in, with no conversion per block forward or backward.
+    Values are unchanged; only the layout of the activations (and of the gradients reaching the input) is.
     """
-    return model, _fuse_in(model)
+    count = _fuse_in(model)
+    if channels_last:
+        for m in model.modules():
+            if isinstance(m, ConvBNReLU):
+                m.channels_last = True
+    return model, count
 
 
 def unfuse(model: nn.Module) -> tuple[nn.Module, int]:

@@ -586,6 +586,11 @@ def _format_of(t: Tensor) -> torch.memory_format:
     return _CL if t.is_contiguous(memory_format=_CL) and not t.is_contiguous() else torch.contiguous_format
 
 
+def _dense(t: Tensor) -> bool:
+    """t is dense in NCDHW or in channels_last_3d order, the two layouts the kernels address."""
+    return t.is_contiguous() or t.is_contiguous(memory_format=_CL)
+
+
 def _fake(
     x, weight, bias, g, b, rmean, rvar, stride, padding, dilation, groups, training, eps, relu, cl, backend
 ):
@@ -618,7 +623,24 @@ def _setup_context(ctx, inputs, output):
     ctx.training, ctx.relu, ctx.eps = training, relu, eps
     ctx.has_bias = bias is not None
     if training:
-        ctx.save_for_backward(x_conv if x_conv.numel() else x, weight, bn_weight, bn_bias, z, mean, invstd)
+        # x itself, not the conv's channels_last_3d copy of it (x_conv), unless x is in neither dense
+        # layout: x is often saved anyway by the layer that made it (torchvision's in-place ReLU after the
+        # residual add saves its output for its mask), and then saving the copy held x twice. The
+        # backward kernels convert x to z's layout again (one copy per step, as in the forward).
+        x_saved = x if x_conv.numel() == 0 or _dense(x) else x_conv
+        source = _made_by_a_block(x) if ctx.backend == "cpu" else None
+        ctx.x_from_relu = None
+        if source is None:
+            ctx.save_for_backward(x_saved, weight, bn_weight, bn_bias, z, mean, invstd)
+        else:
+            # x is another block's output relu(z' * scale' + shift'), which nothing else need hold: save that
+            # block's z' (it saves z' itself, so this costs nothing) and statistics, and recompute x in
+            # backward, in z''s channels-last layout, rather than hold x too (see _made_by_a_block)
+            z_src, *stats_src, relu_src = source
+            ctx.x_from_relu = relu_src
+            ctx.save_for_backward(z_src, weight, bn_weight, bn_bias, z, mean, invstd, *stats_src)
+        if ctx.backend == "cpu" and type(ctx) is _OP.function._backward_cls:
+            ctx.as_source = (z, mean, invstd, bn_weight, bn_bias, relu, out._version)
     else:
         ctx.save_for_backward(x, weight, bias, bn_weight, running_mean, running_var, out if relu else None)
     ctx.mark_non_differentiable(z, mean, invstd, var, x_conv)
@@ -627,7 +649,11 @@ def _setup_context(ctx, inputs, output):
 def _backward(ctx, run, grad_out, *_):
     need = ctx.needs_input_grad
     if ctx.training:
-        x, weight, bn_weight, bn_bias, z, mean, invstd = ctx.saved_tensors
+        if hasattr(ctx, "as_source"):  # no later block took it: let go of z with the saved tensors
+            del ctx.as_source
+        x, weight, bn_weight, bn_bias, z, mean, invstd, *stats_src = ctx.saved_tensors
+        if ctx.x_from_relu is not None:
+            x = _block_output(x, *stats_src, ctx.x_from_relu)
         # (the compiled backward op is called directly in an ordinary backward: the Python backward custom
         # op cost ~0.1 ms per block, which a small model's many narrow blocks felt; see mvfast.ops._op)
         gx, gw, gg, gb = run(
@@ -638,6 +664,54 @@ def _backward(ctx, run, grad_out, *_):
     else:
         gx, gw, gbias, gg, gb = _eval_backward(ctx, grad_out)
     return (gx if need[0] else None, gw if need[1] else None, gbias, gg, gb) + (None,) * 11
+
+
+def _saved_tensor_hooks_keep_tensors() -> bool:
+    """No saved-tensor hooks are active, or only one that keeps each tensor as it is (mvfast.utils.
+    saved_bytes's counting hook). Hooks that move or drop saved tensors (torch.autograd.graph.save_on_cpu,
+    activation checkpointing) must see every tensor a block keeps, so no block holds another's z for
+    later then."""
+    top = getattr(torch._C._autograd, "_top_saved_tensors_default_hooks", None)
+    if top is None:  # a torch without the query (private API): assume hooks, so no block holds another's z
+        return False
+    hooks = top(False)
+    return hooks is None or getattr(hooks[0], "keeps_tensors", False)
+
+
+def _made_by_a_block(x: Tensor):
+    """(z, mean, invstd, bn_weight, bn_bias, relu) of the fused CPU block in training whose output x is,
+    unchanged since (the same tensor, no in-place op on it), or None.
+
+    Each such block leaves these on its autograd node (``as_source``) when it runs; the block that x then
+    feeds takes them, so that it saves z instead of x and recomputes x = relu(z * scale + shift) in its
+    backward (one elementwise pass, the forward's own arithmetic: bit for bit on the development CPU). In a
+    chain of fused blocks (an NCDHW or channels-last model) each block then holds its z only, where the
+    eager chain holds z and the ReLU's output. A residual add in place on x (torchvision's ``out +=
+    identity``) gives x another autograd node, and x is saved as usual.
+    """
+    node = x.grad_fn
+    source = getattr(node, "as_source", None)
+    if (
+        source is None
+        or x.output_nr != 0
+        or x._version != source[-1]
+        or not _saved_tensor_hooks_keep_tensors()
+    ):
+        return None
+    del node.as_source
+    return source[:-1]
+
+
+def _block_output(z, mean, invstd, bn_weight, bn_bias, relu):
+    """relu(z * scale + shift) with scale and shift as the forward computes them (csrc/conv3d_bn_relu.h):
+    the output of the block that saved z, in z's layout."""
+    acc = acc_dtype(z)
+    scale = bn_weight.to(acc) * invstd
+    shift = bn_bias.to(acc) - mean * scale
+    # one multiply-add, rounded once, as the kernels' vector loop compiles (a mul then an add may differ
+    # from their output by an ulp)
+    y = torch.addcmul(shift.view(1, -1, 1, 1, 1), z.to(acc), scale.view(1, -1, 1, 1, 1)).to(z.dtype)
+    return y.relu_() if relu else y
 
 
 def _eval_backward(ctx, grad_out):
