@@ -195,6 +195,28 @@ def test_eager_route_equals_custom_op(backend):
     torch.testing.assert_close(eager, direct[0], rtol=0, atol=0)
 
 
+@pytest.mark.parametrize("op", ["netvlad", "attention_pool", "conv3d-train"])
+@pytest.mark.parametrize("backend", [b for b in kernel_backends() if b.values[0][1] == "cpu"])
+def test_backward_inside_autocast_equals_backward_outside(op, backend):
+    """A training loop that calls backward inside its autocast region: the kernels' backward runs with
+    autocast off, as their forward does, and gives the gradients a backward outside the region gives
+    (NetVLAD's CPU backward raised a dtype error here while its products were autocast)."""
+    name, _ = backend
+    dtype = torch.float16 if name == "triton" else torch.bfloat16
+
+    def run(inside: bool):
+        x, params, public, _ = OPS[op]()
+        leaves = [x.requires_grad_(), *(p.requires_grad_() for p in params)]
+        with mvfast.backend(name), torch.autocast("cpu", dtype=dtype):
+            loss = public(*leaves).float().square().sum()
+            if inside:
+                return torch.autograd.grad(loss, leaves)
+        return torch.autograd.grad(loss, leaves)
+
+    for got, want in zip(run(True), run(False), strict=True):
+        torch.testing.assert_close(got, want, rtol=0, atol=0)
+
+
 def test_compile_fullgraph_under_autocast():
     """torch.compile(fullgraph=True) of the public ops (cpu backend) and of the custom op called directly,
     under bfloat16 autocast: the same dtypes and values as eager."""

@@ -451,6 +451,61 @@ def test_recomputed_input_leaves_an_input_changed_in_place_alone():
         torch.testing.assert_close(v, u, rtol=1e-8, atol=1e-10)
 
 
+def test_recomputed_input_follows_a_bn_parameter_changed_in_place():
+    """The first block's BatchNorm weight changed in place after that block ran: the second block does not
+    rebuild its input from the first block's z with the new weight (its input was made with the old
+    one), so its gradients are those of the reference backend's, which saves the input itself."""
+    fused = mvfast.fuse(_chain_of_blocks())[0].double()
+    ref = copy.deepcopy(fused)
+    x = torch.randn(2, 8, 4, 16, 16, dtype=torch.float64)
+
+    def run(model):
+        h = model[0](x)
+        with torch.no_grad():
+            model[0].bn.weight.mul_(2)
+        y = model[3](h)
+        return torch.autograd.grad(y.square().sum(), list(model[3].parameters()))
+
+    with mvfast.backend("reference"):
+        want = run(ref)
+    for u, v in zip(want, run(fused), strict=True):
+        torch.testing.assert_close(v, u, rtol=1e-8, atol=1e-10)
+
+
+def _offered_inputs(out: torch.Tensor) -> int:
+    """How many autograd nodes behind ``out`` hold a block's z for the block it feeds (the recompute)."""
+    seen, stack, held = set(), [out.grad_fn], 0
+    while stack:
+        node = stack.pop()
+        if node is None or node in seen:
+            continue
+        seen.add(node)
+        held += hasattr(node, "as_source")
+        stack += [edge[0] for edge in node.next_functions]
+    return held
+
+
+def test_no_block_holds_z_outside_checkpointing_or_offloading_hooks():
+    """Under saved-tensor hooks that move or drop what is saved (activation checkpointing, offloading to
+    the CPU), no block keeps its z on its node for the next block, where the hooks would not see it: a
+    checkpointed stack of fused blocks would otherwise hold every block's z until backward."""
+    from torch.autograd.graph import save_on_cpu
+    from torch.utils.checkpoint import checkpoint
+
+    fused = mvfast.fuse(_chain_of_blocks())[0]
+    x = torch.randn(2, 8, 4, 16, 16, requires_grad=True)
+    # without hooks only the last block offers its z (no block took it), which it saves anyway
+    assert _offered_inputs(fused(x)) == 1
+    assert _offered_inputs(checkpoint(fused, x, use_reentrant=False)) == 0
+    with save_on_cpu():
+        y = fused(x)
+    assert _offered_inputs(y) == 0
+    # and the gradients under checkpointing are those without it
+    want = torch.autograd.grad(fused(x).square().sum(), x)[0]
+    got = torch.autograd.grad(checkpoint(fused, x, use_reentrant=False).square().sum(), x)[0]
+    torch.testing.assert_close(got, want, rtol=0, atol=0)
+
+
 @pytest.fixture(scope="module", params=["r3d_18", "mc3_18"])
 def pair_cl(request):
     torch.manual_seed(0)

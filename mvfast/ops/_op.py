@@ -31,7 +31,8 @@ dtype. The public function applies it first thing (:func:`autocast_dtype`, :func
 itself again with autocast off, so that its checks, every backend and both routes see the cast arguments;
 the same rule is the custom op's Autocast kernel on the CPU and CUDA, for a direct call of the custom op.
 Either way the kernels run with autocast off: the matrix products inside the compiled kernels would
-otherwise be autocast themselves.
+otherwise be autocast themselves. So do the backward kernels when backward is called inside an autocast
+region.
 """
 
 from __future__ import annotations
@@ -131,8 +132,17 @@ class Op:
         def backward(ctx, *grads):
             for g in grads:
                 if g is not None:
+                    if torch._C._is_any_autocast_enabled():
+                        # a backward called inside an autocast region (the engine runs it on this thread
+                        # on the CPU, and carries the state into its CUDA threads): the kernels' own
+                        # products must not be autocast, as in the forward
+                        with torch._C._ExcludeDispatchKeyGuard(_AUTOCAST_KEYS):
+                            return spec_backward(ctx, run, *grads)
                     return spec_backward(ctx, run, *grads)
-            return (None,) * n_args  # undefined: no gradient reached any output (gradcheck tests this)
+            # undefined: no gradient reached any output (gradcheck tests this)
+            if hasattr(ctx, "as_source"):  # what conv3d_bn_relu offered the next block: let go of it
+                del ctx.as_source
+            return (None,) * n_args
 
         custom.register_autograd(backward, setup_context=setup_context)
         register_autocast(name, spec.autocast)
@@ -184,9 +194,12 @@ def acc_dtype(x: Tensor) -> torch.dtype:
 
 
 def autocast_dtype(x: Tensor) -> torch.dtype | None:
-    """Autocast's dtype where it is on for x's device (CPU or CUDA), else None."""
+    """Autocast's dtype where it is on for x's device (CPU or CUDA), else None (and for an x that is not a
+    tensor, which the op's checks then name)."""
     if not torch.compiler.is_compiling() and not torch._C._is_any_autocast_enabled():
         return None  # the common case, in one cheap query (torch.compile traces the one below)
+    if not isinstance(x, Tensor):
+        return None
     device = x.device.type
     if device in AUTOCAST_DEVICES and torch.is_autocast_enabled(device):
         return torch.get_autocast_dtype(device)
@@ -213,6 +226,9 @@ def cast_all(args: tuple, dtype: torch.dtype) -> tuple:
 
 
 _AUTOCAST_LIB = torch.library.Library("mvfast", "IMPL")
+_AUTOCAST_KEYS = torch._C.DispatchKeySet(torch._C.DispatchKey.AutocastCPU) | torch._C.DispatchKeySet(
+    torch._C.DispatchKey.AutocastCUDA
+)
 
 
 def register_autocast(name: str, cast: Callable) -> None:

@@ -639,8 +639,15 @@ def _setup_context(ctx, inputs, output):
             z_src, *stats_src, relu_src = source
             ctx.x_from_relu = relu_src
             ctx.save_for_backward(z_src, weight, bn_weight, bn_bias, z, mean, invstd, *stats_src)
-        if ctx.backend == "cpu" and type(ctx) is _OP.function._backward_cls:
-            ctx.as_source = (z, mean, invstd, bn_weight, bn_bias, relu, out._version)
+        # offered to the block this one feeds (_made_by_a_block); not under hooks that move or drop saved
+        # tensors (checkpointing, offloading), where z held on the node would escape them
+        if (
+            ctx.backend == "cpu"
+            and type(ctx) is _OP.function._backward_cls
+            and _saved_tensor_hooks_keep_tensors()
+        ):
+            versions = (out._version, bn_weight._version, bn_bias._version)
+            ctx.as_source = (z, mean, invstd, bn_weight, bn_bias, relu, versions)
     else:
         ctx.save_for_backward(x, weight, bias, bn_weight, running_mean, running_var, out if relu else None)
     ctx.mark_non_differentiable(z, mean, invstd, var, x_conv)
@@ -674,13 +681,17 @@ def _saved_tensor_hooks_keep_tensors() -> bool:
     top = getattr(torch._C._autograd, "_top_saved_tensors_default_hooks", None)
     if top is None:  # a torch without the query (private API): assume hooks, so no block holds another's z
         return False
-    hooks = top(False)
+    try:
+        hooks = top(False)
+    except TypeError:  # another signature of the private query: as above
+        return False
     return hooks is None or getattr(hooks[0], "keeps_tensors", False)
 
 
 def _made_by_a_block(x: Tensor):
     """(z, mean, invstd, bn_weight, bn_bias, relu) of the fused CPU block in training whose output x is,
-    unchanged since (the same tensor, no in-place op on it), or None.
+    unchanged since (the same tensor, no in-place op on it, nor on that block's BN weight and bias), or
+    None.
 
     Each such block leaves these on its autograd node (``as_source``) when it runs; the block that x then
     feeds takes them, so that it saves z instead of x and recomputes x = relu(z * scale + shift) in its
@@ -694,7 +705,7 @@ def _made_by_a_block(x: Tensor):
     if (
         source is None
         or x.output_nr != 0
-        or x._version != source[-1]
+        or (x._version, source[3]._version, source[4]._version) != source[-1]
         or not _saved_tensor_hooks_keep_tensors()
     ):
         return None
