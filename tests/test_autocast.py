@@ -26,16 +26,15 @@ LOW = {torch.bfloat16: 3e-2, torch.float16: 5e-3}  # error relative to the large
 
 
 def backends():
-    """(backend, device) params: reference and every kernel backend that runs here (on the CPU)."""
-    params = [pytest.param(("reference", "cpu"), id="reference")]
-    for p in kernel_backends():
-        if p.values[0][1] == "cpu":
-            params.append(p)
-    return params
+    """(backend, device) params: reference on the CPU and every kernel backend, on its device: the CUDA
+    ones (cuda, and triton on a GPU) are skipped with the reason where no GPU is visible, and run by
+    benchmarks/gpu_check.py where one is."""
+    return [pytest.param(("reference", "cpu"), id="reference"), *kernel_backends()]
 
 
-def dtypes_for(backend):
-    if backend == "triton":  # the interpreter multiplies bf16 bit patterns (triton-lang/triton#11584)
+def dtypes_for(backend, device="cpu"):
+    if backend == "triton" and device == "cpu":
+        # the interpreter multiplies bf16 bit patterns (triton-lang/triton#11584)
         return [torch.float16]
     return [torch.bfloat16, torch.float16]
 
@@ -44,7 +43,7 @@ def cases():
     return [
         pytest.param(b.values[0], dt, id=f"{b.values[0][0]}-{str(dt)[6:]}", marks=b.marks)
         for b in backends()
-        for dt in dtypes_for(b.values[0][0])
+        for dt in dtypes_for(*b.values[0])
     ]
 
 
@@ -62,10 +61,10 @@ def _netvlad_case(seed=0):
               torch.randn(K, D, generator=g)]  # fmt: skip
 
     def public(x, w, b, c):
-        return netvlad(x, w, b, c, mask, ghost_clusters=G)
+        return netvlad(x, w, b, c, mask.to(x.device), ghost_clusters=G)
 
     def reference(x, w, b, c):
-        return netvlad_reference(x, w, b, c, mask, G)
+        return netvlad_reference(x, w, b, c, mask.to(x.device), G)
 
     return x, params, public, reference
 
@@ -79,11 +78,11 @@ def _attention_case(seed=0):
     params = [torch.randn(H, D, generator=g) * 0.5, torch.randn(H, generator=g)]
 
     def public(x, w, b):
-        out, weights = attention_pool(x, w, b, mask, return_weights=True)
+        out, weights = attention_pool(x, w, b, mask.to(x.device), return_weights=True)
         return torch.cat([out.flatten(1), weights.flatten(1)], 1)
 
     def reference(x, w, b):
-        out, weights = attention_pool_reference(x, w, b, mask, True)
+        out, weights = attention_pool_reference(x, w, b, mask.to(x.device), True)
         return torch.cat([out.flatten(1), weights.flatten(1)], 1)
 
     return x, params, public, reference
@@ -101,11 +100,11 @@ def _conv_case(nd, training, seed=0):
     fn, ref_fn = (conv3d_bn_relu, conv3d_bn_relu_reference) if nd == 3 else (conv2d_bn_relu, conv2d_ref)
 
     def public(x, w, b, gamma, beta):
-        rm, rv = (s.clone() for s in stats)
+        rm, rv = (s.to(x.device, copy=True) for s in stats)
         return fn(x, w, b, gamma, beta, rm, rv, padding=1, training=training)
 
     def reference(x, w, b, gamma, beta):
-        rm, rv = (s.double() for s in stats)
+        rm, rv = (s.to(x.device, torch.float64) for s in stats)
         return ref_fn(x, w, b, gamma, beta, rm, rv, padding=1, training=training)
 
     return x, params, public, reference
@@ -133,12 +132,12 @@ def _close(got, ref, tol, what):
 def test_autocast_casts_computes_and_backpropagates(op, backend, dtype):
     name, device = backend
     x, params, public, reference = OPS[op]()
-    x = x.requires_grad_()
-    params = [p.requires_grad_() for p in params]
-    with mvfast.backend(name), torch.autocast("cpu", dtype=dtype):
+    x = x.to(device).requires_grad_()
+    params = [p.to(device).requires_grad_() for p in params]
+    with mvfast.backend(name), torch.autocast(device, dtype=dtype):
         out = public(x, *params)
     assert out.dtype == dtype
-    g = torch.randn(out.shape, generator=torch.Generator().manual_seed(1))
+    g = torch.randn(out.shape, generator=torch.Generator().manual_seed(1)).to(device)
     grads = torch.autograd.grad(out.float(), [x, *params], g)
 
     # float64 reference on the inputs autocast casts, rounded to dtype first
@@ -196,18 +195,18 @@ def test_eager_route_equals_custom_op(backend):
 
 
 @pytest.mark.parametrize("op", ["netvlad", "attention_pool", "conv3d-train"])
-@pytest.mark.parametrize("backend", [b for b in kernel_backends() if b.values[0][1] == "cpu"])
+@pytest.mark.parametrize("backend", kernel_backends())
 def test_backward_inside_autocast_equals_backward_outside(op, backend):
     """A training loop that calls backward inside its autocast region: the kernels' backward runs with
     autocast off, as their forward does, and gives the gradients a backward outside the region gives
     (NetVLAD's CPU backward raised a dtype error here while its products were autocast)."""
-    name, _ = backend
-    dtype = torch.float16 if name == "triton" else torch.bfloat16
+    name, device = backend
+    dtype = dtypes_for(name, device)[0]
 
     def run(inside: bool):
         x, params, public, _ = OPS[op]()
-        leaves = [x.requires_grad_(), *(p.requires_grad_() for p in params)]
-        with mvfast.backend(name), torch.autocast("cpu", dtype=dtype):
+        leaves = [x.to(device).requires_grad_(), *(p.to(device).requires_grad_() for p in params)]
+        with mvfast.backend(name), torch.autocast(device, dtype=dtype):
             loss = public(*leaves).float().square().sum()
             if inside:
                 return torch.autograd.grad(loss, leaves)
