@@ -23,7 +23,6 @@ import argparse
 import json
 import os
 import platform
-import statistics
 import sys
 import tempfile
 import time
@@ -33,22 +32,10 @@ import torch
 import torch._inductor
 
 import mvfast
-from mvfast.export import export_aoti, export_onnx, export_program, onnx_runner, onnx_session
+from mvfast.export import export_aoti, export_onnx, export_program, median_ms, onnx_runner, onnx_session
 from mvfast.models import TensorInputs, create_model
 
 WAYS = ("eager-reference", "eager-mvfast", "torch.compile", "aoti", "onnxruntime")
-
-
-def median_ms(fn, inputs, repeats: int) -> float:
-    with torch.no_grad():
-        for _ in range(2):
-            fn(*inputs)
-        times = []
-        for _ in range(repeats):
-            t0 = time.perf_counter()
-            fn(*inputs)
-            times.append((time.perf_counter() - t0) * 1e3)
-    return statistics.median(times)
 
 
 def runners(wrapper, ways, folder: Path, log) -> dict:
@@ -111,7 +98,7 @@ def main(argv=None) -> int:
                 want = run[ways[0]](*x)
             for way in ways:
                 t0 = time.perf_counter()
-                ms = median_ms(run[way], x, args.repeats)
+                ms = median_ms(run[way], x, args.repeats, warmup=2)
                 with torch.no_grad():
                     got = run[way](*x)
                 diff = max(float((g.float() - w.float()).abs().max()) for g, w in zip(got, want, strict=True))
