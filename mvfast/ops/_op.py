@@ -130,19 +130,19 @@ class Op:
             spec_setup(ctx, inputs[:-1], output)
 
         def backward(ctx, *grads):
-            for g in grads:
-                if g is not None:
-                    if torch._C._is_any_autocast_enabled():
-                        # a backward called inside an autocast region (the engine runs it on this thread
-                        # on the CPU, and carries the state into its CUDA threads): the kernels' own
-                        # products must not be autocast, as in the forward
-                        with torch._C._ExcludeDispatchKeyGuard(_AUTOCAST_KEYS):
-                            return spec_backward(ctx, run, *grads)
-                    return spec_backward(ctx, run, *grads)
-            # undefined: no gradient reached any output (gradcheck tests this)
-            if hasattr(ctx, "as_source"):  # what conv3d_bn_relu offered the next block: let go of it
+            # What setup_context left on the node for a later op (``as_source``: conv3d_bn_relu's z, for
+            # the block it feeds) is no one's once this node's backward runs: let go of it.
+            if hasattr(ctx, "as_source"):
                 del ctx.as_source
-            return (None,) * n_args
+            if all(g is None for g in grads):
+                return (None,) * n_args  # undefined: no gradient reached any output (gradcheck tests this)
+            if torch._C._is_any_autocast_enabled():
+                # a backward called inside an autocast region (the engine runs it on this thread on the
+                # CPU, and carries the state into its CUDA threads): the kernels' own products must not be
+                # autocast, as in the forward
+                with torch._C._ExcludeDispatchKeyGuard(_AUTOCAST_KEYS):
+                    return spec_backward(ctx, run, *grads)
+            return spec_backward(ctx, run, *grads)
 
         custom.register_autograd(backward, setup_context=setup_context)
         register_autocast(name, spec.autocast)

@@ -656,8 +656,6 @@ def _setup_context(ctx, inputs, output):
 def _backward(ctx, run, grad_out, *_):
     need = ctx.needs_input_grad
     if ctx.training:
-        if hasattr(ctx, "as_source"):  # no later block took it: let go of z with the saved tensors
-            del ctx.as_source
         x, weight, bn_weight, bn_bias, z, mean, invstd, *stats_src = ctx.saved_tensors
         if ctx.x_from_relu is not None:
             x = _block_output(x, *stats_src, ctx.x_from_relu)
@@ -698,7 +696,8 @@ def _made_by_a_block(x: Tensor):
     backward (one elementwise pass, the forward's own arithmetic: bit for bit on the development CPU). In a
     chain of fused blocks (an NCDHW or channels-last model) each block then holds its z only, where the
     eager chain holds z and the ReLU's output. A residual add in place on x (torchvision's ``out +=
-    identity``) gives x another autograd node, and x is saved as usual.
+    identity``) gives x another autograd node, and x is saved as usual. What no block took is let go of
+    when the node's own backward runs (mvfast.ops._op).
     """
     node = x.grad_fn
     source = getattr(node, "as_source", None)
