@@ -628,7 +628,10 @@ def _setup_context(ctx, inputs, output):
         # residual add saves its output for its mask), and then saving the copy held x twice. The
         # backward kernels convert x to z's layout again (one copy per step, as in the forward).
         x_saved = x if x_conv.numel() == 0 or _dense(x) else x_conv
-        source = _made_by_a_block(x) if ctx.backend == "cpu" else None
+        # the recompute below, on the cpu backend, where no saved-tensor hooks move or drop tensors
+        # (checkpointing, offloading): z held on a node for the next block would escape them
+        recompute = ctx.backend == "cpu" and _saved_tensor_hooks_keep_tensors()
+        source = _made_by_a_block(x) if recompute else None
         ctx.x_from_relu = None
         if source is None:
             ctx.save_for_backward(x_saved, weight, bn_weight, bn_bias, z, mean, invstd)
@@ -639,13 +642,8 @@ def _setup_context(ctx, inputs, output):
             z_src, *stats_src, relu_src = source
             ctx.x_from_relu = relu_src
             ctx.save_for_backward(z_src, weight, bn_weight, bn_bias, z, mean, invstd, *stats_src)
-        # offered to the block this one feeds (_made_by_a_block); not under hooks that move or drop saved
-        # tensors (checkpointing, offloading), where z held on the node would escape them
-        if (
-            ctx.backend == "cpu"
-            and type(ctx) is _OP.function._backward_cls
-            and _saved_tensor_hooks_keep_tensors()
-        ):
+        # offered to the block this one feeds (_made_by_a_block)
+        if recompute and type(ctx) is _OP.function._backward_cls:
             versions = (out._version, bn_weight._version, bn_bias._version)
             ctx.as_source = (z, mean, invstd, bn_weight, bn_bias, relu, versions)
     else:
@@ -705,7 +703,6 @@ def _made_by_a_block(x: Tensor):
         source is None
         or x.output_nr != 0
         or (x._version, source[3]._version, source[4]._version) != source[-1]
-        or not _saved_tensor_hooks_keep_tensors()
     ):
         return None
     del node.as_source
