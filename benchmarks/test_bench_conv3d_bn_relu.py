@@ -2,8 +2,8 @@
 torch.compile of it, in the same run, at r3d_18's first stage (batch 8, 64 -> 64 channels, 3x3x3, padding
 1, 8x56x56, float32): training forward+backward and eval forward. Then torchvision's whole r3d_18 in eval,
 fused by mvfast.fuse against unfused, and its training step on an NCDHW clip (batch 2, 8x56x56): unfused,
-fused, and fused with channels_last=True, with the activations each saves for backward. CUDA cases run
-where a GPU is.
+fused (fuse's default: channels-last on the CPU), and fused with channels_last=False (NCDHW throughout),
+with the activations each saves for backward. CUDA cases run where a GPU is.
 
     pytest benchmarks/test_bench_conv3d_bn_relu.py --benchmark-only
 """
@@ -153,21 +153,22 @@ def test_r3d_18_eval(benchmark, device, impl):
     measure(benchmark, step, device, rounds=ROUNDS[device], info=info)
 
 
-R3D_TRAIN_IMPLS = {"cpu": ["eager", "cpu", "cpu-cl"], "cuda": ["eager", "cuda", "triton"]}
+R3D_TRAIN_IMPLS = {"cpu": ["eager", "cpu", "cpu-ncdhw"], "cuda": ["eager", "cuda", "triton"]}
 R3D_TRAIN_CASE = "N2-8x56x56"
 
 
 def r3d_18_train_step(device, impl):
     """torchvision's r3d_18 (random weights, training) on an NCDHW clip batch of 2x3x8x56x56: forward and
-    backward to every parameter, unfused ("eager": torchvision's in-place ReLUs), fused, or fused with
-    channels_last=True ("cpu-cl"). The step and its extra_info, with the activations saved for backward
-    (parameters not counted) and their ratio to the unfused model's."""
+    backward to every parameter, unfused ("eager": torchvision's in-place ReLUs), fused (``mvfast.fuse``'s
+    default: channels-last from the first block on, on the CPU), or fused with channels_last=False
+    ("cpu-ncdhw": every block's output in NCDHW, as its input). The step and its extra_info, with the
+    activations saved for backward (parameters not counted) and their ratio to the unfused model's."""
     from torchvision.models import video
 
     torch.manual_seed(0)
     model = video.r3d_18(weights=None).to(device).train()
     x = torch.randn(2, 3, 8, 56, 56, device=device)
-    backend = {"eager": "auto", "cpu-cl": "cpu"}.get(impl, impl)
+    backend = {"eager": "auto", "cpu-ncdhw": "cpu"}.get(impl, impl)
 
     def loss(m):
         with mvfast.backend(backend):
@@ -175,7 +176,7 @@ def r3d_18_train_step(device, impl):
 
     eager_saved = saved_bytes(lambda: loss(model), exclude=list(model.parameters()))
     if impl != "eager":
-        model = mvfast.fuse(copy.deepcopy(model), channels_last=impl == "cpu-cl")[0]
+        model = mvfast.fuse(copy.deepcopy(model), channels_last=False if impl == "cpu-ncdhw" else "auto")[0]
     params = list(model.parameters())
     info = dict(op="r3d_18", case=R3D_TRAIN_CASE, device=device, mode="train", impl=impl)
     info["saved_bytes"] = saved_bytes(lambda: loss(model), exclude=params)
@@ -188,13 +189,13 @@ def r3d_18_train_step(device, impl):
 
 
 @pytest.mark.parametrize("device", DEVICES)
-@pytest.mark.parametrize("impl", ["eager", "cpu", "cpu-cl", "cuda", "triton"])
+@pytest.mark.parametrize("impl", ["eager", "cpu", "cpu-ncdhw", "cuda", "triton"])
 def test_r3d_18_train(benchmark, device, impl):
     pytest.importorskip("torchvision.models.video")
     if impl not in R3D_TRAIN_IMPLS[device]:
         pytest.skip(f"{impl} does not run on {device}")
-    if impl != "eager" and not mvfast.backends(device)[impl.removesuffix("-cl")]["available"]:
-        pytest.skip(mvfast.backends(device)[impl.removesuffix("-cl")]["reason"])
+    if impl != "eager" and not mvfast.backends(device)[impl.removesuffix("-ncdhw")]["available"]:
+        pytest.skip(mvfast.backends(device)[impl.removesuffix("-ncdhw")]["reason"])
     step, info = r3d_18_train_step(device, impl)
     benchmark.group = f"r3d_18 {R3D_TRAIN_CASE} {device} train"
     measure(benchmark, step, device, rounds=ROUNDS[device], info=info)

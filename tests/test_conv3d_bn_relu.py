@@ -393,6 +393,41 @@ def test_ncdhw_block_saves_its_input_not_a_copy(backend):
         torch.testing.assert_close(g, w, rtol=1e-4, atol=1e-4)
 
 
+@pytest.mark.parametrize("backend", kernel_backends())
+def test_converted_input_is_saved_as_converted_when_changed_in_place_in_between(backend):
+    """A fused block converting an NCDHW x to channels-last saves x in the copy's place, unless x was
+    changed in place after the conversion (the copy then holds the values the conv read): the gradients
+    are the reference backend's, which saves the copy, in both cases. float64 throughout."""
+    from mvfast.ops.conv3d_bn_relu import channels_last_input
+
+    name, device = backend
+    if name == "triton":
+        pytest.skip("the triton kernels take float32, float16 and bfloat16, not float64")
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(2, 4, 3, 6, 6, generator=g, dtype=torch.float64).to(device).requires_grad_()
+    w = torch.randn(5, 4, 3, 3, 3, generator=g, dtype=torch.float64).to(device).requires_grad_()
+    gamma = torch.rand(5, generator=g, dtype=torch.float64).add(0.5).to(device).requires_grad_()
+    beta = torch.randn(5, generator=g, dtype=torch.float64).to(device).requires_grad_()
+
+    def run(change):
+        h = x * 1
+        hc = channels_last_input(h)
+        assert hc.is_contiguous(memory_format=torch.channels_last_3d) and not hc.is_contiguous()
+        if change:
+            with torch.no_grad():
+                h.add_(1.0)
+        y = mvfast.ops.conv3d_bn_relu(hc, w, None, gamma, beta, None, None, padding=1, training=True)
+        return torch.autograd.grad(y.square().sum(), [x, w, gamma, beta])
+
+    for change in (False, True):
+        with mvfast.backend("reference"):
+            want = run(change)
+        with mvfast.backend(name):
+            got = run(change)
+        for a, b in zip(got, want, strict=True):
+            torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-10)
+
+
 # ---------------------------------------------------------------------------------------------------
 # Module
 

@@ -400,7 +400,7 @@ def _chain_of_blocks(C=8):
     return _randomised(nn.Sequential(*layers)).train()
 
 
-@pytest.mark.parametrize("channels_last", [False, True])
+@pytest.mark.parametrize("channels_last", [False, True, "auto"])
 def test_fused_ncdhw_chain_saves_at_most_70_percent_of_the_eager_chain(channels_last):
     """Fed NCDHW, a chain of fused blocks saves each block's z only (the second block recomputes its input
     from the first's z in backward), where the eager chain with in-place ReLUs saves z and the ReLU's
@@ -426,6 +426,72 @@ def test_fused_ncdhw_chain_saves_at_most_70_percent_of_the_eager_chain(channels_
     gxa = torch.autograd.grad(a(xa), xa, gy)[0]
     for u, v in zip([gxa, *ga], gb, strict=True):
         torch.testing.assert_close(v, u, rtol=1e-8, atol=1e-10)
+
+
+def _block_output_layouts(model, x):
+    """For each fused block of ``model`` run on x: is its output channels-last (and not also NCDHW)?"""
+    layouts, hooks = [], []
+    for m in model.modules():
+        if isinstance(m, (Conv2dBNReLU, Conv3dBNReLU)):
+            fmt = torch.channels_last_3d if isinstance(m, Conv3dBNReLU) else torch.channels_last
+
+            def hook(m, i, o, fmt=fmt):
+                layouts.append(o.is_contiguous(memory_format=fmt) and not o.is_contiguous())
+
+            hooks.append(m.register_forward_hook(hook))
+    with torch.no_grad():
+        model(x)
+    for h in hooks:
+        h.remove()
+    return layouts
+
+
+def test_fuse_runs_channels_last_where_the_cpu_convs_do_by_default():
+    """fuse()'s default ("auto"): on the CPU in float32 and bfloat16, where the kernels' convs run
+    channels-last, every block of an NCDHW model outputs channels-last (so no block converts its input in
+    backward); in float64 the layout is the input's. channels_last=False keeps the input's layout in every
+    block, True makes it channels-last in every dtype. The model's own fuse follows its config instead."""
+    chain = mvfast.fuse(_chain_of_blocks())[0].eval()
+    assert all(b.channels_last == "auto" for b in chain.modules() if isinstance(b, Conv3dBNReLU))
+    x = torch.randn(2, 8, 4, 16, 16)
+    assert _block_output_layouts(chain, x) == [True, True]
+    assert _block_output_layouts(chain.to(torch.bfloat16), x.bfloat16()) == [True, True]
+    assert _block_output_layouts(chain.double(), x.double()) == [False, False]
+    assert _block_output_layouts(mvfast.fuse(chain, channels_last=True)[0], x.double()) == [True, True]
+    chain = mvfast.fuse(chain.float(), channels_last=False)[0]
+    assert _block_output_layouts(chain, x) == [False, False]
+    assert _block_output_layouts(chain, x.contiguous(memory_format=torch.channels_last_3d)) == [True, True]
+    # 2D blocks too
+    vgg = mvfast.fuse(_randomised(vision.vgg11_bn(weights=None, num_classes=10)).eval())[0]
+    assert all(_block_output_layouts(vgg.features, torch.randn(1, 3, 32, 32)))
+    # the model keeps the layout its config says
+    from mvfast.models import create_model
+
+    for cl in (True, False):
+        model = create_model("tiny", 3, channels_last=cl)
+        assert {b.channels_last for b in model.modules() if isinstance(b, (Conv2dBNReLU, Conv3dBNReLU))} == {
+            False
+        }
+    with pytest.raises(ValueError, match="channels_last must be True, False or 'auto', got 'yes'"):
+        mvfast.fuse(chain, channels_last="yes")
+
+
+def test_channels_last_auto_compiles_without_graph_breaks():
+    """fuse()'s channels-last conversion traces under torch.compile(fullgraph=True): the training step's
+    gradients and the eval output are the eager ones."""
+    fused = mvfast.fuse(_chain_of_blocks())[0]
+    ref = copy.deepcopy(fused)
+    x = torch.randn(2, 8, 4, 16, 16, requires_grad=True)
+    compiled = torch.compile(fused, fullgraph=True, dynamic=False, backend="aot_eager")
+    y = compiled(x)
+    assert y.is_contiguous(memory_format=torch.channels_last_3d) and not y.is_contiguous()
+    got = torch.autograd.grad(y.square().sum(), [x, *fused.parameters()])
+    want = torch.autograd.grad(ref(x).square().sum(), [x, *ref.parameters()])
+    for a, b in zip(got, want, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4)
+    fused.eval(), ref.eval()
+    with torch.no_grad():
+        torch.testing.assert_close(compiled(x), ref(x), rtol=1e-5, atol=1e-5)
 
 
 def test_recomputed_input_leaves_an_input_changed_in_place_alone():

@@ -363,5 +363,5 @@ def create_model(name: str, num_classes: int, **overrides) -> MicroVideoNet:
     Raises ValueError for an unknown preset (listing them) or an unknown field (naming it).
     """
     model = MicroVideoNet(preset_config(name, num_classes, **overrides))
-    fuse(model)
+    fuse(model, channels_last=False)  # the layout is the config's (channels_last), set at the branches' input
     return model

@@ -79,7 +79,7 @@ def from_pretrained(folder: str | os.PathLike, device="cpu"):
     fields = {f.name for f in dataclasses.fields(MicroVideoConfig)}
     values = {k: v for k, v in meta["model_config"].items() if k in fields}
     model = MicroVideoNet(MicroVideoConfig(**{**values, "scene_weights": None}))
-    fuse(model)
+    fuse(model, channels_last=False)  # the layout is the config's (channels_last), set at the branches' input
     model.load_state_dict(load_file(str(Path(folder) / WEIGHTS)))
     model.classes = meta.get("classes")
     return model.to(device).eval()

@@ -8,7 +8,10 @@ from collections.abc import Callable
 import torch
 from torch import Tensor, nn
 
-_CHANNELS_LAST = {2: torch.channels_last, 3: torch.channels_last_3d}
+# The dtypes whose CPU convolutions oneDNN runs faster channels-last (the fused CPU kernels convert x to
+# channels-last for the conv anyway, see mvfast.ops.conv3d_bn_relu); float64 and float16 gain nothing.
+_CPU_CHANNELS_LAST_DTYPES = (torch.float32, torch.bfloat16)
+_MKLDNN = torch.backends.mkldnn.is_available()  # read once: torch.compile does not trace the query
 
 
 class ConvBNReLU(nn.Module):
@@ -21,9 +24,13 @@ class ConvBNReLU(nn.Module):
     conv_type: type[nn.Module]
     bn_type: type[nn.Module]
     op: Callable[..., Tensor]
-    # Set by ``mvfast.fuse(model, channels_last=True)``: convert x to channels-last (a no-op when it is
-    # already, as the output of the block before it is), so the output is channels-last too.
-    channels_last: bool = False
+    # x in channels-last (the subclass's memory format), for ``channels_last``
+    to_channels_last: Callable[[Tensor], Tensor]
+    # Set by ``mvfast.fuse(model, channels_last=...)``. True: convert x to channels-last (a no-op when it
+    # is already, as the output of the block before it is), so the output is channels-last too. "auto"
+    # (fuse's default): the same where the convolution runs channels-last anyway, CPU tensors in float32
+    # or bfloat16; elsewhere x's layout is kept. False: x's layout is kept.
+    channels_last: bool | str = False
 
     def __init__(
         self,
@@ -101,8 +108,8 @@ class ConvBNReLU(nn.Module):
         # nn.BatchNorm's rules: batch statistics in training or without running statistics; the running
         # statistics are updated only in training.
         track = not bn.training or bn.track_running_stats
-        if self.channels_last:
-            x = x.contiguous(memory_format=_CHANNELS_LAST[self.dims])
+        if self.channels_last is True or (self.channels_last == "auto" and _cpu_prefers_channels_last(x)):
+            x = self.to_channels_last(x)
         return self.op(
             x,
             conv.weight,
@@ -123,4 +130,9 @@ class ConvBNReLU(nn.Module):
         )
 
     def extra_repr(self) -> str:
-        return f"relu={self.relu}" + (", channels_last=True" if self.channels_last else "")
+        return f"relu={self.relu}" + (f", channels_last={self.channels_last!r}" if self.channels_last else "")
+
+
+def _cpu_prefers_channels_last(x: Tensor) -> bool:
+    """x is a CPU tensor whose convolution oneDNN runs faster channels-last (float32, bfloat16)."""
+    return x.device.type == "cpu" and x.dtype in _CPU_CHANNELS_LAST_DTYPES and _MKLDNN

@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from torch import nn
+import torch
+from torch import Tensor, nn
 
 from mvfast.nn._conv_bn_relu import ConvBNReLU
 from mvfast.ops import conv2d_bn_relu
@@ -26,10 +27,15 @@ class Conv2dBNReLU(ConvBNReLU):
     default: BatchNorm cancels it).
 
     Shape: x (Tensor[N, Cin, H, W], NCHW or channels_last) -> Tensor[N, C, Ho, Wo] in x's memory format;
-    in channels_last whatever x's when ``channels_last`` is set (``mvfast.fuse(model, channels_last=True)``).
+    in channels_last whatever x's when ``channels_last`` is True, and where it is ``"auto"`` (what
+    ``mvfast.fuse(model)`` sets) on the CPU in float32 and bfloat16.
     """
 
     dims = 2
     conv_type = nn.Conv2d
     bn_type = nn.BatchNorm2d
     op = staticmethod(conv2d_bn_relu)
+
+    @staticmethod
+    def to_channels_last(x: Tensor) -> Tensor:
+        return x.contiguous(memory_format=torch.channels_last)

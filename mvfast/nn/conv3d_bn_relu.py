@@ -6,6 +6,7 @@ from torch import nn
 
 from mvfast.nn._conv_bn_relu import ConvBNReLU
 from mvfast.ops import conv3d_bn_relu
+from mvfast.ops.conv3d_bn_relu import channels_last_input
 
 
 class Conv3dBNReLU(ConvBNReLU):
@@ -32,14 +33,16 @@ class Conv3dBNReLU(ConvBNReLU):
     default: BatchNorm cancels it).
 
     Shape: x (Tensor[N, Cin, D, H, W], NCDHW or channels_last_3d) -> Tensor[N, C, Do, Ho, Wo] in x's
-    memory format; in channels_last_3d whatever x's when ``channels_last`` is set (as
-    ``mvfast.fuse(model, channels_last=True)`` sets it).
+    memory format; in channels_last_3d whatever x's when ``channels_last`` is True, and where it is
+    ``"auto"`` (what ``mvfast.fuse(model)`` sets) on the CPU in float32 and bfloat16. In training, a block
+    that converts an NCDHW x saves x itself, not the copy (x is often saved by the layer before it anyway).
     """
 
     dims = 3
     conv_type = nn.Conv3d
     bn_type = nn.BatchNorm3d
     op = staticmethod(conv3d_bn_relu)
+    to_channels_last = staticmethod(channels_last_input)
 
 
 fusable = Conv3dBNReLU.fusable  # the module-level name that this module exported before Conv2dBNReLU

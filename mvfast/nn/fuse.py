@@ -40,25 +40,32 @@ _BLOCKS = (Conv3dBNReLU, Conv2dBNReLU)
 _CONVS = tuple(b.conv_type for b in _BLOCKS)
 
 
-def fuse(model: nn.Module, channels_last: bool = False) -> tuple[nn.Module, int]:
+def fuse(model: nn.Module, channels_last: bool | str = "auto") -> tuple[nn.Module, int]:
     """Replaces, in place, each Conv3d -> BatchNorm3d -> ReLU chain (and each Conv3d -> BatchNorm3d pair)
     of ``model`` by a Conv3dBNReLU, and each Conv2d -> BatchNorm2d (-> ReLU) one by a Conv2dBNReLU, over
     the same parameters and buffers. Returns ``(model, blocks fused)``.
 
     Outputs in eval, and losses, gradients and running-statistics updates in training, are those of the
-    original model; state_dict keys are unchanged. Fusing an already fused model fuses nothing more.
+    original model; state_dict keys are unchanged. Fusing an already fused model fuses nothing more (its
+    blocks' ``channels_last`` is set as asked).
 
-    channels_last: every fused block of the model converts its input to channels-last (channels_last_3d,
-    or channels_last for 2D blocks) and so outputs channels-last: an NCDHW model then runs channels-last
-    from its first block on (the first converts once; residual adds, pooling and the next blocks keep the
-    layout), which the CPU kernels run their convs in, with no conversion per block forward or backward.
-    Values are unchanged; only the layout of the activations (and of the gradients reaching the input) is.
+    channels_last: the memory layout the fused blocks run in. With True every fused block converts its
+    input to channels-last (channels_last_3d, or channels_last for 2D blocks) and so outputs channels-last:
+    an NCDHW model then runs channels-last from its first block on (the first converts once; residual
+    adds, pooling and the next blocks keep the layout), which the CPU kernels run their convs in, with no
+    conversion per block forward or backward. ``"auto"`` (the default) does that where the convolution
+    runs channels-last anyway, CPU tensors in float32 or bfloat16 (oneDNN's fast layout), and keeps the
+    input's layout elsewhere (CUDA tensors, float64, float16). False keeps the input's layout in every
+    block: each block's output is in its input's memory format, as the unfused chain's is. Values are the
+    same in all three; only the layout of the activations (and of the gradients reaching the input) is
+    not.
     """
+    if channels_last not in (True, False, "auto") or not isinstance(channels_last, (bool, str)):
+        raise ValueError(f"fuse: channels_last must be True, False or 'auto', got {channels_last!r}")
     count = _fuse_in(model)
-    if channels_last:
-        for m in model.modules():
-            if isinstance(m, ConvBNReLU):
-                m.channels_last = True
+    for m in model.modules():
+        if isinstance(m, ConvBNReLU):
+            m.channels_last = channels_last
     return model, count
 
 

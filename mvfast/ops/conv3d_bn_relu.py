@@ -33,6 +33,7 @@ the conv's layout, as ATen's own conv backward answers.
 from __future__ import annotations
 
 import functools
+import weakref
 
 import torch
 import torch.nn.functional as F
@@ -628,6 +629,10 @@ def _setup_context(ctx, inputs, output):
         # residual add saves its output for its mask), and then saving the copy held x twice. The
         # backward kernels convert x to z's layout again (one copy per step, as in the forward).
         x_saved = x if x_conv.numel() == 0 or _dense(x) else x_conv
+        if (x_source := _converted_from(x)) is not None:
+            # x is a channels-last copy made for this block: save what it was made of (every backend's
+            # backward takes x in any layout)
+            x_saved = x_source
         # the recompute below, on the cpu backend, where no saved-tensor hooks move or drop tensors
         # (checkpointing, offloading): z held on a node for the next block would escape them
         recompute = ctx.backend == "cpu" and _saved_tensor_hooks_keep_tensors()
@@ -707,6 +712,49 @@ def _made_by_a_block(x: Tensor):
         return None
     del node.as_source
     return source[:-1]
+
+
+class _ChannelsLast(torch.autograd.Function):
+    """``x.contiguous(memory_format=torch.channels_last_3d)`` that leaves on its node a weak reference to
+    x (``converted_from``), for the block the copy feeds (_converted_from)."""
+
+    @staticmethod
+    def forward(x):
+        return x.contiguous(memory_format=_CL)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        (x,) = inputs
+        ctx.converted_from = (weakref.ref(x), x._version, output._version)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return grad
+
+
+def channels_last_input(x: Tensor) -> Tensor:
+    """x in channels_last_3d for a fused block (``mvfast.fuse(model, channels_last=...)``): a copy when it
+    is not already. In training the block that reads the copy saves x itself in its place (the copy is
+    one the layer before often holds anyway: an in-place ReLU's output is saved for its mask) and its
+    backward converts x again, so converting costs no memory, as the op on an NCDHW x costs none."""
+    if x.is_contiguous(memory_format=_CL):
+        return x
+    if torch.compiler.is_compiling() or not (x.requires_grad and torch.is_grad_enabled()):
+        return x.contiguous(memory_format=_CL)
+    return _ChannelsLast.apply(x)
+
+
+def _converted_from(x: Tensor) -> Tensor | None:
+    """The tensor whose channels-last copy x is (channels_last_input), unchanged since, as is x; else
+    None."""
+    source = getattr(x.grad_fn, "converted_from", None)
+    if source is None or x.output_nr != 0:
+        return None
+    ref, version, copy_version = source
+    original = ref()
+    if original is None or original._version != version or x._version != copy_version:
+        return None
+    return original
 
 
 def _block_output(z, mean, invstd, bn_weight, bn_bias, relu):
