@@ -240,6 +240,19 @@ def collate_videos(items: list[dict]) -> dict:
     return {"items": items, "batch": batch, "owner": torch.tensor(owner, dtype=torch.long)}
 
 
+def video_rows(items: list[dict], owner: torch.Tensor):
+    """Each video of a collated batch, in order: ``(item, row, clips)``, where row starts the video's
+    output row (its path and status, and the error where it failed) and clips are the positions of its
+    samples in the batch's outputs (None where it failed: it has none)."""
+    for j, item in enumerate(items):
+        row = {"video": item["video"], "status": item["status"]}
+        if item["status"] == "failed":
+            row["error"] = item["error"]
+            yield item, row, None
+        else:
+            yield item, row, (owner == j).nonzero().flatten()
+
+
 def loader(videos: list[Video], cut: Cut, batch_size: int, workers: int, pin_memory: bool = False):
     from torch.utils.data import DataLoader
 

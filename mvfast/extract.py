@@ -142,13 +142,10 @@ class Features:
         return ["embedding", *self.parts]
 
     def __call__(self, items, out, owner):
-        for j, item in enumerate(items):
-            row = {"video": item["video"], "status": item["status"]}
-            if item["status"] == "failed":
-                row["error"] = item["error"]
+        for item, row, clips in _batch.video_rows(items, owner):
+            if clips is None:
                 yield row, None
                 continue
-            clips = (owner == j).nonzero().flatten()
             features = out["features"]
             arrays = {k: features[k][clips].mean(0).numpy() for k in self.chosen(features)}
             row.update(item["facts"], clips=len(clips), decode_ms=round(item["decode_ms"], 2))

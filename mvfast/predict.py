@@ -171,13 +171,10 @@ class Rows:
         ]
 
     def __call__(self, items, out, owner):
-        for j, item in enumerate(items):
-            row = {"video": item["video"], "status": item["status"]}
-            if item["status"] == "failed":
-                row["error"] = item["error"]
+        for item, row, clips in _batch.video_rows(items, owner):
+            if clips is None:
                 yield row, None
                 continue
-            clips = (owner == j).nonzero().flatten()
             probs = scores(out["logits"][clips], self.multi_label)  # (clips of every segment, C)
             attention = out["attention"][clips] if "attention" in out else None
             segments = item["segments"]
