@@ -494,6 +494,46 @@ def test_channels_last_auto_compiles_without_graph_breaks():
         torch.testing.assert_close(compiled(x), ref(x), rtol=1e-5, atol=1e-5)
 
 
+def _bytes_saved(model, make_input):
+    x = make_input()
+    return saved_bytes(lambda: model(x), exclude=list(model.parameters()))
+
+
+@pytest.mark.parametrize("dims", [2, 3])
+def test_channels_last_conversion_costs_no_memory(dims):
+    """A fused block converting its NCDHW (NCHW) input to channels-last saves what the same block keeping
+    the input's layout saves: the input itself where it is dense (behind an in-place ReLU, which saves it
+    too; a data batch that does not require grad), the compact copy where it is a strided slice (saving
+    the slice would hold its whole base)."""
+    torch.manual_seed(0)
+    conv, bn = (nn.Conv3d, nn.BatchNorm3d) if dims == 3 else (nn.Conv2d, nn.BatchNorm2d)
+    chain = nn.Sequential(nn.ReLU(inplace=True), conv(8, 8, 3, padding=1, bias=False), bn(8), nn.ReLU())
+    auto = mvfast.fuse(copy.deepcopy(chain))[0].train()
+    keep = mvfast.fuse(copy.deepcopy(chain), channels_last=False)[0].train()
+    shape = (2, 8, 4, 12, 12) if dims == 3 else (2, 8, 12, 12)
+    leaf = torch.randn(shape, requires_grad=True)
+    big = torch.randn((2, 8, 16, 12, 12) if dims == 3 else (2, 8, 48, 12), requires_grad=True)
+    inputs = {
+        "behind an in-place ReLU": lambda: leaf * 1,
+        "a batch without grad": lambda: torch.randn(shape),
+        "a strided slice": lambda: (big * 1)[:, :, :4] if dims == 3 else (big * 1)[:, :, :12],
+    }
+    for what, make in inputs.items():
+        ours, theirs = _bytes_saved(auto, make), _bytes_saved(keep, make)
+        assert ours == theirs, f"{what}: {ours} bytes saved converting, {theirs} keeping the layout"
+
+
+def test_fused_blocks_run_under_vmap():
+    """torch.func.vmap over a fused model (no memory format but the contiguous one exists under vmap): the
+    default's conversion steps aside, and the outputs are the per-sample ones."""
+    block = mvfast.fuse(_chain_of_blocks())[0].eval()
+    xs = torch.randn(3, 2, 8, 4, 16, 16)
+    with torch.no_grad():
+        got = torch.func.vmap(block)(xs)
+        want = torch.stack([block(x) for x in xs])
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+
+
 def test_recomputed_input_leaves_an_input_changed_in_place_alone():
     """A block's output that is changed in place before the next block reads it is saved as it is, not
     recomputed from the first block's z (which would give the values before the change)."""

@@ -109,7 +109,8 @@ class ConvBNReLU(nn.Module):
         # statistics are updated only in training.
         track = not bn.training or bn.track_running_stats
         if self.channels_last is True or (self.channels_last == "auto" and _cpu_prefers_channels_last(x)):
-            x = self.to_channels_last(x)
+            if not _functorch_wrapped(x):  # vmap has no memory formats but the contiguous one
+                x = self.to_channels_last(x)
         return self.op(
             x,
             conv.weight,
@@ -131,6 +132,15 @@ class ConvBNReLU(nn.Module):
 
     def extra_repr(self) -> str:
         return f"relu={self.relu}" + (f", channels_last={self.channels_last!r}" if self.channels_last else "")
+
+
+def _functorch_wrapped(x: Tensor) -> bool:
+    """x is a tensor of torch.func's transforms (vmap's batched tensors and the like); never under
+    torch.compile, which traces vmap itself."""
+    if torch.compiler.is_compiling():
+        return False
+    query = getattr(torch._C._functorch, "is_functorch_wrapped_tensor", None)
+    return query is not None and query(x)
 
 
 def _cpu_prefers_channels_last(x: Tensor) -> bool:

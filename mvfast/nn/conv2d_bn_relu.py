@@ -2,11 +2,11 @@
 
 from __future__ import annotations
 
-import torch
-from torch import Tensor, nn
+from torch import nn
 
 from mvfast.nn._conv_bn_relu import ConvBNReLU
 from mvfast.ops import conv2d_bn_relu
+from mvfast.ops.conv3d_bn_relu import channels_last_input
 
 
 class Conv2dBNReLU(ConvBNReLU):
@@ -36,6 +36,4 @@ class Conv2dBNReLU(ConvBNReLU):
     bn_type = nn.BatchNorm2d
     op = staticmethod(conv2d_bn_relu)
 
-    @staticmethod
-    def to_channels_last(x: Tensor) -> Tensor:
-        return x.contiguous(memory_format=torch.channels_last)
+    to_channels_last = staticmethod(channels_last_input)

@@ -35,7 +35,8 @@ class Conv3dBNReLU(ConvBNReLU):
     Shape: x (Tensor[N, Cin, D, H, W], NCDHW or channels_last_3d) -> Tensor[N, C, Do, Ho, Wo] in x's
     memory format; in channels_last_3d whatever x's when ``channels_last`` is True, and where it is
     ``"auto"`` (what ``mvfast.fuse(model)`` sets) on the CPU in float32 and bfloat16. In training, a block
-    that converts an NCDHW x saves x itself, not the copy (x is often saved by the layer before it anyway).
+    that converts a dense NCDHW x saves x itself, not the copy (x is often held anyway: by the layer before
+    it, or as the caller's batch).
     """
 
     dims = 3

@@ -58,7 +58,10 @@ def fuse(model: nn.Module, channels_last: bool | str = "auto") -> tuple[nn.Modul
     input's layout elsewhere (CUDA tensors, float64, float16). False keeps the input's layout in every
     block: each block's output is in its input's memory format, as the unfused chain's is. Values are the
     same in all three; only the layout of the activations (and of the gradients reaching the input) is
-    not.
+    not, so code that takes feature maps out of a fused model and calls ``.view`` on them may need
+    ``.reshape`` (or ``channels_last=False``). In training a block that converts its input saves the input
+    itself where it is dense, not the copy, as a block keeping the layout does; under ``torch.func.vmap``
+    nothing is converted.
     """
     if channels_last not in (True, False, "auto") or not isinstance(channels_last, (bool, str)):
         raise ValueError(f"fuse: channels_last must be True, False or 'auto', got {channels_last!r}")

@@ -714,45 +714,38 @@ def _made_by_a_block(x: Tensor):
     return source[:-1]
 
 
-class _ChannelsLast(torch.autograd.Function):
-    """``x.contiguous(memory_format=torch.channels_last_3d)`` that leaves on its node a weak reference to
-    x (``converted_from``), for the block the copy feeds (_converted_from)."""
-
-    @staticmethod
-    def forward(x):
-        return x.contiguous(memory_format=_CL)
-
-    @staticmethod
-    def setup_context(ctx, inputs, output):
-        (x,) = inputs
-        ctx.converted_from = (weakref.ref(x), x._version, output._version)
-
-    @staticmethod
-    def backward(ctx, grad):
-        return grad
+_CONVERTED_FROM = "_mvfast_channels_last_of"  # on a copy made by channels_last_input: (weakref, versions)
 
 
 def channels_last_input(x: Tensor) -> Tensor:
-    """x in channels_last_3d for a fused block (``mvfast.fuse(model, channels_last=...)``): a copy when it
-    is not already. In training the block that reads the copy saves x itself in its place (the copy is
-    one the layer before often holds anyway: an in-place ReLU's output is saved for its mask) and its
-    backward converts x again, so converting costs no memory, as the op on an NCDHW x costs none."""
-    if x.is_contiguous(memory_format=_CL):
+    """x (5-D, or 4-D for a 2D block) in channels-last for a fused block (``mvfast.fuse(model,
+    channels_last=...)``): a copy when it is not already. Where autograd records, the copy remembers x
+    (weakly), so that the kernel backend's block that reads it saves x in its place, as it saves an NCDHW x
+    it converts itself, and converts again in backward: x is often held anyway (an in-place ReLU's output
+    is saved for its mask, a data batch by its caller), the copy then is not."""
+    fmt = _CL if x.dim() == 5 else torch.channels_last
+    if x.is_contiguous(memory_format=fmt):
         return x
-    if torch.compiler.is_compiling() or not (x.requires_grad and torch.is_grad_enabled()):
-        return x.contiguous(memory_format=_CL)
-    return _ChannelsLast.apply(x)
+    y = x.contiguous(memory_format=fmt)
+    if torch.is_grad_enabled() and not torch.compiler.is_compiling():
+        setattr(y, _CONVERTED_FROM, (weakref.ref(x), x._version, y._version))
+    return y
 
 
 def _converted_from(x: Tensor) -> Tensor | None:
-    """The tensor whose channels-last copy x is (channels_last_input), unchanged since, as is x; else
-    None."""
-    source = getattr(x.grad_fn, "converted_from", None)
-    if source is None or x.output_nr != 0:
+    """The dense tensor whose channels-last copy x is (channels_last_input; for the 2D op, x is that copy's
+    ``unsqueeze(2)``, and so is the answer), unchanged since, as is the copy; else None."""
+    copy = x if x._base is None else x._base
+    source = getattr(copy, _CONVERTED_FROM, None)
+    if source is None:
         return None
     ref, version, copy_version = source
     original = ref()
-    if original is None or original._version != version or x._version != copy_version:
+    if original is None or original._version != version or copy._version != copy_version:
+        return None
+    if copy is not x:
+        original = original.unsqueeze(2)
+    if original.shape != x.shape or not _dense(original):
         return None
     return original
 
