@@ -138,15 +138,16 @@ inline at::Tensor conv(const at::Tensor& x, const at::Tensor& w, const std::opti
   return at::convolution(x, w, b, a.stride, a.padding, a.dilation, false, {0, 0, 0}, a.groups);
 }
 
-// Training forward. conv_channels_last: run the conv in channels_last_3d (x converted once when it is
-// not already, and the converted copy returned so that backward reuses it). Returns
-// (out, z, mean, invstd, var_unbiased, x_conv), x_conv empty when x itself is what the conv read.
+// Training forward. conv_channels_last: the layout the conv runs in, channels_last_3d (true) or NCDHW
+// (false), chosen by the caller (mvfast/ops/conv3d_bn_relu.py); x is converted when it is not in it, and
+// the converted copy returned. Returns (out, z, mean, invstd, var_unbiased, x_conv), x_conv empty when x
+// itself is what the conv read.
 template <class Kernels>
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> forward_train(
     const at::Tensor& x, const at::Tensor& weight, const at::Tensor& bn_weight, const at::Tensor& bn_bias,
     const ConvArgs& args, double eps, bool relu, bool conv_channels_last) {
   const auto acc = acc_type(x.scalar_type());
-  const auto conv_fmt = conv_channels_last ? at::MemoryFormat::ChannelsLast3d : format_of(x);
+  const auto conv_fmt = conv_channels_last ? at::MemoryFormat::ChannelsLast3d : at::MemoryFormat::Contiguous;
   const at::Tensor xc = in_layout(x, conv_fmt);
   const at::Tensor wc = in_layout(weight, conv_fmt);
   // z in conv_fmt always (ATen's float16 CPU conv answers a channels_last input in NCDHW), so that the

@@ -34,7 +34,7 @@ TORCH_LIBRARY(mvfast, m) {
   // conv3d_bn_relu (see mvfast/ops/conv3d_bn_relu.py). Returns (out, z, mean, invstd, var, x_conv):
   //   out     relu(batch_norm(conv3d(x))) in x's dtype and memory format
   //   z       training: conv3d(x, weight) without the bias, in the conv's layout (channels_last_3d when
-  //           conv_channels_last), saved for backward; eval: empty
+  //           conv_channels_last, else NCDHW), saved for backward; eval: empty
   //   mean, invstd, var  training: (C,) float32 (float64 for float64 x) batch mean, 1/sqrt(biased var + eps)
   //           and unbiased variance (for the running update); eval: empty
   //   x_conv  training: x converted to the conv's layout when it was not in it (saved for backward instead

@@ -3,6 +3,7 @@ reference in train and eval (outputs, gradients, running statistics), gradcheck,
 channels_last_3d, memory saved for backward, the module's state_dict, and bad input."""
 
 import copy
+import importlib
 
 import pytest
 import torch
@@ -426,6 +427,60 @@ def test_converted_input_is_saved_as_converted_when_changed_in_place_in_between(
             got = run(change)
         for a, b in zip(got, want, strict=True):
             torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-10)
+
+
+@pytest.mark.parametrize("layout", ["ncdhw", "channels_last_3d"])
+@pytest.mark.parametrize("weights", ["light", "heavy"])
+def test_cpu_training_conv_layout_follows_the_weights_size(layout, weights):
+    """The cpu kernels run a float32 training conv channels-last, unless its NCDHW weights outweigh x
+    more than 4x (a late, wide layer at a small batch: copying those weights to channels-last three times
+    a step cost more than the layout gained), then NCDHW, whatever x's layout; z shows which. Both agree
+    with the float64 reference, forward and every gradient, in both input layouts."""
+    if not mvfast.backends("cpu")["cpu"]["available"]:
+        pytest.skip(mvfast.backends("cpu")["cpu"]["reason"])
+    g = torch.Generator().manual_seed(0)
+    cin, spatial = (4, (3, 8, 8)) if weights == "light" else (24, (1, 3, 3))
+    x = torch.randn(2, cin, *spatial, generator=g)  # heavy: x 432 values, weight 24*24*27 = 15552
+    if layout == "channels_last_3d":
+        x = x.contiguous(memory_format=torch.channels_last_3d)
+    w = torch.randn(cin, cin, 3, 3, 3, generator=g) / (cin * 27) ** 0.5
+    gamma, beta = torch.rand(cin, generator=g) + 0.5, torch.randn(cin, generator=g)
+    args = [t.clone().requires_grad_() for t in (x, w, gamma, beta)]
+    _, z, *_ = torch.ops.mvfast.conv3d_bn_relu(
+        args[0],
+        args[1],
+        None,
+        args[2],
+        args[3],
+        None,
+        None,
+        [1] * 3,
+        [1] * 3,
+        [1] * 3,
+        1,
+        True,
+        1e-5,
+        True,
+        importlib.import_module("mvfast.ops.conv3d_bn_relu")._conv_channels_last("cpu", x, w),
+        "cpu",
+    )
+    channels_last = z.is_contiguous(memory_format=torch.channels_last_3d) and not z.is_contiguous()
+    assert channels_last == (weights == "light"), f"z is {'channels-last' if channels_last else 'NCDHW'}"
+    with mvfast.backend("cpu"):
+        y = mvfast.ops.conv3d_bn_relu(
+            args[0], args[1], None, args[2], args[3], None, None, padding=1, training=True
+        )
+    gy = torch.randn(y.shape, generator=g)
+    got = torch.autograd.grad(y, args, gy)
+    ref = [t.detach().double().requires_grad_() for t in (x, w, gamma, beta)]
+    y64 = conv3d_bn_relu_reference(ref[0], ref[1], None, ref[2], ref[3], None, None, padding=1, training=True)
+    want = torch.autograd.grad(y64, ref, gy.double())
+    for name, a, b in zip(
+        ["out", "grad_x", "grad_w", "grad_gamma", "grad_beta"], [y, *got], [y64, *want], strict=True
+    ):
+        torch.testing.assert_close(
+            a.double(), b, rtol=1e-4, atol=1e-4, msg=lambda m, name=name: f"{name}: {m}"
+        )
 
 
 # ---------------------------------------------------------------------------------------------------
