@@ -8,8 +8,9 @@ from collections.abc import Callable
 import torch
 from torch import Tensor, nn
 
-# The dtypes whose CPU convolutions oneDNN runs faster channels-last (the fused CPU kernels convert x to
-# channels-last for the conv anyway, see mvfast.ops.conv3d_bn_relu); float64 and float16 gain nothing.
+# The dtypes whose CPU convolutions oneDNN mostly runs faster channels-last (the fused CPU kernels convolve
+# in it but for wide layers whose weights outweigh x, see mvfast.ops.conv3d_bn_relu); float64 and float16
+# gain nothing.
 _CPU_CHANNELS_LAST_DTYPES = (torch.float32, torch.bfloat16)
 _MKLDNN = torch.backends.mkldnn.is_available()  # read once: torch.compile does not trace the query
 
@@ -28,8 +29,8 @@ class ConvBNReLU(nn.Module):
     to_channels_last: Callable[[Tensor], Tensor]
     # Set by ``mvfast.fuse(model, channels_last=...)``. True: convert x to channels-last (a no-op when it
     # is already, as the output of the block before it is), so the output is channels-last too. "auto"
-    # (fuse's default): the same where the convolution runs channels-last anyway, CPU tensors in float32
-    # or bfloat16; elsewhere x's layout is kept. False: x's layout is kept.
+    # (fuse's default): the same for CPU tensors in float32 or bfloat16, the layout the CPU kernels mostly
+    # convolve in; elsewhere x's layout is kept. False: x's layout is kept.
     channels_last: bool | str = False
 
     def __init__(

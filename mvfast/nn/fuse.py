@@ -52,9 +52,10 @@ def fuse(model: nn.Module, channels_last: bool | str = "auto") -> tuple[nn.Modul
     channels_last: the memory layout the fused blocks run in. With True every fused block converts its
     input to channels-last (channels_last_3d, or channels_last for 2D blocks) and so outputs channels-last:
     an NCDHW model then runs channels-last from its first block on (the first converts once; residual
-    adds, pooling and the next blocks keep the layout), which the CPU kernels run their convs in, with no
-    conversion per block forward or backward. ``"auto"`` (the default) does that where the convolution
-    runs channels-last anyway, CPU tensors in float32 or bfloat16 (oneDNN's fast layout), and keeps the
+    adds, pooling and the next blocks keep the layout), with no conversion of the activations per block
+    but a small one for the wide layers below. ``"auto"`` (the default) does that for CPU tensors in
+    float32 or bfloat16 (oneDNN's fast layout, the one the CPU kernels convolve in but for wide layers
+    whose weights outweigh their input, which take a small NCDHW copy of it), and keeps the
     input's layout elsewhere (CUDA tensors, float64, float16). False keeps the input's layout in every
     block: each block's output is in its input's memory format, as the unfused chain's is. Values are the
     same in all three; only the layout of the activations (and of the gradients reaching the input) is
