@@ -8,11 +8,7 @@ from collections.abc import Callable
 import torch
 from torch import Tensor, nn
 
-# The dtypes whose CPU convolutions oneDNN mostly runs faster channels-last (the fused CPU kernels convolve
-# in it but for wide layers whose weights outweigh x, see mvfast.ops.conv3d_bn_relu); float64 and float16
-# gain nothing.
-_CPU_CHANNELS_LAST_DTYPES = (torch.float32, torch.bfloat16)
-_MKLDNN = torch.backends.mkldnn.is_available()  # read once: torch.compile does not trace the query
+from mvfast.ops.conv3d_bn_relu import channels_last_input, cpu_prefers_channels_last
 
 
 class ConvBNReLU(nn.Module):
@@ -25,8 +21,6 @@ class ConvBNReLU(nn.Module):
     conv_type: type[nn.Module]
     bn_type: type[nn.Module]
     op: Callable[..., Tensor]
-    # x in channels-last (the subclass's memory format), for ``channels_last``
-    to_channels_last: Callable[[Tensor], Tensor]
     # Set by ``mvfast.fuse(model, channels_last=...)``. True: convert x to channels-last (a no-op when it
     # is already, as the output of the block before it is), so the output is channels-last too. "auto"
     # (fuse's default): the same for CPU tensors in float32 or bfloat16, the layout the CPU kernels mostly
@@ -109,9 +103,9 @@ class ConvBNReLU(nn.Module):
         # nn.BatchNorm's rules: batch statistics in training or without running statistics; the running
         # statistics are updated only in training.
         track = not bn.training or bn.track_running_stats
-        if self.channels_last is True or (self.channels_last == "auto" and _cpu_prefers_channels_last(x)):
+        if self.channels_last is True or (self.channels_last == "auto" and cpu_prefers_channels_last(x)):
             if not _functorch_wrapped(x):  # vmap has no memory formats but the contiguous one
-                x = self.to_channels_last(x)
+                x = channels_last_input(x)
         return self.op(
             x,
             conv.weight,
@@ -142,8 +136,3 @@ def _functorch_wrapped(x: Tensor) -> bool:
         return False
     query = getattr(torch._C._functorch, "is_functorch_wrapped_tensor", None)
     return query is not None and query(x)
-
-
-def _cpu_prefers_channels_last(x: Tensor) -> bool:
-    """x is a CPU tensor whose convolution oneDNN runs faster channels-last (float32, bfloat16)."""
-    return x.device.type == "cpu" and x.dtype in _CPU_CHANNELS_LAST_DTYPES and _MKLDNN

@@ -6,7 +6,6 @@ from torch import nn
 
 from mvfast.nn._conv_bn_relu import ConvBNReLU
 from mvfast.ops import conv2d_bn_relu
-from mvfast.ops.conv3d_bn_relu import channels_last_input
 
 
 class Conv2dBNReLU(ConvBNReLU):
@@ -35,5 +34,3 @@ class Conv2dBNReLU(ConvBNReLU):
     conv_type = nn.Conv2d
     bn_type = nn.BatchNorm2d
     op = staticmethod(conv2d_bn_relu)
-
-    to_channels_last = staticmethod(channels_last_input)

@@ -6,7 +6,6 @@ from torch import nn
 
 from mvfast.nn._conv_bn_relu import ConvBNReLU
 from mvfast.ops import conv3d_bn_relu
-from mvfast.ops.conv3d_bn_relu import channels_last_input
 
 
 class Conv3dBNReLU(ConvBNReLU):
@@ -43,7 +42,6 @@ class Conv3dBNReLU(ConvBNReLU):
     conv_type = nn.Conv3d
     bn_type = nn.BatchNorm3d
     op = staticmethod(conv3d_bn_relu)
-    to_channels_last = staticmethod(channels_last_input)
 
 
 fusable = Conv3dBNReLU.fusable  # the module-level name that this module exported before Conv2dBNReLU

@@ -830,9 +830,14 @@ def _conv_channels_last(backend: str, x: Tensor, weight: Tensor) -> bool:
     NCDHW, its 64-channel ones at 8x56x56 74 ms against 98 ms. Elsewhere (float16, float64, CUDA) x's own
     layout: ATen's float16 and float64 CPU convs gain nothing from channels-last.
     """
-    if backend == "cpu" and x.dtype in (torch.float32, torch.bfloat16) and _MKLDNN:
+    if backend == "cpu" and cpu_prefers_channels_last(x):
         return _format_of(weight) is _CL or 4 * x.numel() >= weight.numel()
     return _format_of(x) is _CL
+
+
+def cpu_prefers_channels_last(x: Tensor) -> bool:
+    """x is a CPU tensor whose convolutions oneDNN runs faster channels-last (float32, bfloat16)."""
+    return x.device.type == "cpu" and x.dtype in (torch.float32, torch.bfloat16) and _MKLDNN
 
 
 def conv3d_bn_relu(
