@@ -289,6 +289,77 @@ def test_netvlad_row_tiles_shrink_to_the_arch(dtype):
 
 
 # ---------------------------------------------------------------------------------------------------
+# Offsets past int32: x as a view whose elements lie more than 2**31 apart
+
+# (shape, strides) of x (B, M, D): a transposed (M, B, D) batch whose third row starts past 2**31, and a
+# (D, B, M) one whose last features do
+_FAR_APART = {
+    "rows": ((2, 3, 16), (16, 2**30 + 32, 1)),
+    "features": ((2, 3, 33), (3, 1, 2**26 + 8)),
+}
+
+
+def _far_apart(device, shape, strides, seed):
+    """A float32 view of ``shape`` and ``strides`` into a buffer of more than 2**31 elements (8 GB, a
+    GPU's memory; on the CPU only the view's pages are ever written, the rest is never committed),
+    holding random values."""
+    size = 1 + sum((n - 1) * s for n, s in zip(shape, strides, strict=True))
+    assert size > 2**31
+    try:
+        buf = torch.empty(size, device=device)
+    except RuntimeError as e:  # out of memory (torch.OutOfMemoryError is one)
+        pytest.skip(f"no room for a buffer of {size} float32 elements: {e}")
+    x = buf.as_strided(shape, strides)
+    x.copy_(torch.randn(shape, generator=torch.Generator().manual_seed(seed)).to(x))
+    return x.requires_grad_()
+
+
+def _small(*shape, seed, scale=1.0, device="cpu"):
+    return (torch.randn(shape, generator=torch.Generator().manual_seed(seed)) * scale).to(device)
+
+
+@pytest.mark.parametrize("backend", TRITON)
+@pytest.mark.parametrize("far", list(_FAR_APART))
+def test_netvlad_offsets_past_int32(backend, far):
+    """x's rows (or features) more than 2**31 elements apart, as a sequence-first batch of a few GB
+    gives: every kernel that reads x through its strides (the logits, the aggregation, x dV^T, dW)
+    addresses it in int64; an int32 row * stride wraps and reads outside x (a crash or garbage)."""
+    _, device = backend
+    x = _far_apart(device, *_FAR_APART[far], seed=3)
+    B, M, D = x.shape
+    K, G = 4, 1
+    w, b = _small(K + G, D, seed=4, scale=0.3, device=device), _small(K + G, seed=5, device=device)
+    c = _small(K, D, seed=6, device=device)
+    mask = torch.tensor([[True, True, True], [True, False, True]], device=device)
+    leaves = [x, *(t.requires_grad_() for t in (w, b, c))]
+    got = _netvlad_grads("triton", *leaves, mask, G)
+    want = _netvlad_grads("reference", *_up(leaves), mask.cpu(), G)
+    _assert_matches_float64(got, want, ["out", "grad_x", "grad_weight", "grad_bias", "grad_centroids"])
+
+
+@pytest.mark.parametrize("backend", TRITON)
+@pytest.mark.parametrize("far", list(_FAR_APART))
+def test_attention_offsets_past_int32(backend, far):
+    """As for NetVLAD: the forward's two reads of x and the backward's, past 2**31 elements."""
+    _, device = backend
+    x = _far_apart(device, *_FAR_APART[far], seed=7)
+    B, L, D = x.shape
+    w = _small(2, D, seed=8, scale=0.5, device=device).requires_grad_()
+    mask = torch.tensor([[True, False, True], [True, True, True]], device=device)
+    gy = torch.randn(B, 2, D, generator=torch.Generator().manual_seed(9), dtype=torch.float64)
+    ga = torch.randn(B, L, 2, generator=torch.Generator().manual_seed(10), dtype=torch.float64)
+
+    def run(backend, x, w, mask):
+        with mvfast.backend(backend):
+            out, a = mvfast.ops.attention_pool(x, w, mask=mask, return_weights=True)
+        return [out, a, *torch.autograd.grad((out, a), (x, w), (gy.to(out), ga.to(a)))]
+
+    got = run("triton", x, w, mask)
+    want = run("reference", *_up([x, w]), mask.cpu())
+    _assert_matches_float64(got, want, ["out", "weights", "grad_x", "grad_weight"])
+
+
+# ---------------------------------------------------------------------------------------------------
 # Conv3d + BN + ReLU
 
 

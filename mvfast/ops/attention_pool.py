@@ -111,7 +111,10 @@ def attention_pool_math(x, weight, bias, mask):
 # operands, 16-bit x upcast, so that no intermediate is stored in 16 bits or overflows their range; under
 # PREC="tf32" (see mvfast.ops._triton) tl.dot still rounds them to TF32, float16's 10-bit mantissa with
 # float32's range, and only PREC="ieee" multiplies them as they are. The scores take 16-bit x and
-# weight as they are, accumulating in float32. Masked rows are loaded as zeros wherever x is read, so
+# weight as they are, accumulating in float32. x is addressed through its own strides, which a view (a
+# transposed (L, B, D) batch) can make as large as the whole tensor: its row and feature offsets, and
+# grad_x's, are int64 (an int32 rows * stride wraps past 2**31 elements; Triton makes a stride argument
+# int64 only from 2**31 itself). Masked rows are loaded as zeros wherever x is read, so
 # whatever they hold never reaches a product. Whether there is a mask, and whether the weights are
 # written or have a gradient, are runtime arguments (each guards a load or a store; every constexpr
 # doubles the kernels the JIT compiles). S and CHUNK (how a sample's rows are split) come from the plan.
@@ -158,14 +161,13 @@ def _ap_forward_kernel(
         r_ok = rows < l_end
         keep = tl.load(mask_ptr + b * L + rows, mask=r_ok & (has_mask != 0), other=1)
         valid = r_ok & (keep != 0)
+        x_rows = x_ptr + b * sxb + rows.to(tl.int64)[:, None] * sxl
         sc = tl.zeros((BLOCK_L, BLOCK_H), dtype=tl.float32)
         for d0 in range(0, D, BLOCK_D):
             d = d0 + tl.arange(0, BLOCK_D)
             d_ok = d < D
             xt = tl.load(
-                x_ptr + b * sxb + rows[:, None] * sxl + d[None, :] * sxd,
-                mask=valid[:, None] & d_ok[None, :],
-                other=0.0,
+                x_rows + d.to(tl.int64)[None, :] * sxd, mask=valid[:, None] & d_ok[None, :], other=0.0
             )
             wt = tl.load(
                 w_ptr + hs[None, :] * swh + d[:, None] * swd, mask=h_ok[None, :] & d_ok[:, None], other=0.0
@@ -189,9 +191,7 @@ def _ap_forward_kernel(
             d = d0 + tl.arange(0, BLOCK_D)
             d_ok = d < D
             xt = tl.load(
-                x_ptr + b * sxb + rows[:, None] * sxl + d[None, :] * sxd,
-                mask=valid[:, None] & d_ok[None, :],
-                other=0.0,
+                x_rows + d.to(tl.int64)[None, :] * sxd, mask=valid[:, None] & d_ok[None, :], other=0.0
             )
             off = hs[:, None] * D + d[None, :]
             hd_ok = h_ok[:, None] & d_ok[None, :]
@@ -299,15 +299,14 @@ def _ap_backward_kernel(
         r_ok = rows < l_end
         keep = tl.load(mask_ptr + b * L + rows, mask=r_ok & (has_mask != 0), other=1)
         valid = r_ok & (keep != 0)
+        x_rows = x_ptr + b * sxb + rows.to(tl.int64)[:, None] * sxl
         sc = tl.zeros((BLOCK_L, BLOCK_H), dtype=tl.float32)
         da = tl.zeros((BLOCK_L, BLOCK_H), dtype=tl.float32)
         for d0 in range(0, D, BLOCK_D):
             d = d0 + tl.arange(0, BLOCK_D)
             d_ok = d < D
             xt = tl.load(
-                x_ptr + b * sxb + rows[:, None] * sxl + d[None, :] * sxd,
-                mask=valid[:, None] & d_ok[None, :],
-                other=0.0,
+                x_rows + d.to(tl.int64)[None, :] * sxd, mask=valid[:, None] & d_ok[None, :], other=0.0
             )
             dh_ok = h_ok[None, :] & d_ok[:, None]
             wt = tl.load(w_ptr + hs[None, :] * swh + d[:, None] * swd, mask=dh_ok, other=0.0)
@@ -324,9 +323,7 @@ def _ap_backward_kernel(
             d = d0 + tl.arange(0, BLOCK_D)
             d_ok = d < D
             xt = tl.load(
-                x_ptr + b * sxb + rows[:, None] * sxl + d[None, :] * sxd,
-                mask=valid[:, None] & d_ok[None, :],
-                other=0.0,
+                x_rows + d.to(tl.int64)[None, :] * sxd, mask=valid[:, None] & d_ok[None, :], other=0.0
             )
             hd_ok = h_ok[:, None] & d_ok[None, :]
             off = hs[:, None] * D + d[None, :]
@@ -335,7 +332,7 @@ def _ap_backward_kernel(
             dx = tl.dot(a, dvt, input_precision=PREC)
             dx = tl.dot(ds, wt.to(tl.float32), dx, input_precision=PREC)
             tl.store(
-                dx_ptr + b * sdxb + rows[:, None] * sdxl + d[None, :] * sdxd,
+                dx_ptr + b * sdxb + rows.to(tl.int64)[:, None] * sdxl + d.to(tl.int64)[None, :] * sdxd,
                 dx.to(dx_ptr.dtype.element_ty),
                 mask=r_ok[:, None] & d_ok[None, :],
             )

@@ -118,6 +118,11 @@ def netvlad_math(x, weight, bias, centroids, mask, ghost_clusters, normalize):
 # exact either: under PREC="tf32" (see mvfast.ops._triton) tl.dot rounds them to TF32, float16's 10-bit
 # mantissa with float32's range; only PREC="ieee" multiplies them as they are.
 #
+# x and grad_x are addressed through their own strides, which a view (a transposed (M, B, D) batch) can
+# make as large as the whole tensor: their row and feature offsets are int64 (an int32 rows * stride wraps
+# past 2**31 elements; Triton makes a stride argument int64 only from 2**31 itself). The parameters are
+# (K+G, D) at most, and the float32 intermediates are addressed from their sample's int64 offset.
+#
 # Masked rows are loaded as zeros wherever x is read, so whatever they hold (NaN, inf) never meets a
 # zero weight in a product (0 * NaN = NaN). Whether there is a mask, and a bias, are runtime arguments,
 # not constexprs: each only guards a load, and every constexpr doubles the kernels the JIT compiles.
@@ -154,12 +159,11 @@ def _nv_rows_times_t(
     the logits x W^T (UPCAST False: 16-bit inputs multiply as they are) and x dV^T (UPCAST True: x meets
     float32 dV in float32)."""
     acc = tl.zeros((BLOCK_M, BLOCK_KG), dtype=tl.float32)
+    x_rows = x_base + rows.to(tl.int64)[:, None] * sxm
     for d0 in range(0, D, BLOCK_D):
         d = d0 + tl.arange(0, BLOCK_D)
         d_ok = d < D
-        xt = tl.load(
-            x_base + rows[:, None] * sxm + d[None, :] * sxd, mask=row_ok[:, None] & d_ok[None, :], other=0.0
-        )
+        xt = tl.load(x_rows + d.to(tl.int64)[None, :] * sxd, mask=row_ok[:, None] & d_ok[None, :], other=0.0)
         mt = tl.load(
             m_base + cols[None, :] * smk + d[:, None] * smd, mask=col_ok[None, :] & d_ok[:, None], other=0.0
         )  # (BLOCK_D, BLOCK_KG)
@@ -252,7 +256,7 @@ def _nv_aggregate_kernel(
             other=0.0,
         )  # (BLOCK_K, BLOCK_M) float32, 0 at masked rows
         xt = tl.load(
-            x_ptr + b * sxb + rows[:, None] * sxm + d[None, :] * sxd,
+            x_ptr + b * sxb + rows.to(tl.int64)[:, None] * sxm + d.to(tl.int64)[None, :] * sxd,
             mask=valid[:, None] & d_ok[None, :],
             other=0.0,
         )
@@ -454,7 +458,7 @@ def _nv_dx_kernel(
         acc = tl.dot(a, dvt, acc, input_precision=PREC)
         acc = tl.dot(s, wt.to(tl.float32), acc, input_precision=PREC)
     tl.store(
-        dx_ptr + b * sdxb + rows[:, None] * sdxm + d[None, :] * sdxd,
+        dx_ptr + b * sdxb + rows.to(tl.int64)[:, None] * sdxm + d.to(tl.int64)[None, :] * sdxd,
         acc.to(dx_ptr.dtype.element_ty),
         mask=row_ok[:, None] & d_ok[None, :],
     )
@@ -503,7 +507,7 @@ def _nv_dw_kernel(
             other=0.0,
         )  # (BLOCK_C, BLOCK_M)
         xt = tl.load(
-            x_ptr + b * sxb + rows[:, None] * sxm + d[None, :] * sxd,
+            x_ptr + b * sxb + rows.to(tl.int64)[:, None] * sxm + d.to(tl.int64)[None, :] * sxd,
             mask=valid[:, None] & d_ok[None, :],
             other=0.0,
         )
