@@ -289,6 +289,86 @@ def test_netvlad_row_tiles_shrink_to_the_arch(dtype):
 
 
 # ---------------------------------------------------------------------------------------------------
+# Grid limits: CUDA launches at most 2**31 - 1 programs along grid axis 0 and 65535 along axes 1 and 2;
+# the interpreter has no limit. The plans are made without tensors, so the largest shapes cost nothing.
+
+_BIG_TARGETS = (_triton.Target(80, 108), _triton.Target(90, 132))
+
+
+def _oversized(plan) -> list:
+    return [(name, launch.grid) for name, launch in plan.items() if not _triton.grid_fits(launch.grid)]
+
+
+@pytest.mark.parametrize("target", _BIG_TARGETS, ids=lambda t: f"sm_{t.arch}")
+def test_grids_fit_at_the_largest_shapes(target):
+    """Every launch of every plan fits CUDA's grid at the largest shapes the models meet and beyond:
+    NetVLAD up to the batch its reasons let through (B = 65535), M 1024, D 4096, K+G 512; attention B and
+    L up to 2**20 (B is axis 0), D 2048, H 4; conv batch 64-128 of 64 channels at 16x112x112, the stem,
+    and the batch-statistics kernels' 65535 samples."""
+    for dtype, prec in ((torch.float32, "ieee"), (torch.float32, "tf32"), (torch.bfloat16, "tf32")):
+        for B in (1, 256, nv_module.MAX_B):
+            for M, D, K, G in (
+                (1, 4096, 64, 0),
+                (1024, 4096, 64, 0),
+                (1024, 4096, 500, 12),
+                (300, 128, 16, 0),
+            ):
+                for normalize in (True, False):
+                    plan = nv_module.triton_plan(B, M, D, K, G, dtype, normalize, target, prec)
+                    assert not _oversized(plan), (B, M, D, K, G, _oversized(plan))
+        for B in (1, 4096, 2**20):
+            for L in (1, 300, 4096, 2**20):
+                for D, H in ((2048, 4), (96, 1)):
+                    plan = ap_module.triton_plan(B, L, D, H, dtype, target, prec)
+                    assert not _oversized(plan), (B, L, D, H, _oversized(plan))
+        for N, cin, C, size in ((64, 64, 64, (16, 112, 112)), (128, 64, 64, (16, 112, 112)),
+                                (64, 3, 64, (16, 112, 112)), (65535, 64, 64, (1, 7, 7))):  # fmt: skip
+            out = (N, C, *size)  # padding 1 keeps the size
+            for training in (True, False):
+                plan = cbr_module.triton_plan(
+                    (N, cin, *size), (C, cin, 3, 3, 3), out, 1, dtype, training, target, prec
+                )
+                assert not _oversized(plan), (N, cin, C, size, training, _oversized(plan))
+
+
+def test_netvlad_batch_limit_is_the_grid_limit():
+    """One sample more than NetVLAD's reasons allow would not fit the grid: the limit is the plan's."""
+    plan = nv_module.triton_plan(
+        nv_module.MAX_B + 1, 300, 1024, 64, 0, torch.float32, True, _BIG_TARGETS[1], "ieee"
+    )
+    assert _oversized(plan)
+
+
+@pytest.mark.parametrize("backend", TRITON)
+def test_batches_beyond_the_grid_go_to_another_backend(backend):
+    """A NetVLAD batch of 65536 samples, a training conv of 65536 samples and a conv of 65536 groups are
+    refused by triton with the reason (CUDA cannot launch their grids; auto takes the next backend), one
+    fewer is not."""
+    _, device = backend
+    x = torch.randn(65536, 1, 16, device=device)
+    w, c = torch.randn(3, 16, device=device), torch.randn(3, 16, device=device)
+    with mvfast.backend("triton"), pytest.raises(RuntimeError, match="at most 65535 programs .* B is 65536"):
+        mvfast.ops.netvlad(x, w, None, c)
+    assert nv_module._op_reasons("triton", x[1:], w) == []
+
+    xc, wc = torch.randn(65536, 1, 1, 1, 1, device=device), torch.randn(1, 1, 1, 1, 1, device=device)
+    ones, zeros = torch.ones(1, device=device), torch.zeros(1, device=device)
+    with mvfast.backend("triton"), pytest.raises(RuntimeError, match="at most 65535 samples .* N is 65536"):
+        mvfast.ops.conv3d_bn_relu(xc, wc, None, ones, zeros, zeros.clone(), ones.clone(), training=True)
+    xg = torch.randn(1, 65536, 1, 1, 1, device=device)
+    wg = torch.randn(65536, 1, 1, 1, 1, device=device)
+    g1, g0 = torch.ones(65536, device=device), torch.zeros(65536, device=device)
+    with (
+        mvfast.backend("triton"),
+        pytest.raises(RuntimeError, match="at most 65535 groups .* groups is 65536"),
+    ):
+        mvfast.ops.conv3d_bn_relu(xg, wg, None, g1, g0, g0.clone(), g1.clone(), groups=65536)
+    conv_bn = importlib.import_module("mvfast.ops._conv_bn")
+    bn = conv_bn.BN(ones, zeros, None, None, True, 0.1, 1e-5, None)
+    assert conv_bn.op_reasons("triton", xc[1:], conv_bn.Conv([1] * 3, [0] * 3, [1] * 3, 65535), bn) == []
+
+
+# ---------------------------------------------------------------------------------------------------
 # Offsets past int32: x as a view whose elements lie more than 2**31 apart
 
 # (shape, strides) of x (B, M, D): a transposed (M, B, D) batch whose third row starts past 2**31, and a

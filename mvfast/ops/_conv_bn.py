@@ -19,6 +19,7 @@ from torch import Tensor
 from mvfast import _backend
 from mvfast.ops import _checks
 from mvfast.ops._op import autocast_dtype, autocast_off, cast_all
+from mvfast.ops._triton import MAX_GRID
 
 
 class Conv(NamedTuple):
@@ -58,16 +59,30 @@ def fused(op: str, nd: int, x, weight, bias, conv: Conv, bn: BN, relu: bool, ref
             x, weight, bias = cast_all((x, weight, bias), dtype)
             return fused(op, nd, x, weight, bias, conv, bn, relu, reference, kernels)
     conv = validate(op, nd, x, weight, bias, conv, bn)
-    name = _backend.resolve(op, x.device, lambda b: op_reasons(b, x))
+    name = _backend.resolve(op, x.device, lambda b: op_reasons(b, x, conv, bn))
     if name == "reference":
         return reference(x, weight, bias, conv, bn, relu)
     return kernels(name, x, weight, bias, conv, bn, relu)
 
 
-def op_reasons(backend: str, x: Tensor) -> list[str]:
-    if backend == "triton" and x.dtype == torch.float64:
-        return ["the triton kernels take float32, float16 and bfloat16, not float64"]
-    return []
+def op_reasons(backend: str, x: Tensor, conv: Conv, bn: BN) -> list[str]:
+    if backend != "triton":
+        return []
+    reasons = []
+    if x.dtype == torch.float64:
+        reasons.append("the triton kernels take float32, float16 and bfloat16, not float64")
+    # grid axis 2 holds the groups in the conv kernel and the samples in the batch-statistics kernels
+    most = MAX_GRID[2]
+    if conv.groups > most:
+        reasons.append(
+            f"the triton conv launches at most {most} groups (CUDA's grid limit); groups is {conv.groups}"
+        )
+    if bn.batch_stats and x.shape[0] > most:
+        reasons.append(
+            f"the triton batch-statistics kernels launch at most {most} samples (CUDA's grid limit); "
+            f"N is {x.shape[0]}"
+        )
+    return reasons
 
 
 # ---------------------------------------------------------------------------------------------------

@@ -135,6 +135,15 @@ def next_pow2(n: int, at_least: int = 16) -> int:
 # ---------------------------------------------------------------------------------------------------
 # Launch plans
 
+# CUDA's grid limits: up to 2**31 - 1 programs along axis 0, 65535 along axes 1 and 2. A dimension that
+# grows with the data (the batch) goes on axis 0 or is bounded by the op's reasons (see netvlad's).
+MAX_GRID = (2**31 - 1, 65535, 65535)
+
+
+def grid_fits(grid: tuple[int, ...]) -> bool:
+    """The grid is one CUDA launches (at most three axes, each within MAX_GRID)."""
+    return len(grid) <= 3 and all(n <= most for n, most in zip(grid, MAX_GRID, strict=False))
+
 
 @dataclasses.dataclass(frozen=True)
 class Launch:

@@ -23,6 +23,7 @@ from mvfast import _backend
 from mvfast.ops import _checks
 from mvfast.ops._op import Op, OpSpec, acc_dtype, autocast_dtype, autocast_off, cast_all
 from mvfast.ops._triton import (
+    MAX_GRID,
     Launch,
     Target,
     mask_bytes,
@@ -524,6 +525,7 @@ def _nv_dw_kernel(
 
 _EPS = 1e-12  # F.normalize's
 MAX_KG = 512  # the row kernels hold a row of K+G logits in registers
+MAX_B = MAX_GRID[1]  # the samples are grid axis 1 or 2 of all but the per-sample kernels
 # (BLOCK_D, stages) of the row kernels, fastest first. Exact float32 products run on the FMA units, which
 # hold a D chunk of both operands in registers: a chunk of 64 spilled there.
 _ROW_TILES = {
@@ -765,6 +767,11 @@ def _triton_reasons(x: Tensor, weight: Tensor) -> list[str]:
         reasons.append("the triton kernels take float32, float16 and bfloat16, not float64")
     if weight.shape[0] > MAX_KG:
         reasons.append(f"the triton kernels hold a row of K+G <= {MAX_KG} logits; K+G is {weight.shape[0]}")
+    if x.shape[0] > MAX_B:
+        reasons.append(
+            f"the triton kernels launch the samples along a grid axis of at most {MAX_B} programs (CUDA's "
+            f"limit); B is {x.shape[0]}"
+        )
     return reasons
 
 
