@@ -4,6 +4,7 @@ across programs, the two-level BN statistics, K+G up to 512, the conv's row tile
 bias, and a grad_out whose spatial dimensions do not flatten. Every result is checked against the
 float64 reference, without TF32 on a GPU."""
 
+import collections
 import contextlib
 import dataclasses
 import importlib
@@ -366,6 +367,45 @@ def test_batches_beyond_the_grid_go_to_another_backend(backend):
     conv_bn = importlib.import_module("mvfast.ops._conv_bn")
     bn = conv_bn.BN(ones, zeros, None, None, True, 0.1, 1e-5, None)
     assert conv_bn.op_reasons("triton", xc[1:], conv_bn.Conv([1] * 3, [0] * 3, [1] * 3, 65535), bn) == []
+
+
+# ---------------------------------------------------------------------------------------------------
+# Specialisation: how many kernels the JIT compiles as the batch and the lengths change
+
+
+def _meta(*shape, dtype=torch.float32):
+    return torch.empty(shape, dtype=dtype, device="meta")
+
+
+def test_kernels_compile_a_few_variants_over_batch_and_length():
+    """The launches of forward and backward over B in 1..256 and M (L) in 1..1024, as Triton's JIT
+    specialises them (integers equal to 1 and multiples of 16 included): a handful of compiled kernels
+    each, not one per shape. NetVLAD's dW kernel made 31 while its split arguments were specialised."""
+    variants = collections.defaultdict(set)
+    target = _triton.Target(90, 132)
+    for B in (1, 2, 3, 16, 33, 100, 256):
+        for M in (1, 5, 16, 17, 32, 33, 64, 100, 300, 301, 1024):
+            x, mask = _meta(B, M, 256), _meta(B, M, dtype=torch.bool)
+            w, c = _meta(64, 256), _meta(64, 256)
+            with _triton.recording(target) as recorded:
+                out, assign, vlad = nv_module._triton_forward(x, w, _meta(64), c, mask, 0, True)
+                nv_module._triton_backward(torch.empty_like(out), x, w, c, assign, vlad, 0, True)
+                out, a, lse = ap_module._triton_forward(x, w[:1], mask, True)
+                ap_module._triton_backward(
+                    torch.empty_like(out), torch.empty_like(a), x, w[:1], mask, out, lse, a
+                )
+            for launch, args in recorded:
+                sig, constexprs, attrs = _triton.specialization(launch, args)
+                variants[launch.name].add(
+                    (
+                        tuple(sig.items()),
+                        tuple(sorted((k, str(v)) for k, v in constexprs.items())),
+                        str(attrs),
+                    )
+                )
+    counts = {name: len(v) for name, v in variants.items()}
+    assert {"_nv_dw_kernel", "_ap_combine_kernel"} <= counts.keys()
+    assert max(counts.values()) <= 5, counts
 
 
 # ---------------------------------------------------------------------------------------------------

@@ -236,7 +236,7 @@ def specialization(launch: Launch, args: tuple) -> tuple[dict, dict, dict]:
     fn = _fn(launch.kernel)
     names = list(fn.__code__.co_varnames[: fn.__code__.co_argcount])
     values = dict(zip(names, args, strict=False)) | launch.scalars
-    dns = {names[d] if isinstance(d, int) else d for d in getattr(launch.kernel, "do_not_specialize", ())}
+    dns = {names[d] if isinstance(d, int) else d for d in _do_not_specialize(launch.kernel)}
     signature, constexprs, attrs = {}, dict(launch.constexprs), {}
     for i, name in enumerate(names):
         if name in constexprs:
@@ -259,6 +259,14 @@ def specialization(launch: Launch, args: tuple) -> tuple[dict, dict, dict]:
         else:
             raise TypeError(f"{launch.name}: argument {name} is a {type(v).__name__}")
     return signature, constexprs, attrs
+
+
+def _do_not_specialize(kernel) -> tuple:
+    """The kernel's do_not_specialize (the interpreter's functions keep it among their jit arguments)."""
+    dns = getattr(kernel, "do_not_specialize", None)
+    if dns is None:
+        dns = getattr(kernel, "kwargs", {}).get("do_not_specialize", ())
+    return tuple(dns or ())
 
 
 def compile_launch(launch: Launch, args: tuple, arch: int) -> dict:

@@ -465,7 +465,9 @@ def _nv_dx_kernel(
     )
 
 
-@triton.jit
+# TILES, MT and PER change with B and M: specialised (as 1, or as multiples of 16) they made 31 kernels
+# over B in 1..256 and M in 1..1024 where every other NetVLAD kernel has 3; they only bound the row loop.
+@triton.jit(do_not_specialize=["TILES", "MT", "PER"])
 def _nv_dw_kernel(
     ds_ptr,
     x_ptr,
