@@ -213,6 +213,25 @@ def test_long_set_on_the_cpu_kernel():
     check_close(got, ref64, lowp, torch.float32, names_for(True, True))
 
 
+def _compiled_backends():
+    """The backends of the compiled kernels (the raw mvfast::attention_pool_fwd/_bwd ops): cpu, and cuda."""
+    return [p for p in kernel_backends() if p.id in ("cpu", "cuda")]
+
+
+@pytest.mark.parametrize("backend", _compiled_backends())
+def test_raw_ops_reject_no_heads(backend):
+    """H = 0 reaches only the raw ops (the public op rejects it). They reject it too, naming weight: the CPU
+    backward indexed an empty row of weights (a segfault) and the CUDA launchers divided by H."""
+    name, device = backend
+    x = torch.randn(2, 5, 4, device=device)
+    w = torch.empty(0, 4, device=device)
+    with pytest.raises(RuntimeError, match=r"weight must hold at least one head \(H >= 1\), got \[0, 4\]"):
+        torch.ops.mvfast.attention_pool_fwd(x, w, None, True)
+    out, lse = torch.zeros(2, 0, 4, device=device), torch.zeros(2, 0, device=device)
+    with pytest.raises(RuntimeError, match=r"weight must hold at least one head"):
+        torch.ops.mvfast.attention_pool_bwd(out, None, x, w, None, out, lse, None)
+
+
 # ---------------------------------------------------------------------------------------------------
 # gradcheck, opcheck, compile
 
