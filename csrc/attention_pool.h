@@ -129,6 +129,10 @@ inline void check_shapes(const at::Tensor& x, const at::Tensor& weight, const st
   TORCH_CHECK(x.dim() == 3, "attention_pool: x must be (B, L, D), got ", x.sizes());
   TORCH_CHECK(weight.dim() == 2 && weight.size(1) == x.size(2), "attention_pool: weight must be (H, D=",
               x.size(2), "), got ", weight.sizes());
+  // As the public op: with no head the CPU backward would index an empty row of weights and the CUDA
+  // launchers divide by H to size their tile.
+  TORCH_CHECK(weight.size(0) >= 1, "attention_pool: weight must hold at least one head (H >= 1), got ",
+              weight.sizes());
   if (mask.has_value()) {
     TORCH_CHECK(mask->scalar_type() == at::kBool && mask->sizes() == x.sizes().slice(0, 2),
                 "attention_pool: mask must be a bool (B, L) tensor, got ", mask->scalar_type(), " ",

@@ -101,6 +101,9 @@ inline void check_shapes(const at::Tensor& x, const at::Tensor& weight, const at
               x.size(2), "), got ", centroids.sizes());
   TORCH_CHECK(weight.size(0) == centroids.size(0) + ghost_clusters, "netvlad: weight must have K+G=",
               centroids.size(0) + ghost_clusters, " rows, got ", weight.size(0));
+  // As the public op. With K + G = 0 the CPU softmax would read the first logit of an empty row.
+  TORCH_CHECK(centroids.size(0) >= 1, "netvlad: centroids must hold at least one cluster (K >= 1), got ",
+              centroids.sizes());
 }
 
 inline void check_mask(const at::Tensor& x, const std::optional<at::Tensor>& mask) {

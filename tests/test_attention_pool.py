@@ -213,6 +213,41 @@ def test_long_set_on_the_cpu_kernel():
     check_close(got, ref64, lowp, torch.float32, names_for(True, True))
 
 
+def _compiled_backends():
+    """The backends of the compiled kernels (the raw mvfast::attention_pool_fwd/_bwd ops): cpu, and cuda."""
+    return [p for p in kernel_backends() if p.id in ("cpu", "cuda")]
+
+
+@pytest.mark.parametrize("backend", _compiled_backends())
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=str)
+@pytest.mark.parametrize("H", [40, 130, 512])
+def test_many_heads_on_the_compiled_kernels(backend, dtype, H):
+    """More heads than the Triton kernels take (16), up to the CUDA kernels' 512: their shared-memory tile
+    holds fewer rows as H grows (32 rows at 40 heads, 15 at 130, 4 at 512, fewer rows than the block has
+    warps), over L = 300 rows in several tiles and, on a GPU, three splits of 100 rows (ragged against the
+    tile)."""
+    name, device = backend
+    inputs = sample_inputs(dtype, device, B=2, L=300, D=33, H=H)
+    got = run(name, *inputs, return_weights=True)
+    ref64 = run("reference", *upcast(inputs), return_weights=True)
+    lowp = math_in_dtype(*inputs, return_weights=True)
+    check_close(got, [t.to(device) for t in ref64], lowp, dtype, names_for(True, True))
+
+
+@pytest.mark.parametrize("backend", _compiled_backends())
+def test_raw_ops_reject_no_heads(backend):
+    """H = 0 reaches only the raw ops (the public op rejects it). They reject it too, naming weight: the CPU
+    backward indexed an empty row of weights (a segfault) and the CUDA launchers divided by H."""
+    name, device = backend
+    x = torch.randn(2, 5, 4, device=device)
+    w = torch.empty(0, 4, device=device)
+    with pytest.raises(RuntimeError, match=r"weight must hold at least one head \(H >= 1\), got \[0, 4\]"):
+        torch.ops.mvfast.attention_pool_fwd(x, w, None, True)
+    out, lse = torch.zeros(2, 0, 4, device=device), torch.zeros(2, 0, device=device)
+    with pytest.raises(RuntimeError, match=r"weight must hold at least one head"):
+        torch.ops.mvfast.attention_pool_bwd(out, None, x, w, None, out, lse, None)
+
+
 # ---------------------------------------------------------------------------------------------------
 # gradcheck, opcheck, compile
 

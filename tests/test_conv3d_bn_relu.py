@@ -179,6 +179,28 @@ def test_cpu_kernels_any_channel_count(C, dtype, layout):
         check_close(got, ref64, lowp, dtype, names_for(False))
 
 
+@pytest.mark.parametrize("backend", [p for p in kernel_backends() if p.id in ("cpu", "cuda")])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=str)
+@pytest.mark.parametrize("layout", ["ncdhw", "channels_last"])
+@pytest.mark.parametrize("gy_layout", ["ncdhw", "channels_last"])
+def test_kernels_across_reduction_tiles(backend, dtype, layout, gy_layout):
+    """Shapes that cross every tile of the CUDA statistics and backward sums (the CASES above fit in one):
+    C = 40 channels, a full tile of 32 and a ragged one; 2 * 33 * 31 = 2046 positions per sample, two spans
+    of 1024, the last ragged and ending in a ragged step of 32 positions; N = 3. grad_out comes in either
+    layout, so the backward also reads z and grad_out in different layouts."""
+    name, device = backend
+    leaves, rm, rv, kw = sample_inputs(
+        dtype, device, N=3, Cin=3, C=40, size=(2, 33, 31), padding=1, channels_last=layout == "channels_last"
+    )
+    gy = grad_out_off_the_kink(leaves, rm, rv, kw, True, dtype)
+    gy = gy.contiguous(memory_format=CL if gy_layout == "channels_last" else torch.contiguous_format)
+    got = run(name, leaves, rm.clone(), rv.clone(), kw, True, gy)
+    up, rm64, rv64 = upcast(leaves, rm, rv)
+    ref64 = run("reference", up, rm64, rv64, kw, True, gy)
+    lowp = eager_in_dtype(leaves, rm.clone(), rv.clone(), kw, True, gy)
+    check_close(got, ref64, lowp, dtype, names_for(False))
+
+
 @pytest.mark.parametrize("backend", kernel_backends())
 @pytest.mark.parametrize("momentum", [0.1, None])
 def test_running_statistics_follow_batchnorm3d(backend, momentum):

@@ -209,6 +209,22 @@ def test_cpu_flows_agree(backend, normalize):
             torch.testing.assert_close(g.double(), r, rtol=1e-4, atol=1e-5)
 
 
+@pytest.mark.parametrize("backend", [p for p in kernel_backends() if p.id in ("cpu", "cuda")])
+@pytest.mark.parametrize("G", [0, 2])
+def test_raw_ops_reject_no_clusters(backend, G):
+    """K = 0 reaches only the raw ops (the public op rejects it). They reject it too, naming centroids: with
+    K + G = 0 the CPU softmax read the first logit of an empty row (a segfault)."""
+    name, device = backend
+    x = torch.randn(2, 5, 4, device=device)
+    w, c = torch.randn(G, 4, device=device), torch.empty(0, 4, device=device)
+    pattern = r"centroids must hold at least one cluster \(K >= 1\), got \[0, 4\]"
+    with pytest.raises(RuntimeError, match=pattern):
+        torch.ops.mvfast.netvlad_fwd(x, w, None, c, None, G, True)
+    assign, vlad = torch.zeros(2, 5, G, device=device), torch.zeros(2, 0, 4, device=device)
+    with pytest.raises(RuntimeError, match=pattern):
+        torch.ops.mvfast.netvlad_bwd(torch.zeros(2, 0, device=device), x, w, c, assign, vlad, None, G, True)
+
+
 def test_backend_bfloat16_on_reference_runs_in_float32():
     x, w, b, c, m = sample_inputs(torch.bfloat16)
     y = mvfast.ops.netvlad(x, w, b, c, m)

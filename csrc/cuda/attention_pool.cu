@@ -37,14 +37,24 @@ constexpr int kWarps = kThreads / kWarp;
 constexpr int kMaxTile = 32;  // rows per tile, fewer when H is large (shared memory is kTile x H)
 // Heads the shared-memory tile takes (mvfast/ops/attention_pool.py sends larger H elsewhere).
 constexpr int64_t kMaxHeads = 512;
+// Values per (rows x H) array of the tile; tile_rows keeps rows * H at most this.
+constexpr int64_t kTileValues = 2048;
+// The dynamic shared memory of the launches below at its largest (float64, H = kMaxHeads for the forward's
+// per-head arrays) within the 48 KB a launch gets without cudaFuncSetAttribute.
+static_assert((kTileValues + 3 * kMaxHeads) * sizeof(double) + kMaxTile * sizeof(bool) <= 48 * 1024,
+              "forward_kernel's shared memory exceeds 48 KB");
+static_assert(2 * kTileValues * sizeof(double) + kMaxTile * sizeof(bool) <= 48 * 1024,
+              "backward_kernel's shared memory exceeds 48 KB");
+static_assert(kThreads % kWarp == 0 && kThreads <= 1024, "a warp per row needs whole warps");
 
 int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
 
-// Rows per tile for H heads: the tile's (rows x H) scores and weights hold at most 2048 values per array,
-// so that shared memory stays under the 48 KB a launch gets without opting in, float64 included.
+// Rows per tile for H heads: the tile's (rows x H) scores and weights hold at most kTileValues per array,
+// so that shared memory stays under the 48 KB a launch gets without opting in, float64 included. H >= 1
+// (check_shapes).
 int tile_rows(int64_t H) {
   TORCH_CHECK(H <= kMaxHeads, "attention_pool: the cuda kernels take at most ", kMaxHeads, " heads, got ", H);
-  return static_cast<int>(std::max<int64_t>(1, std::min<int64_t>(kMaxTile, 2048 / H)));
+  return static_cast<int>(std::max<int64_t>(1, std::min<int64_t>(kMaxTile, kTileValues / H)));
 }
 
 template <typename scalar_t, typename acc_t>
