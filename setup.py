@@ -1,7 +1,8 @@
 """Build of the compiled extension ``mvfast._C``.
 
 The C++ CPU kernels are always built. The CUDA kernels are built when nvcc and a CUDA build of torch are
-present; ``FORCE_CUDA=1`` builds them even when detection says no, ``MVFAST_NO_CUDA=1`` skips them.
+present, of the same major CUDA version (which PyTorch requires); ``FORCE_CUDA=1`` builds them even when
+detection says no, ``MVFAST_NO_CUDA=1`` skips them.
 ``TORCH_CUDA_ARCH_LIST`` defaults to the archs that matter (8.0 8.6 8.9 9.0) when no GPU is visible.
 CUDA headers that the system toolkit lacks (cusparse.h, cublas_v2.h, ... which torch's ATen/cuda headers
 include) are taken from the nvidia-* wheels that pip installs with torch.
@@ -75,6 +76,19 @@ def wheel_cuda_include_dirs():
     return dirs
 
 
+def toolkit_version(cuda_home):
+    """The CUDA version of the toolkit at ``cuda_home`` as (major, minor), from ``nvcc --version``, or None
+    where nvcc does not say."""
+    try:
+        out = subprocess.run(
+            [os.path.join(cuda_home, "bin", "nvcc"), "--version"], capture_output=True, text=True, timeout=60
+        )
+    except (OSError, subprocess.SubprocessError):
+        return None
+    m = re.search(r"release (\d+)\.(\d+)", out.stdout)
+    return (int(m.group(1)), int(m.group(2))) if m else None
+
+
 def missing_headers(cuda_home):
     needed = ["cusparse.h", "cublas_v2.h", "cusolverDn.h", "curand.h"]
     return [h for h in needed if not os.path.isfile(os.path.join(cuda_home, "include", h))]
@@ -113,8 +127,20 @@ def build_extensions():
     if not _truthy("MVFAST_NO_CUDA"):
         torch_has_cuda = torch.version.cuda is not None
         with_cuda = _truthy("FORCE_CUDA") or (torch_has_cuda and cuda_home is not None)
+        why = "torch is a CPU build" if not torch_has_cuda else "no CUDA toolkit (nvcc) found"
+        if with_cuda and not _truthy("FORCE_CUDA"):
+            # torch.utils.cpp_extension refuses a toolkit of another major CUDA version than torch's (a
+            # CUDA 13 nvcc beside a torch built with CUDA 12): build what can be built instead of failing.
+            have, built = toolkit_version(cuda_home), torch.version.cuda
+            if have and int(built.split(".")[0]) != have[0]:
+                with_cuda = False
+                why = (
+                    f"the toolkit at {cuda_home} is CUDA {have[0]}.{have[1]} and torch was built with CUDA "
+                    f"{built}; PyTorch builds CUDA extensions only with a toolkit of its own major version: "
+                    f"point CUDA_HOME at a CUDA {built.split('.')[0]}.x toolkit for the CUDA kernels (the "
+                    "Triton kernels run on a GPU without them)"
+                )
         if not with_cuda:
-            why = "torch is a CPU build" if not torch_has_cuda else "no CUDA toolkit (nvcc) found"
             log(f"building the CPU kernels only ({why}; FORCE_CUDA=1 forces the CUDA kernels)")
 
     sources = [os.path.join("csrc", "ops.cpp")] + sorted(glob.glob(os.path.join("csrc", "cpu", "*.cpp")))

@@ -105,8 +105,8 @@ def _device_reasons(name: str, device: torch.device) -> list[str]:
     elif name == "cuda":
         if not _ext.BUILD["cuda"]:
             reasons.append(
-                "mvfast._C was built without CUDA kernels (no nvcc or a CPU build of torch at "
-                "build time; FORCE_CUDA=1 forces them)"
+                "mvfast._C was built without CUDA kernels (at build time: no nvcc, a CPU build of "
+                "torch, or an nvcc of another major CUDA version than torch's; FORCE_CUDA=1 forces them)"
             )
         elif device.type != "cuda":
             reasons.append(f"the cuda backend runs on CUDA tensors, not {device.type}")

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import logging
 
-import torch  # noqa: F401  (loads libtorch and libc10, which _C links against)
+import torch  # loads libtorch and libc10, which _C links against
 
 logger = logging.getLogger("mvfast")
 
@@ -21,7 +21,14 @@ try:
     ERROR: str | None = None
 except (ImportError, OSError) as e:  # not built, or built against another torch
     _C = None
-    ERROR = f"the compiled extension mvfast._C could not be loaded ({e}); {BUILD_HINT}"
+    hint = BUILD_HINT
+    if "undefined symbol" in str(e):
+        # pip's build isolation compiles against the newest torch it may install, not the one imported here
+        hint = (
+            f"it was most likely built against another torch than this one ({torch.__version__}): rebuild "
+            "it against this torch with `pip install -e . --no-build-isolation` in the mvfast checkout"
+        )
+    ERROR = f"the compiled extension mvfast._C could not be loaded ({e}); {hint}"
 
 LOADED = _C is not None
 

@@ -140,6 +140,27 @@ def test_import_without_the_extension_runs_the_reference():
     assert "using the reference backend" in p.stderr
 
 
+def test_an_extension_built_against_another_torch_says_how_to_rebuild():
+    # what the dynamic loader says of an _C compiled against another torch (pip's build isolation builds
+    # against the newest torch it may install): the hint is the rebuild against this one, not the same install
+    code = (
+        "import sys, importlib.abc\n"
+        "class Stale(importlib.abc.MetaPathFinder):\n"
+        "    def find_spec(self, name, path, target=None):\n"
+        "        if name == 'mvfast._C':\n"
+        "            raise ImportError('_C.so: undefined symbol: _ZN3c106ivalue14ConstantString6create')\n"
+        "sys.meta_path.insert(0, Stale())\n"
+        "import torch, mvfast\n"
+        "print(mvfast._ext.LOADED, mvfast._ext.ERROR)\n"
+    )
+    p = python(code)
+    assert p.returncode == 0, p.stderr
+    out = p.stdout.strip()
+    assert out.startswith("False") and "undefined symbol" in out, out
+    assert f"another torch than this one ({torch.__version__})" in out, out
+    assert "pip install -e . --no-build-isolation" in out, out
+
+
 def test_info_command():
     p = subprocess.run(
         [sys.executable, "-m", "mvfast.info"], capture_output=True, text=True, timeout=300, cwd=ROOT

@@ -400,8 +400,41 @@ def _chain_of_blocks(C=8):
     return _randomised(nn.Sequential(*layers)).train()
 
 
+@pytest.fixture(params=["query", "probe"])
+def hooks_query(request, monkeypatch):
+    """How a block learns which saved-tensor hooks are active: torch's query (torch 2.8+), or the probe
+    mvfast falls back to where torch has none (forced here by hiding the query)."""
+    import mvfast.utils
+
+    if request.param == "query" and mvfast.utils._top_hooks is None:
+        pytest.skip(f"torch {torch.__version__} has no query of the active saved-tensor hooks")
+    if request.param == "probe":
+        monkeypatch.setattr(mvfast.utils, "_top_hooks", None)
+    return request.param
+
+
+def test_saved_tensor_hooks_keep_tensors(hooks_query):
+    from torch.autograd.graph import save_on_cpu, saved_tensors_hooks
+
+    from mvfast.utils import saved_tensor_hooks_keep_tensors as keep
+
+    seen = []
+    assert keep()
+    assert saved_bytes(lambda: seen.append(keep())) == 0  # saved_bytes's hook; the probe is not counted
+    with save_on_cpu():
+        seen.append(keep())
+        saved_bytes(lambda: seen.append(keep()))  # the innermost hooks are the ones that apply
+    with saved_tensors_hooks(lambda t: t, lambda t: t):  # not marked as keeping tensors
+        seen.append(keep())
+    with torch.no_grad():
+        seen.append(keep())  # under no_grad too: a custom op's setup_context runs so
+    with torch.inference_mode():
+        seen.append(keep())
+    assert seen == [True, False, True, False, True, True]
+
+
 @pytest.mark.parametrize("channels_last", [False, True, "auto"])
-def test_fused_ncdhw_chain_saves_at_most_70_percent_of_the_eager_chain(channels_last):
+def test_fused_ncdhw_chain_saves_at_most_70_percent_of_the_eager_chain(channels_last, hooks_query):
     """Fed NCDHW, a chain of fused blocks saves each block's z only (the second block recomputes its input
     from the first's z in backward), where the eager chain with in-place ReLUs saves z and the ReLU's
     output per block: with the input, 3 activations against 5 here."""
@@ -591,7 +624,7 @@ def _offered_inputs(out: torch.Tensor) -> int:
     return held
 
 
-def test_no_block_holds_z_outside_checkpointing_or_offloading_hooks():
+def test_no_block_holds_z_outside_checkpointing_or_offloading_hooks(hooks_query):
     """Under saved-tensor hooks that move or drop what is saved (activation checkpointing, offloading to
     the CPU), no block keeps its z on its node for the next block, where the hooks would not see it: a
     checkpointed stack of fused blocks would otherwise hold every block's z until backward."""

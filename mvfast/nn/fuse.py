@@ -209,10 +209,21 @@ def _fuse_slots(parent: nn.Module, conv_name: str, bn_name: str, relu_name: str 
     slots = parent.__dict__.setdefault(_KEYMAP, {})
     slots[conv_name] = bn_name
     if _HANDLES not in parent.__dict__:
-        parent.__dict__[_HANDLES] = (
+        parent.__dict__[_HANDLES] = _key_hooks(parent)
+
+
+def _key_hooks(parent: nn.Module) -> tuple:
+    """The state-dict hooks that keep the original keys: Module's public hooks (torch 2.5+), else the
+    private forms torch 2.4 has, which call the same hooks with the same arguments."""
+    if hasattr(parent, "register_state_dict_post_hook"):
+        return (
             parent.register_state_dict_post_hook(_save_original_keys),
             parent.register_load_state_dict_pre_hook(_load_original_keys),
         )
+    return (
+        parent._register_state_dict_hook(_save_original_keys),
+        parent._register_load_state_dict_pre_hook(_load_original_keys, with_module=True),
+    )
 
 
 # State dict key mapping for chains fused in place: the block at slot `c` holds the conv as `c.0` and the

@@ -43,10 +43,11 @@ class BN(NamedTuple):
     eps: float
     num_batches_tracked: Tensor | None
 
-    @property
-    def batch_stats(self) -> bool:
-        """Normalise with the batch's statistics: in training, and in eval without running ones."""
-        return self.training or self.running_mean is None
+
+def batch_stats(bn: BN) -> bool:
+    """Normalise with the batch's statistics: in training, and in eval without running ones. (A function,
+    not a property of BN: torch 2.4's dynamo does not trace properties of a NamedTuple.)"""
+    return bn.training or bn.running_mean is None
 
 
 def fused(op: str, nd: int, x, weight, bias, conv: Conv, bn: BN, relu: bool, reference, kernels) -> Tensor:
@@ -77,7 +78,7 @@ def op_reasons(backend: str, x: Tensor, conv: Conv, bn: BN) -> list[str]:
         reasons.append(
             f"the triton conv launches at most {most} groups (CUDA's grid limit); groups is {conv.groups}"
         )
-    if bn.batch_stats and x.shape[0] > most:
+    if batch_stats(bn) and x.shape[0] > most:
         reasons.append(
             f"the triton batch-statistics kernels launch at most {most} samples (CUDA's grid limit); "
             f"N is {x.shape[0]}"
@@ -89,15 +90,12 @@ def op_reasons(backend: str, x: Tensor, conv: Conv, bn: BN) -> list[str]:
 # Checks
 
 
-_INT = {int}
-
-
 def _tuple(op: str, name: str, v, minimum: int, nd: int = 3) -> list[int]:
     # the common cases first, in fewer steps (this runs three times on every call): an int, nd ints
     if type(v) is int:
         if v >= minimum:
             return [v] * nd
-    elif type(v) in (tuple, list) and len(v) == nd and set(map(type, v)) == _INT and min(v) >= minimum:
+    elif type(v) in (tuple, list) and len(v) == nd and all(type(a) is int for a in v) and min(v) >= minimum:
         return list(v)
     vals = [v] * nd if isinstance(v, int) and not isinstance(v, bool) else v
     if (
@@ -178,7 +176,7 @@ def validate(op: str, nd: int, x, weight, bias, conv: Conv, bn: BN) -> Conv:
             f"{op}: x's spatial size {tuple(x.shape[2:])} is too small for the kernel "
             f"{tuple(weight.shape[2:])} with padding {conv.padding} and dilation {conv.dilation}"
         )
-    if bn.batch_stats and x.shape[0] * math.prod(out) <= 1:
+    if batch_stats(bn) and x.shape[0] * math.prod(out) <= 1:
         raise ValueError(
             f"{op}: expected more than 1 value per channel when training, got conv output of shape "
             f"{(x.shape[0], C, *out)}"
@@ -203,7 +201,7 @@ def batch_norm_relu(z: Tensor, bn: BN, relu: bool) -> Tensor:
     """relu(batch_norm(z)) as nn.BatchNorm*d and nn.ReLU run it: the eager references' common tail."""
     g, b, running_mean, running_var, training, momentum, eps, num_batches_tracked = bn
     factor = _factor(momentum, num_batches_tracked) if training and running_mean is not None else 0.0
-    y = F.batch_norm(z, running_mean, running_var, g, b, bn.batch_stats, factor, eps)
+    y = F.batch_norm(z, running_mean, running_var, g, b, batch_stats(bn), factor, eps)
     return F.relu(y) if relu else y
 
 

@@ -40,9 +40,10 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from mvfast.ops._conv_bn import BN, Conv, fused, out_spatial, reference
+from mvfast.ops._conv_bn import BN, Conv, batch_stats, fused, out_spatial, reference
 from mvfast.ops._op import Op, OpSpec, acc_dtype, cast_all
 from mvfast.ops._triton import Launch, Target, conv_precision, next_pow2, pick, target, tl, triton
+from mvfast.utils import saved_tensor_hooks_keep_tensors
 
 OP = "conv3d_bn_relu"
 _CL = torch.channels_last_3d
@@ -636,7 +637,7 @@ def _setup_context(ctx, inputs, output):
             x_saved = x_source
         # the recompute below, on the cpu backend, where no saved-tensor hooks move or drop tensors
         # (checkpointing, offloading): z held on a node for the next block would escape them
-        recompute = ctx.backend == "cpu" and _saved_tensor_hooks_keep_tensors()
+        recompute = ctx.backend == "cpu" and saved_tensor_hooks_keep_tensors()
         source = _made_by_a_block(x) if recompute else None
         ctx.x_from_relu = None
         if source is None:
@@ -673,21 +674,6 @@ def _backward(ctx, run, grad_out, *_):
     else:
         gx, gw, gbias, gg, gb = _eval_backward(ctx, grad_out)
     return (gx if need[0] else None, gw if need[1] else None, gbias, gg, gb) + (None,) * 11
-
-
-def _saved_tensor_hooks_keep_tensors() -> bool:
-    """No saved-tensor hooks are active, or only one that keeps each tensor as it is (mvfast.utils.
-    saved_bytes's counting hook). Hooks that move or drop saved tensors (torch.autograd.graph.save_on_cpu,
-    activation checkpointing) must see every tensor a block keeps, so no block holds another's z for
-    later then."""
-    top = getattr(torch._C._autograd, "_top_saved_tensors_default_hooks", None)
-    if top is None:  # a torch without the query (private API): assume hooks, so no block holds another's z
-        return False
-    try:
-        hooks = top(False)
-    except TypeError:  # another signature of the private query: as above
-        return False
-    return hooks is None or getattr(hooks[0], "keeps_tensors", False)
 
 
 def _made_by_a_block(x: Tensor):
@@ -904,8 +890,8 @@ def run_kernels(backend: str, x: Tensor, weight: Tensor, bias: Tensor | None, co
     b = bn.bias if bn.bias is not None else x.new_zeros((C,))
     # asked in training only: eval convolves in x's layout and ignores it, so torch.export of an eval model
     # with a dynamic batch meets no guard on the size rule
-    conv_cl = bn.batch_stats and _conv_channels_last(backend, x, weight)
-    args = (x, weight, bias, g, b, bn.running_mean, bn.running_var, *conv, bn.batch_stats, float(bn.eps))
+    conv_cl = batch_stats(bn) and _conv_channels_last(backend, x, weight)
+    args = (x, weight, bias, g, b, bn.running_mean, bn.running_var, *conv, batch_stats(bn), float(bn.eps))
     out, _, mean, _, var, _ = _OP.call((*args, relu, conv_cl), backend)
     if bn.training and bn.running_mean is not None:
         _update_running_stats(bn, mean, var, bias)
