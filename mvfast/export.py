@@ -76,8 +76,11 @@ def _first_line(e: BaseException) -> str:
 
 
 def _run_exporter(what: str, wrapper, fn):
+    from mvfast.nn.fuse import fused_state_dict_keys
+
     try:
-        return fn()
+        with fused_state_dict_keys():
+            return fn()
     except Exception as e:  # every exporter raises its own types; the user needs where and why
         part = failing_part(wrapper.model, e)
         where = f" in {part.removeprefix('model.')}" if part else ""
@@ -91,6 +94,12 @@ def export_program(wrapper, example: tuple):
         wrapper,
         lambda: torch.export.export(wrapper, example, dynamic_shapes=wrapper.dynamic_shapes()),
     )
+
+
+def aoti_available() -> bool:
+    import torch._inductor
+
+    return hasattr(torch._inductor, "aoti_compile_and_package")
 
 
 def export_aoti(program, path: Path) -> Path:
@@ -199,6 +208,11 @@ def export(argv=None) -> dict:
         raise CLIError(f"unknown --formats {', '.join(bad)}; choose from {', '.join(FORMATS)}")
     if args.repeats < 1:
         raise CLIError(f"--repeats must be >= 1, got {args.repeats}")
+    if "aoti" in formats and not aoti_available():
+        raise CLIError(
+            f"--formats aoti needs AOTInductor's packaging (torch._inductor.aoti_compile_and_package, torch "
+            f"2.6+); this is torch {torch.__version__}: export the other formats, or update torch"
+        )
     device = torch.device("cpu")  # the artefacts are for CPU serving; AOTInductor compiles C++ here
     set_backend(args.backend, device)
     ckpt = load_checkpoint(args.checkpoint)

@@ -130,6 +130,12 @@ def test_aoti_package_runs(tmp_path):
     """AOTInductor compiles the program to C++ (about 30 s for the tiny model on 2 cores)."""
     import torch._inductor
 
+    from mvfast.export import aoti_available
+
+    if not aoti_available():
+        proc = run_export(tmp_path / "best.pt", "--out", tmp_path / "out", "--formats", "aoti")
+        assert proc.returncode != 0 and "needs AOTInductor's packaging" in proc.stderr, proc.stderr
+        pytest.skip(f"torch {torch.__version__} has no torch._inductor.aoti_compile_and_package")
     make_checkpoint(tmp_path / "best.pt", multi_label=True)
     proc = run_export(tmp_path / "best.pt", "--out", tmp_path / "out", "--formats", "aoti", "--repeats", "3")
     assert proc.returncode == 0, proc.stdout + proc.stderr
@@ -165,8 +171,22 @@ def test_a_part_the_exporter_cannot_trace_is_named(tmp_path):
     with pytest.raises(ExportError) as info:
         export_program(wrapper, wrapper.example_inputs())
     message = str(info.value)
-    assert "model.pt2" in message and "in audio_proj (DataDependent)" in message, message
+    assert message.startswith("cannot export model.pt2 (torch.export): the exporter failed"), message
     assert "\n" not in message
+    # the part is found from the frames of the exporter's traceback, which older torch (2.7 here) does
+    # not keep: its dynamo raises anew from its own frames, the user's only in the message
+    owners, seen, e = [], set(), info.value.__cause__
+    while e is not None and id(e) not in seen:
+        seen.add(id(e))
+        tb = e.__traceback__
+        while tb is not None:
+            owners.append(tb.tb_frame.f_locals.get("self"))
+            tb = tb.tb_next
+        e = e.__cause__ or e.__context__
+    if any(o is model.audio_proj for o in owners):
+        assert "in audio_proj (DataDependent)" in message, message
+    else:  # (a TorchVersion compares as a version)
+        assert torch.__version__ < (2, 8), f"torch {torch.__version__} kept no frame of the failing part"
 
 
 def test_commands_take_the_exported_folder(exported, tmp_path):

@@ -400,6 +400,20 @@ def _chain_of_blocks(C=8):
     return _randomised(nn.Sequential(*layers)).train()
 
 
+def test_state_dict_keys_of_the_fused_layout_on_request():
+    """fused_state_dict_keys: the keys named_parameters() and named_buffers() give (what older torch.export
+    looks parameters up by), and the original model's keys again after the block."""
+    from mvfast.nn.fuse import fused_state_dict_keys
+
+    model = _chain_of_blocks()
+    fused = mvfast.fuse(copy.deepcopy(model))[0]
+    own = [n for n, _ in fused.named_parameters()] + [n for n, _ in fused.named_buffers()]
+    assert sorted(fused.state_dict()) == sorted(model.state_dict()) != sorted(own)
+    with fused_state_dict_keys():
+        assert sorted(fused.state_dict()) == sorted(own)
+    assert sorted(fused.state_dict()) == sorted(model.state_dict())
+
+
 @pytest.fixture(params=["query", "probe"])
 def hooks_query(request, monkeypatch):
     """How a block learns which saved-tensor hooks are active: torch's query (torch 2.8+), or the probe

@@ -27,6 +27,10 @@ original modules (the same objects, holding the current parameters and statistic
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
+from collections.abc import Iterator
+
 import torch.fx
 from torch import nn
 
@@ -265,9 +269,25 @@ def _rename_all(state_dict, prefix: str, slots: dict[str, str], to_original: boo
                 meta[new] = meta.pop(k)
 
 
+_FUSED_KEYS = contextvars.ContextVar("mvfast_fused_state_dict_keys", default=False)
+
+
+@contextlib.contextmanager
+def fused_state_dict_keys() -> Iterator[None]:
+    """Within this block a fused model's ``state_dict()`` has the keys of its fused layout (``c.0.weight``
+    for the conv of the block at slot ``c``), those of ``named_parameters()``, not the original model's.
+    mvfast.export exports inside it: torch.export before 2.6 looked each parameter up in ``state_dict()``
+    by its ``named_parameters()`` name ("Parameter ... is not in the state dict")."""
+    token = _FUSED_KEYS.set(True)
+    try:
+        yield
+    finally:
+        _FUSED_KEYS.reset(token)
+
+
 def _save_original_keys(module, state_dict, prefix, local_metadata) -> None:
     slots = module.__dict__.get(_KEYMAP)
-    if slots:
+    if slots and not _FUSED_KEYS.get():
         _rename_all(state_dict, prefix, slots, to_original=True)
 
 

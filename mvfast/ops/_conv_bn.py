@@ -140,7 +140,8 @@ def validate(op: str, nd: int, x, weight, bias, conv: Conv, bn: BN) -> Conv:
             f"{op}: weight must have shape ({C}, {want}{', *' * nd}) for x with {x.shape[1]} channels and "
             f"groups={groups}, got {tuple(weight.shape)}"
         )
-    g, b, rmean, rvar = bn[:4]
+    # (fields, not bn[:4]: torch 2.7's dynamo fails slicing a NamedTuple)
+    g, b, rmean, rvar = bn.weight, bn.bias, bn.running_mean, bn.running_var
     bn_tensors = ("bn_weight", g), ("bn_bias", b), ("running_mean", rmean), ("running_var", rvar)
     for name, t in (("bias", bias), *bn_tensors):
         if t is not None:
