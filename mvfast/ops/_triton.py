@@ -262,10 +262,14 @@ def specialization(launch: Launch, args: tuple) -> tuple[dict, dict, dict]:
 
 
 def _do_not_specialize(kernel) -> tuple:
-    """The kernel's do_not_specialize (the interpreter's functions keep it among their jit arguments)."""
+    """The kernel's do_not_specialize (the interpreter's functions keep it among their jit arguments: on
+    the function from Triton 3.5, on its rewriter in 3.2 to 3.4; Triton 3.1's interpreter drops it)."""
     dns = getattr(kernel, "do_not_specialize", None)
     if dns is None:
-        dns = getattr(kernel, "kwargs", {}).get("do_not_specialize", ())
+        kwargs = getattr(kernel, "kwargs", None)
+        if kwargs is None:
+            kwargs = getattr(getattr(kernel, "rewriter", None), "kwargs", {})
+        dns = kwargs.get("do_not_specialize", ())
     return tuple(dns or ())
 
 
@@ -286,9 +290,8 @@ def compile_kernel(kernel, signature, constexprs, attrs, num_warps, num_stages, 
     import time
 
     from triton.backends.compiler import GPUTarget
-    from triton.compiler import ASTSource
 
-    src = ASTSource(fn=kernel, signature=signature, constexprs=constexprs, attrs=attrs)
+    src = _ast_source(kernel, signature, constexprs, attrs)
     start, cpu = time.perf_counter(), _cpu_seconds()
     with tempfile.TemporaryFile(mode="w+") as out:
         # Triton prints ptxas's -v report (registers, spill stores) when asked to.
@@ -311,6 +314,37 @@ def compile_kernel(kernel, signature, constexprs, attrs, num_warps, num_stages, 
     seconds, cpu = time.perf_counter() - start, _cpu_seconds() - cpu
     usage = _ptxas_usage(log) or _cuobjdump_usage(compiled.asm["cubin"])
     return dict(shared=int(compiled.metadata.shared), seconds=seconds, cpu_seconds=cpu, **usage)
+
+
+def _ast_source(kernel, signature: dict, constexprs: dict, attrs: dict):
+    """Triton's ASTSource of a specialisation (as :func:`specialization` makes it). From Triton 3.3 it takes
+    it as it is. Triton 3.2 takes the signature of the arguments not declared ``tl.constexpr`` (an integer
+    specialised to 1 keeps its type there and is among the constants too), the constants by name, and the
+    attributes as an AttrsDescriptor of the argument indices divisible by 16 and equal to 1, as its JIT
+    makes them; Triton 3.1 the same, with its own AttrsDescriptor."""
+    import inspect
+
+    from triton.compiler import ASTSource
+
+    if "constexprs" in inspect.signature(ASTSource).parameters:
+        return ASTSource(fn=kernel, signature=signature, constexprs=constexprs, attrs=attrs)
+    from triton.compiler.compiler import AttrsDescriptor
+
+    declared = {p.name for p in kernel.params if p.is_constexpr}
+    divisible = {i for (i,), props in attrs.items() if ["tt.divisibility", 16] in props}
+    types, ones = {}, set()
+    for i, (name, ty) in enumerate(signature.items()):
+        if name in declared:
+            continue
+        if ty == "constexpr":  # an integer equal to 1
+            ty = "i32"
+            ones.add(i)
+        types[name] = ty
+    if hasattr(AttrsDescriptor, "from_hints"):  # Triton 3.2
+        descriptor = AttrsDescriptor.from_hints({i: 16 for i in divisible} | {i: 1 for i in ones})
+    else:  # Triton 3.1
+        descriptor = AttrsDescriptor(divisible_by_16=divisible, equal_to_1=ones)
+    return ASTSource(fn=kernel, signature=types, constants=constexprs, attrs=descriptor)
 
 
 def _cpu_seconds() -> float:

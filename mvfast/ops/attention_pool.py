@@ -15,7 +15,8 @@ registration of the custom op ``mvfast::attention_pool`` with its fake kernel an
 CUDA kernels are in ``csrc/cpu/attention_pool.cpp`` and ``csrc/cuda/attention_pool.cu``.
 """
 
-from __future__ import annotations
+# No ``from __future__ import annotations``: Triton's interpreter before 3.2 knows a kernel's
+# tl.constexpr parameters only by the annotation object, and took string annotations for runtime values.
 
 import functools
 

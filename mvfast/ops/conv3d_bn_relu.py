@@ -31,7 +31,8 @@ channels_last_3d, which oneDNN is much faster in, unless the weights are NCDHW a
 as ATen's own conv backward answers.
 """
 
-from __future__ import annotations
+# No ``from __future__ import annotations``: Triton's interpreter before 3.2 knows a kernel's
+# tl.constexpr parameters only by the annotation object, and took string annotations for runtime values.
 
 import functools
 import weakref

@@ -11,7 +11,8 @@ PyTorch reference (ground truth and fallback), the Triton kernels, and the regis
 ``csrc/cpu/netvlad.cpp`` and ``csrc/cuda/netvlad.cu``.
 """
 
-from __future__ import annotations
+# No ``from __future__ import annotations``: Triton's interpreter before 3.2 knows a kernel's
+# tl.constexpr parameters only by the annotation object, and took string annotations for runtime values.
 
 import functools
 
