@@ -17,6 +17,7 @@ error that lists why, never a silent fallback.
 from __future__ import annotations
 
 import contextlib
+import importlib.metadata
 import importlib.util
 import logging
 import os
@@ -69,11 +70,24 @@ def backend(name: str) -> Iterator[None]:
 # What is installed, computed once: these facts do not change while the process runs.
 
 
+# The oldest Triton the kernels are tested with: 3.1 compiles them for sm_80-89 but its compiler aborts on
+# three of the sm_90 plans (hopperMmaToLinearLayout), and its interpreter computes wrong values with NumPy 2.
+OLDEST_TRITON = (3, 2)
+
+
 def _triton_status() -> tuple[bool, bool, str | None]:
     """(importable, interpreter on, reason it is unusable or None)."""
     if importlib.util.find_spec("triton") is None:
         return False, False, "Triton is not installed (pip install triton)"
     interpret = os.environ.get("TRITON_INTERPRET", "0") == "1"
+    try:
+        version = importlib.metadata.version("triton")
+        release = tuple(int(p) for p in version.split("+")[0].split(".")[:2])
+    except (importlib.metadata.PackageNotFoundError, ValueError):  # a source build without metadata
+        return True, interpret, None
+    if release < OLDEST_TRITON:
+        oldest = ".".join(map(str, OLDEST_TRITON))
+        return True, interpret, f"mvfast's Triton kernels need Triton >= {oldest}; this is Triton {version}"
     return True, interpret, None
 
 
@@ -87,7 +101,7 @@ def _device_reasons(name: str, device: torch.device) -> list[str]:
     if name == "reference":
         return reasons
     if name == "triton":
-        if not TRITON_AVAILABLE:
+        if _TRITON_REASON is not None:
             reasons.append(_TRITON_REASON)
         elif device.type == "cpu" and not TRITON_INTERPRET:
             reasons.append(

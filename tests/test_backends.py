@@ -140,6 +140,25 @@ def test_import_without_the_extension_runs_the_reference():
     assert "using the reference backend" in p.stderr
 
 
+@pytest.mark.parametrize(
+    "version, usable", [("3.1.0", False), ("3.0.0", False), ("3.2.0", True), ("3.8.0+git1234", True)]
+)
+def test_a_triton_older_than_the_kernels_need_is_refused_by_reason(monkeypatch, version, usable):
+    import importlib.metadata
+    import importlib.util
+
+    from mvfast import _backend
+
+    if importlib.util.find_spec("triton") is None:
+        pytest.skip("Triton is not installed")
+    monkeypatch.setattr(importlib.metadata, "version", lambda name: version)
+    _, _, reason = _backend._triton_status()
+    if usable:
+        assert reason is None
+    else:
+        assert reason == f"mvfast's Triton kernels need Triton >= 3.2; this is Triton {version}"
+
+
 def test_an_extension_built_against_another_torch_says_how_to_rebuild():
     # what the dynamic loader says of an _C compiled against another torch (pip's build isolation builds
     # against the newest torch it may install): the hint is the rebuild against this one, not the same install
