@@ -68,8 +68,9 @@ def saved_tensor_hooks_keep_tensors() -> bool:
 
 def _probed_hooks_keep_tensors() -> bool:
     # A product saves its inputs: with hooks active, the innermost pair packs the probe, and the saved
-    # tensor then refuses hooks of its own; saved_bytes's hook says so when it is the pair that packed it.
-    # (About 3 us a call on the development CPU.)
+    # tensor then refuses hooks of its own; saved_bytes's hook says so when it is the pair that packed it
+    # (other hooks marked keeps_tensors count as hooks that move tensors here). About 3 us a call on the
+    # development CPU.
     if torch.compiler.is_compiling() or torch.jit.is_tracing():
         return False  # no real tensor may be made here: as if hooks were active
     if _probe.tensor is None:

@@ -276,8 +276,8 @@ _FUSED_KEYS = contextvars.ContextVar("mvfast_fused_state_dict_keys", default=Fal
 def fused_state_dict_keys() -> Iterator[None]:
     """Within this block a fused model's ``state_dict()`` has the keys of its fused layout (``c.0.weight``
     for the conv of the block at slot ``c``), those of ``named_parameters()``, not the original model's.
-    mvfast.export exports inside it: torch.export before 2.6 looked each parameter up in ``state_dict()``
-    by its ``named_parameters()`` name ("Parameter ... is not in the state dict")."""
+    mvfast.export exports inside it: torch.export of torch 2.4 and 2.5 looked each parameter up in
+    ``state_dict()`` by its ``named_parameters()`` name ("Parameter ... is not in the state dict")."""
     token = _FUSED_KEYS.set(True)
     try:
         yield
