@@ -284,7 +284,7 @@ def generate(
     names = class_names(factors)
     n_train = max(1, min(videos_per_class - 1, round(videos_per_class * train_fraction)))
     out.parent.mkdir(parents=True, exist_ok=True)
-    with _scratch_folder(out) as tmp:
+    with _scratch_folder(out) as (tmp, check_signal):
         rows = []
         started = time.perf_counter()
         total = num_classes * videos_per_class
@@ -296,6 +296,7 @@ def generate(
             rel = f"videos/{names[label]}/{k:03d}.mp4"
             (tmp / rel).parent.mkdir(parents=True, exist_ok=True)
             encode_video(tmp / rel, frames, fps=fps, audio=audio if has_audio else None)
+            check_signal()
             rows.append(
                 {
                     "path": rel,
@@ -342,7 +343,8 @@ def _complete(out: Path, params: dict) -> bool:
 
 @contextlib.contextmanager
 def _scratch_folder(out: Path):
-    """A new temporary sibling folder of `out`, removed after the block unless the block renamed it away.
+    """A new temporary sibling folder of `out`, removed after the block unless the block renamed it away;
+    yields (folder, check), check as `_sigterm_as_exit` gives it.
 
     It is removed on any exception, and on SIGTERM too (turned into SystemExit inside the block). A process
     killed outright (SIGKILL, power loss) cannot clean up, so each folder has a lock file, created first and
@@ -356,8 +358,8 @@ def _scratch_folder(out: Path):
         if fcntl is not None:
             fcntl.flock(lock_fd, fcntl.LOCK_EX)
         tmp.mkdir()
-        with _sigterm_as_exit():
-            yield tmp
+        with _sigterm_as_exit() as check:
+            yield tmp, check
     finally:
         # The folder goes before its lock file: a folder without one is never a live process's.
         shutil.rmtree(tmp, ignore_errors=True)
@@ -396,19 +398,30 @@ def _remove_abandoned(out: Path) -> None:
 @contextlib.contextmanager
 def _sigterm_as_exit():
     """Inside the block SIGTERM raises SystemExit(143), so that cleanup code runs, where by default it ends
-    the process at once. Only in the main thread, and only while nobody else handles SIGTERM."""
+    the process at once. Only in the main thread, and only while nobody else handles SIGTERM.
+
+    Yields a function that raises that SystemExit again if a SIGTERM came: the handler's exception is lost
+    where the signal lands in Python code run from C that swallows exceptions (a callback of PyAV's, a
+    finalizer: "Exception ignored in ..."), so the caller calls it at its own boundaries as well."""
+    received = []
+
+    def check():
+        if received:
+            raise SystemExit(128 + received[0])
+
     if threading.current_thread() is not threading.main_thread() or (
         signal.getsignal(signal.SIGTERM) is not signal.SIG_DFL
     ):
-        yield
+        yield check
         return
 
     def stop(signum, _frame):
+        received.append(signum)
         raise SystemExit(128 + signum)
 
     signal.signal(signal.SIGTERM, stop)
     try:
-        yield
+        yield check
     finally:
         signal.signal(signal.SIGTERM, signal.SIG_DFL)
 
