@@ -7,6 +7,8 @@ import contextlib
 import importlib
 import io
 import re
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -14,6 +16,7 @@ import pytest
 import torch
 
 README = Path(__file__).resolve().parents[1] / "README.md"
+FLAG = re.compile(r"(?<![\w-])--[a-z][a-z0-9-]*")
 
 
 def blocks(lang: str) -> list[str]:
@@ -63,7 +66,7 @@ def command_lines() -> list[tuple[str, list[str]]]:
             line = line.split(" #")[0]
             m = re.search(r"-m (mvfast\.\w+)(.*)", line)
             if m:
-                found.append((m.group(1), re.findall(r"(?<![\w-])--[a-z][a-z0-9-]*", m.group(2))))
+                found.append((m.group(1), FLAG.findall(m.group(2))))
     return found
 
 
@@ -83,8 +86,33 @@ def test_every_flag_in_the_readme_is_the_commands(module):
     with contextlib.redirect_stdout(out), pytest.raises(SystemExit) as done:
         importlib.import_module(module).main(["--help"])
     assert done.value.code == 0
-    known = set(re.findall(r"(?<![\w-])--[a-z][a-z0-9-]*", out.getvalue()))
+    known = set(FLAG.findall(out.getvalue()))
     assert set(flags) <= known, f"{module} has no {sorted(set(flags) - known)}"
+
+
+# Flags of other tools the README names (pip, setup.py, pytest-benchmark): not mvfast's to check.
+OTHER_TOOLS = {"--no-build-isolation", "--no-deps", "--inplace", "--benchmark-only", "--benchmark-json"}
+SCRIPTS = ("benchmarks/gpu_check.py", "benchmarks/serving.py", "tests/test_triton_compile.py")
+COMMANDS = ("train", "evaluate", "predict", "extract", "export", "sweep", "info", "demo")
+
+
+def test_every_flag_the_readme_names_anywhere_exists():
+    """Prose too: each --flag is an mvfast command's, one of a script the README runs, or another tool's."""
+    known = set(OTHER_TOOLS)
+    for name in COMMANDS:
+        out = io.StringIO()
+        with contextlib.redirect_stdout(out), pytest.raises(SystemExit):
+            importlib.import_module(f"mvfast.{name}").main(["--help"])
+        known |= set(FLAG.findall(out.getvalue()))
+    root = README.parent
+    for script in SCRIPTS:
+        proc = subprocess.run(
+            [sys.executable, script, "--help"], cwd=root, capture_output=True, text=True, timeout=120
+        )
+        assert proc.returncode == 0, (script, proc.stderr)
+        known |= set(FLAG.findall(proc.stdout))
+    named = set(FLAG.findall(README.read_text(encoding="utf-8")))
+    assert named <= known, f"the README names flags nothing has: {sorted(named - known)}"
 
 
 # ---------------------------------------------------------------------------------------------------
