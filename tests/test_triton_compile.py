@@ -10,7 +10,9 @@ as Triton's JIT would specialise it (pointer types, integers equal to 1, multipl
 span what the models meet: NetVLAD D 128..4096 and K+G 16..512, attention D 96..2048 and H 1..4, conv
 3..512 channels, kernels 1 and 3, NCDHW and channels_last_3d, training and eval; every dtype the ops
 take (float32 under both TF32 settings, float16, bfloat16), masks, normalize and return_weights on and
-off. Each distinct kernel is compiled once per arch, in a pool of processes, through Triton's cache.
+off. On sm_80 and sm_90 also views with strides past 2**31 elements, which Triton passes as i64: kernels
+of their own. Each distinct kernel is compiled once per arch, in a pool of processes, through Triton's
+cache.
 
 It asserts that every kernel of the three op modules is launched by some plan, that every launch
 compiles, and that its shared memory fits the arch. ``python tests/test_triton_compile.py`` prints the
@@ -134,6 +136,53 @@ def conv_calls():
                     yield label, dtype, _conv, (x, w, bn, stride, padding, training)
 
 
+def _strided(shape, strides, dtype):
+    return torch.empty_strided(shape, strides, dtype=dtype, device="meta")
+
+
+# Archs that also compile the launches on tensors with strides of 2**31 elements or more: Triton passes
+# such strides as i64, a kernel of its own that the realistic shapes above never make. The two ends of
+# the targets: the offsets cost registers, not shared memory, so the archs between add nothing but time.
+LARGE_STRIDE_ARCHS = (80, 90)
+
+
+def large_stride_calls():
+    """Views past 2**31 elements (a (L, B, D) batch seen as (B, L, D), a feature dim strided apart, a batch
+    2**31 apart) and a conv whose batch stride is 2**31, float32 and bfloat16."""
+    big = 2**31
+    for dtype in (torch.float32, torch.bfloat16):
+        for shape, strides in (
+            ((2, 3, 16), (16, big + 32, 1)),
+            ((2, 3, 33), (3, 1, big + 8)),
+            ((2, 3, 16), (big + 48, 16, 1)),
+        ):
+            B, M, D = shape
+            x = _strided(shape, strides, dtype)
+            for masked in (True, False):
+                K, G = 4, 1
+                w, c = _meta(K + G, D, dtype=dtype), _meta(K, D, dtype=dtype)
+                b = _meta(K + G, dtype=dtype) if masked else None
+                mask = _meta(B, M, dtype=torch.bool) if masked else None
+                for normalize in (True, False):
+                    label = f"large strides netvlad {strides} {dtype} masked={masked} normalize={normalize}"
+                    yield label, dtype, _netvlad, (x, w, b, c, mask, G, normalize)
+                label = f"large strides attention {strides} {dtype} masked={masked}"
+                yield label, dtype, _attention, (x, _meta(2, D, dtype=dtype), mask, masked)
+        for channels_last in (False, True):
+            x = _meta(2, 64, 128, 512, 512, dtype=dtype, channels_last=channels_last)
+            for training in (True, False):
+                bn = [_meta(64) for _ in range(4)]
+                label = (
+                    f"large strides conv 2x64x128x512x512 channels_last={channels_last} {dtype} {training=}"
+                )
+                yield (
+                    label,
+                    dtype,
+                    _conv,
+                    (x, _meta(64, 64, 3, 3, 3, dtype=dtype), bn, [1] * 3, [1] * 3, training),
+                )
+
+
 def launches(arch: int) -> dict[tuple, dict]:
     """The distinct compiled kernels the launchers make for ``arch``: key -> the job that compiles it and
     the first call that launches it."""
@@ -141,7 +190,10 @@ def launches(arch: int) -> dict[tuple, dict]:
 
     target = _triton.Target(arch, TARGETS[arch])
     jobs = {}
-    for calls in (netvlad_calls, attention_calls, conv_calls):
+    sources = [netvlad_calls, attention_calls, conv_calls]
+    if arch in LARGE_STRIDE_ARCHS:
+        sources.append(large_stride_calls)
+    for calls in sources:
         for label, dtype, fn, inputs in calls():
             for matmul, cudnn_tf32 in _tf32_settings(dtype):
                 with _precision(matmul, cudnn_tf32), _triton.recording(target) as recorded:
@@ -169,6 +221,7 @@ def launches(arch: int) -> dict[tuple, dict]:
                             num_stages=launch.num_stages,
                             arch=arch,
                             first=label,
+                            i64=[k for k, v in sig.items() if v == "i64"],
                         ),
                     )
     return jobs
@@ -315,6 +368,9 @@ def test_every_plan_compiles_and_fits_the_arch(tmp_path):
         compiled = {f"{r['module']}.{r['kernel']}" for r in results if r["arch"] == arch}
         missing = set(report["kernels"]) - compiled
         assert not missing, f"kernels that no plan launches on sm_{arch}: {sorted(missing)}"
+    for arch in LARGE_STRIDE_ARCHS:  # the large-stride views did make i64 kernels, of every op
+        wide = {r["module"] for r in results if r["arch"] == arch and r["i64"]}
+        assert wide == set(MODULES), f"sm_{arch}: i64 kernels only in {sorted(wide)}"
 
 
 def main() -> None:
