@@ -88,6 +88,19 @@ def _triton_status() -> tuple[bool, bool, str | None]:
     if release < OLDEST_TRITON:
         oldest = ".".join(map(str, OLDEST_TRITON))
         return True, interpret, f"mvfast's Triton kernels need Triton >= {oldest}; this is Triton {version}"
+    if interpret and release < (3, 7):
+        # The interpreter of Triton 3.2 to 3.6 takes int() of the 1-element array that holds a scalar
+        # argument (such as the bound of a loop over a runtime size), which NumPy 2.4 refuses: "only
+        # 0-dimensional arrays can be converted to Python scalars" (NumPy 2.3 only warns).
+        import numpy
+
+        if tuple(int(p) for p in numpy.__version__.split(".")[:2]) >= (2, 4):
+            reason = (
+                f"Triton {version}'s interpreter (TRITON_INTERPRET=1) cannot run mvfast's kernels with "
+                f"NumPy {numpy.__version__}, which refuses its int() of a 1-element array: NumPy < 2.4 or "
+                "Triton >= 3.7 can"
+            )
+            return True, interpret, reason
     return True, interpret, None
 
 

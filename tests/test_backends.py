@@ -147,16 +147,53 @@ def test_a_triton_older_than_the_kernels_need_is_refused_by_reason(monkeypatch, 
     import importlib.metadata
     import importlib.util
 
+    import numpy
+
     from mvfast import _backend
 
     if importlib.util.find_spec("triton") is None:
         pytest.skip("Triton is not installed")
     monkeypatch.setattr(importlib.metadata, "version", lambda name: version)
+    # a NumPy that takes int() of a 1-element array, as the interpreters before Triton 3.7 need
+    monkeypatch.setattr(numpy, "__version__", "2.3.5")
     _, _, reason = _backend._triton_status()
     if usable:
         assert reason is None
     else:
         assert reason == f"mvfast's Triton kernels need Triton >= 3.2; this is Triton {version}"
+
+
+@pytest.mark.parametrize(
+    "triton, numpy_version, interpret, usable",
+    [
+        ("3.2.0", "2.4.6", True, False),
+        ("3.6.0", "2.4.0", True, False),
+        ("3.2.0", "2.3.5", True, True),
+        ("3.7.0", "2.4.6", True, True),
+        ("3.2.0", "2.4.6", False, True),  # compiled for a GPU, the kernels never meet NumPy
+    ],
+)
+def test_an_interpreter_that_numpy_breaks_is_refused_by_reason(
+    monkeypatch, triton, numpy_version, interpret, usable
+):
+    import importlib.metadata
+    import importlib.util
+
+    import numpy
+
+    from mvfast import _backend
+
+    if importlib.util.find_spec("triton") is None:
+        pytest.skip("Triton is not installed")
+    monkeypatch.setattr(importlib.metadata, "version", lambda name: triton)
+    monkeypatch.setattr(numpy, "__version__", numpy_version)
+    monkeypatch.setenv("TRITON_INTERPRET", "1" if interpret else "0")
+    _, _, reason = _backend._triton_status()
+    if usable:
+        assert reason is None
+    else:
+        assert reason.startswith(f"Triton {triton}'s interpreter (TRITON_INTERPRET=1) cannot run"), reason
+        assert f"with NumPy {numpy_version}" in reason and "NumPy < 2.4 or Triton >= 3.7" in reason, reason
 
 
 def test_an_extension_built_against_another_torch_says_how_to_rebuild():
