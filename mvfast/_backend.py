@@ -91,7 +91,31 @@ def _triton_status() -> tuple[bool, bool, str | None]:
     return True, interpret, None
 
 
+def _interpreter_reason() -> str | None:
+    """Why Triton's interpreter cannot run the kernels with the NumPy installed, or None.
+
+    The interpreter of Triton 3.2 to 3.6 takes int() of the 1-element array that holds a scalar argument
+    (such as the bound of a loop over a runtime size), which NumPy 2.4 refuses: "only 0-dimensional arrays
+    can be converted to Python scalars" (NumPy 2.3 only warns; Triton 3.7 squeezes the array first).
+    """
+    import numpy
+
+    try:
+        version = importlib.metadata.version("triton")
+        triton = tuple(int(p) for p in version.split("+")[0].split(".")[:2])
+        numpy_release = tuple(int(p) for p in numpy.__version__.split(".")[:2])
+    except (importlib.metadata.PackageNotFoundError, ValueError):
+        return None
+    if triton < (3, 7) and numpy_release >= (2, 4):
+        return (
+            f"Triton {version}'s interpreter cannot run mvfast's kernels with NumPy {numpy.__version__}, "
+            "which refuses its int() of a 1-element array: NumPy < 2.4 or Triton >= 3.7 can"
+        )
+    return None
+
+
 TRITON_AVAILABLE, TRITON_INTERPRET, _TRITON_REASON = _triton_status()
+_INTERPRETER_REASON = _interpreter_reason() if TRITON_AVAILABLE else None
 _GPU = torch.cuda.is_available()
 
 
@@ -103,6 +127,8 @@ def _device_reasons(name: str, device: torch.device) -> list[str]:
     if name == "triton":
         if _TRITON_REASON is not None:
             reasons.append(_TRITON_REASON)
+        elif TRITON_INTERPRET and _INTERPRETER_REASON is not None:
+            reasons.append(f"under TRITON_INTERPRET=1: {_INTERPRETER_REASON}")
         elif device.type == "cpu" and not TRITON_INTERPRET:
             reasons.append(
                 "on CPU tensors Triton kernels run only under TRITON_INTERPRET=1, set before "

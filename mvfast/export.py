@@ -75,7 +75,7 @@ def _first_line(e: BaseException) -> str:
     return lines[0].strip() if lines else type(e).__name__
 
 
-def _run_exporter(what: str, wrapper, fn):
+def _run_exporter(what: str, wrapper, fn, hint: str | None = None):
     from mvfast.nn.fuse import fused_state_dict_keys
 
     try:
@@ -84,7 +84,8 @@ def _run_exporter(what: str, wrapper, fn):
     except Exception as e:  # every exporter raises its own types; the user needs where and why
         part = failing_part(wrapper.model, e)
         where = f" in {part.removeprefix('model.')}" if part else ""
-        raise ExportError(f"cannot export {what}: the exporter failed{where}: {_first_line(e)}") from e
+        also = f"; {hint}" if hint else ""
+        raise ExportError(f"cannot export {what}: the exporter failed{where}: {_first_line(e)}{also}") from e
 
 
 def export_program(wrapper, example: tuple):
@@ -115,6 +116,29 @@ def export_aoti(program, path: Path) -> Path:
     )
 
 
+def onnx_stack_problem() -> str | None:
+    """Why this torch's ONNX exporter is known to fail with the installed onnxscript, or None.
+
+    torch 2.6's exporter fails with onnxscript 0.3 and newer, on this model as on a plain Conv3d ->
+    BatchNorm3d: 0.3.2 and 0.4.0 in its version conversion pass ("The model contains functions"), 0.5.7,
+    0.6.2 and 0.7.2 in translating the batch norm ("'tuple' object has no attribute 'dtype'"). onnxscript
+    0.2.7 exports the model, with protobuf < 7 (protobuf 7's int fields refuse 0.2's booleans).
+    """
+    try:
+        import onnxscript
+    except ImportError:
+        return None
+    from torch.torch_version import TorchVersion
+
+    if (2, 6) <= torch.__version__ < (2, 7) and TorchVersion(onnxscript.__version__) >= (0, 3):
+        return (
+            f"torch {torch.__version__}'s ONNX exporter fails with onnxscript {onnxscript.__version__} (0.3 "
+            "and newer, even on a plain Conv3d + BatchNorm3d); onnxscript 0.2.7 works: "
+            "pip install 'onnxscript<0.3' 'protobuf<7', or update torch"
+        )
+    return None
+
+
 def export_onnx(wrapper, example: tuple, path: Path) -> Path:
     """model.onnx through the reference backend: the exporter sees only standard operators."""
     import mvfast
@@ -140,7 +164,7 @@ def export_onnx(wrapper, example: tuple, path: Path) -> Path:
             )
         return path
 
-    return _run_exporter("model.onnx (torch.onnx)", wrapper, run)
+    return _run_exporter("model.onnx (torch.onnx)", wrapper, run, hint=onnx_stack_problem())
 
 
 def onnx_session(path: Path):

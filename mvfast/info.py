@@ -62,10 +62,12 @@ def report() -> str:
         add(f"GPU: {gpus}")
     else:
         add("GPU: none visible")
+    interpreter_reason = _backend._INTERPRETER_REASON if _backend.TRITON_INTERPRET else None
     add(
         f"Triton: {'installed' if _backend.TRITON_AVAILABLE else 'not installed'}"
         f"{', interpreter on (TRITON_INTERPRET=1)' if _backend.TRITON_INTERPRET else ''}"
         f"{f' ({_backend._TRITON_REASON})' if _backend.TRITON_AVAILABLE and _backend._TRITON_REASON else ''}"
+        f"{f' ({interpreter_reason})' if interpreter_reason else ''}"
     )
     add(f"backend asked for: {_backend.get_backend()} (MVFAST_BACKEND, mvfast.set_backend, mvfast.backend)")
     devices = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])

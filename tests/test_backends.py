@@ -75,6 +75,9 @@ def test_triton_on_cpu_needs_the_interpreter(monkeypatch):
 
 
 def test_op_specific_reason_float64_on_triton():
+    triton = _backend.backends("cpu")["triton"]
+    if not triton["available"]:  # then the call is refused for that reason, whatever its dtype
+        pytest.skip(f"triton: {triton['reason']}")
     x, w, b, c = (t.double() if t is not None else None for t in _inputs())
     with mvfast.backend("triton"):
         with pytest.raises(RuntimeError, match="not float64"):
@@ -157,6 +160,50 @@ def test_a_triton_older_than_the_kernels_need_is_refused_by_reason(monkeypatch, 
         assert reason is None
     else:
         assert reason == f"mvfast's Triton kernels need Triton >= 3.2; this is Triton {version}"
+
+
+@pytest.mark.parametrize(
+    "triton, numpy_version, usable",
+    [
+        ("3.2.0", "2.4.6", False),
+        ("3.6.0", "2.4.0", False),
+        ("3.2.0", "2.3.5", True),
+        ("3.7.0", "2.4.6", True),
+    ],
+)
+def test_an_interpreter_that_numpy_breaks_is_refused_by_reason(monkeypatch, triton, numpy_version, usable):
+    import importlib.metadata
+    import importlib.util
+
+    import numpy
+
+    from mvfast import _backend
+
+    if importlib.util.find_spec("triton") is None:
+        pytest.skip("Triton is not installed")
+    monkeypatch.setattr(importlib.metadata, "version", lambda name: triton)
+    monkeypatch.setattr(numpy, "__version__", numpy_version)
+    reason = _backend._interpreter_reason()
+    if usable:
+        assert reason is None
+    else:
+        assert reason == (
+            f"Triton {triton}'s interpreter cannot run mvfast's kernels with NumPy {numpy_version}, which "
+            "refuses its int() of a 1-element array: NumPy < 2.4 or Triton >= 3.7 can"
+        )
+
+
+def test_the_interpreter_reason_counts_only_under_the_interpreter(monkeypatch):
+    monkeypatch.setattr(_backend, "_TRITON_REASON", None)
+    monkeypatch.setattr(_backend, "_INTERPRETER_REASON", "pretend NumPy breaks the interpreter")
+    monkeypatch.setattr(_backend, "TRITON_INTERPRET", True)
+    for device in ("cpu", "cuda"):
+        reasons = _backend._device_reasons("triton", torch.device(device))
+        assert reasons == ["under TRITON_INTERPRET=1: pretend NumPy breaks the interpreter"], reasons
+    # compiled for a GPU, the kernels never meet NumPy
+    monkeypatch.setattr(_backend, "TRITON_INTERPRET", False)
+    assert _backend._device_reasons("triton", torch.device("cuda")) == []
+    assert "TRITON_INTERPRET=1, set before" in _backend._device_reasons("triton", torch.device("cpu"))[0]
 
 
 def test_an_extension_built_against_another_torch_says_how_to_rebuild():

@@ -13,6 +13,7 @@ import torch
 
 import mvfast
 from mvfast._checkpoint import FORMAT, data_config_to_dict, model_spec
+from mvfast.export import onnx_stack_problem
 from mvfast.models import TensorInputs, create_model, from_pretrained
 
 CLASSES = ["cat", "dog", "surf"]
@@ -51,7 +52,7 @@ def exported(tmp_path_factory):
     """safetensors + model.pt2 (+ ONNX where installed), checked by the command itself."""
     root = tmp_path_factory.mktemp("export")
     model = make_checkpoint(root / "best.pt")
-    formats = "safetensors,pt2" + (",onnx" if _has_onnx() else "")
+    formats = "safetensors,pt2" + (",onnx" if _has_onnx() and not onnx_stack_problem() else "")
     proc = run_export(root / "best.pt", "--out", root / "out", "--formats", formats, "--repeats", "3")
     assert proc.returncode == 0, proc.stdout + proc.stderr
     return root / "out", model, proc
@@ -104,10 +105,17 @@ def test_pt2_runs_with_dynamic_batch_audio_and_title(exported):
     assert "model.pt2" in proc.stdout and "eager / it" in proc.stdout
 
 
-def test_onnx_runs_in_onnxruntime(exported):
+def test_onnx_runs_in_onnxruntime(exported, tmp_path):
     pytest.importorskip("onnxruntime", reason="ONNX export is optional: pip install 'mvfast[export]'")
     pytest.importorskip("onnxscript", reason="ONNX export is optional: pip install 'mvfast[export]'")
     import onnx
+
+    problem = onnx_stack_problem()
+    if problem:  # the exporter's own failure (the fixture left ONNX out); the error must say what to do
+        make_checkpoint(tmp_path / "best.pt")
+        proc = run_export(tmp_path / "best.pt", "--out", tmp_path / "out", "--formats", "onnx")
+        assert proc.returncode != 0 and problem in proc.stderr, proc.stderr
+        pytest.skip(problem)
 
     from mvfast.export import onnx_runner, onnx_session
 

@@ -4,6 +4,10 @@ the paper preset on the meta device, configuration errors and scene weights file
 
 import copy
 import dataclasses
+import os
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -15,6 +19,7 @@ from mvfast.data import collate
 from mvfast.data.config import DataConfig
 from mvfast.models import MODALITIES, PRESETS, MicroVideoConfig, MicroVideoNet, create_model
 
+ROOT = Path(__file__).resolve().parents[1]
 SMALL = dict(tiny={}, frame2d=dict(scene_frames=3))
 
 
@@ -398,6 +403,24 @@ def test_paper_preset_on_meta():
         out = model.eval()(batch)
     assert out["logits"].shape == (1, 101) and out["attention"].shape == (1, 8, 1)
     assert set(out["aux_logits"]) == {"rgb", "motion"}
+
+
+def test_a_fresh_process_builds_the_model_on_meta():
+    """The first import of torchvision, made by the scene VGG's constructor, inside the user's
+    ``torch.device("meta")`` (torch 2.6 cannot import torch._dynamo there, pytorch/pytorch#153330)."""
+    code = (
+        "import sys, torch, mvfast\n"
+        "assert 'torchvision' not in sys.modules\n"
+        "with torch.device('meta'):\n"
+        "    model = mvfast.models.create_model('paper', 101)\n"
+        "assert {p.device.type for p in model.parameters()} == {'meta'}\n"
+        "assert torch.empty(1).device.type == 'cpu'\n"
+        "print(sum(p.numel() for p in model.parameters()))\n"
+    )
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])}
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    assert int(proc.stdout) == sum(p.numel() for p in _meta_model("paper").parameters())
 
 
 def test_paper_scene_nets_are_torchvision_vgg():

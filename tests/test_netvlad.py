@@ -475,10 +475,10 @@ def test_second_derivative_is_an_error(backend):
 @pytest.mark.parametrize("backend", [p for p in kernel_backends() if p.id == "cpu"])
 def test_vmap_matches_a_loop(backend):
     """torch.func.vmap over the op with parameters that require grad (the eager autograd.Function route)."""
-    if torch.__version__ < (2, 7):  # (not checked on 2.6)
+    if torch.__version__ < (2, 7):
         pytest.skip(
             f"torch {torch.__version__}: torch.func's generated vmap rule fails in the backward, passing a "
-            "None among the batched arguments to _add_batch_dim (2.4 and 2.5; 2.7 passes)"
+            "None among the batched arguments to _add_batch_dim (2.4, 2.5 and 2.6; 2.7 passes)"
         )
     name, device = backend
     g = torch.Generator().manual_seed(0)

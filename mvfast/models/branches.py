@@ -7,7 +7,31 @@ PyTorch's and ``mvfast.fuse`` swaps the blocks for fused ones in place.
 
 from __future__ import annotations
 
+import sys
+
+import torch
 from torch import Tensor, nn
+
+
+def _torchvision_vgg():
+    """torchvision's ``cfgs`` and ``make_layers``, imported on first use (only the model needs torchvision).
+
+    The first import runs outside any torch function mode, such as the default device of
+    ``with torch.device("meta")``, in which a model is built to count its parameters (mvfast.info does so
+    for the paper preset's 1.7 GB of weights): torchvision
+    imports torch._dynamo, and on torch 2.6 that import calls ``.item()`` on a tensor that the mode puts on
+    the meta device and fails (pytorch/pytorch#153330; 2.4, 2.5 and 2.14 import it there).
+    """
+    if "torchvision.models.vgg" not in sys.modules:
+        modes = [torch._C._pop_torch_function_stack() for _ in range(torch._C._len_torch_function_stack())]
+        try:
+            import torchvision.models.vgg  # noqa: F401
+        finally:
+            for mode in reversed(modes):
+                torch._C._push_on_torch_function_stack(mode)
+    from torchvision.models.vgg import cfgs, make_layers
+
+    return cfgs, make_layers
 
 
 def conv3d_block(cin: int, cout: int, stride=(1, 1, 1)) -> nn.Sequential:
@@ -83,8 +107,7 @@ class VGG(nn.Module):
 
     def __init__(self, name, num_classes, width=1.0, pool=7, hidden=4096, batch_norm=False, dropout=0.5):
         super().__init__()
-        from torchvision.models.vgg import cfgs, make_layers  # only the model needs torchvision
-
+        cfgs, make_layers = _torchvision_vgg()
         cfg = [v if v == "M" else max(1, round(v * width)) for v in cfgs[self.CFG[name]]]
         self.features = make_layers(cfg, batch_norm=batch_norm)
         self.avgpool = nn.AdaptiveAvgPool2d((pool, pool))
