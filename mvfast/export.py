@@ -123,6 +123,9 @@ def onnx_stack_problem() -> str | None:
     BatchNorm3d: 0.3.2 and 0.4.0 in its version conversion pass ("The model contains functions"), 0.5.7,
     0.6.2 and 0.7.2 in translating the batch norm ("'tuple' object has no attribute 'dtype'"). onnxscript
     0.2.7 exports the model, with protobuf < 7 (protobuf 7's int fields refuse 0.2's booleans).
+
+    torch 2.5's exporter fails on this model with both onnxscript versions tried: 0.7.2 as 2.6's does, 0.2.7
+    building a constant from a list ("unhashable type: 'list'"). torch 2.4 was not tried.
     """
     try:
         import onnxscript
@@ -135,6 +138,12 @@ def onnx_stack_problem() -> str | None:
             f"torch {torch.__version__}'s ONNX exporter fails with onnxscript {onnxscript.__version__} (0.3 "
             "and newer, even on a plain Conv3d + BatchNorm3d); onnxscript 0.2.7 works: "
             "pip install 'onnxscript<0.3' 'protobuf<7', or update torch"
+        )
+    if (2, 5) <= torch.__version__ < (2, 6):
+        return (
+            f"torch {torch.__version__}'s ONNX exporter fails on this model with onnxscript "
+            f"{onnxscript.__version__} (0.2.7 and 0.7.2 were tried); mvfast's ONNX export works with "
+            "torch 2.6 and onnxscript<0.3, and with torch 2.14: update torch for model.onnx"
         )
     return None
 
