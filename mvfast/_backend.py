@@ -75,16 +75,30 @@ def backend(name: str) -> Iterator[None]:
 OLDEST_TRITON = (3, 2)
 
 
+def _release(version: str) -> tuple[int, ...]:
+    """(major, minor) of a version string such as 3.6.0 or 2.4.0+git1234; ValueError where it is not one."""
+    return tuple(int(p) for p in version.split("+")[0].split(".")[:2])
+
+
+def _installed_triton() -> tuple[str, tuple[int, ...]] | None:
+    """The installed Triton's version and (major, minor), or None where its metadata does not say (a source
+    build)."""
+    try:
+        version = importlib.metadata.version("triton")
+        return version, _release(version)
+    except (importlib.metadata.PackageNotFoundError, ValueError):
+        return None
+
+
 def _triton_status() -> tuple[bool, bool, str | None]:
     """(importable, interpreter on, reason it is unusable or None)."""
     if importlib.util.find_spec("triton") is None:
         return False, False, "Triton is not installed (pip install triton)"
     interpret = os.environ.get("TRITON_INTERPRET", "0") == "1"
-    try:
-        version = importlib.metadata.version("triton")
-        release = tuple(int(p) for p in version.split("+")[0].split(".")[:2])
-    except (importlib.metadata.PackageNotFoundError, ValueError):  # a source build without metadata
+    installed = _installed_triton()
+    if installed is None:
         return True, interpret, None
+    version, release = installed
     if release < OLDEST_TRITON:
         oldest = ".".join(map(str, OLDEST_TRITON))
         return True, interpret, f"mvfast's Triton kernels need Triton >= {oldest}; this is Triton {version}"
@@ -100,11 +114,13 @@ def _interpreter_reason() -> str | None:
     """
     import numpy
 
+    installed = _installed_triton()
+    if installed is None:
+        return None
+    version, triton = installed
     try:
-        version = importlib.metadata.version("triton")
-        triton = tuple(int(p) for p in version.split("+")[0].split(".")[:2])
-        numpy_release = tuple(int(p) for p in numpy.__version__.split(".")[:2])
-    except (importlib.metadata.PackageNotFoundError, ValueError):
+        numpy_release = _release(numpy.__version__)
+    except ValueError:
         return None
     if triton < (3, 7) and numpy_release >= (2, 4):
         return (

@@ -79,15 +79,20 @@ def test_the_readme_shows_the_commands_and_its_claims():
     assert {"mvfast.train", "mvfast.evaluate", "mvfast.predict", "mvfast.extract", "mvfast.export"} <= modules
 
 
-@pytest.mark.parametrize("module", sorted({m for m, _ in command_lines()}))
-def test_every_flag_in_the_readme_is_the_commands(module):
-    flags = sorted({f for m, fs in command_lines() if m == module for f in fs})
+def help_flags(module: str) -> set[str]:
+    """The flags ``python -m <module> --help`` lists (its main, in this process)."""
     out = io.StringIO()
     with contextlib.redirect_stdout(out), pytest.raises(SystemExit) as done:
         importlib.import_module(module).main(["--help"])
-    assert done.value.code == 0
-    known = set(FLAG.findall(out.getvalue()))
-    assert set(flags) <= known, f"{module} has no {sorted(set(flags) - known)}"
+    assert done.value.code == 0, module
+    return set(FLAG.findall(out.getvalue()))
+
+
+@pytest.mark.parametrize("module", sorted({m for m, _ in command_lines()}))
+def test_every_flag_in_the_readme_is_the_commands(module):
+    flags = {f for m, fs in command_lines() if m == module for f in fs}
+    known = help_flags(module)
+    assert flags <= known, f"{module} has no {sorted(flags - known)}"
 
 
 # Flags of other tools the README names (pip, setup.py, pytest-benchmark): not mvfast's to check.
@@ -100,10 +105,7 @@ def test_every_flag_the_readme_names_anywhere_exists():
     """Prose too: each --flag is an mvfast command's, one of a script the README runs, or another tool's."""
     known = set(OTHER_TOOLS)
     for name in COMMANDS:
-        out = io.StringIO()
-        with contextlib.redirect_stdout(out), pytest.raises(SystemExit):
-            importlib.import_module(f"mvfast.{name}").main(["--help"])
-        known |= set(FLAG.findall(out.getvalue()))
+        known |= help_flags(f"mvfast.{name}")
     root = README.parent
     for script in SCRIPTS:
         proc = subprocess.run(

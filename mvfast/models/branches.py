@@ -18,9 +18,9 @@ def _torchvision_vgg():
 
     The first import runs outside any torch function mode, such as the default device of
     ``with torch.device("meta")``, in which a model is built to count its parameters (mvfast.info does so
-    for the paper preset's 1.7 GB of weights): torchvision
-    imports torch._dynamo, and on torch 2.6 that import calls ``.item()`` on a tensor that the mode puts on
-    the meta device and fails (pytorch/pytorch#153330; 2.4, 2.5 and 2.14 import it there).
+    for the paper preset's 1.7 GB of weights): torchvision imports torch._dynamo, and on torch 2.6 that
+    import calls ``.item()`` on a tensor that the mode puts on the meta device and fails
+    (pytorch/pytorch#153330; 2.4, 2.5 and 2.14 import it there).
     """
     if "torchvision.models.vgg" not in sys.modules:
         modes = [torch._C._pop_torch_function_stack() for _ in range(torch._C._len_torch_function_stack())]
