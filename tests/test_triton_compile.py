@@ -83,6 +83,15 @@ def _conv(x, w, bn, stride, padding, training):
         )
 
 
+def _netvlad_inputs(x, K, G, masked):
+    """(x, weight, bias, centroids, mask) for x (B, M, D): with a mask and a bias, or with neither."""
+    B, M, D = x.shape
+    w, c = _meta(K + G, D, dtype=x.dtype), _meta(K, D, dtype=x.dtype)
+    b = _meta(K + G, dtype=x.dtype) if masked else None
+    mask = _meta(B, M, dtype=torch.bool) if masked else None
+    return x, w, b, c, mask
+
+
 def netvlad_calls():
     """(label, dtype, function, args): forward and backward of each case."""
     B, M = 32, 300
@@ -90,13 +99,10 @@ def netvlad_calls():
         for K, G in ((16, 0), (64, 0), (256, 0), (500, 12)):
             for dtype in DTYPES:
                 for normalize in (True, False):
-                    for masked in (True, False):  # with a mask and a bias, and with neither
-                        x = _meta(B, M, D, dtype=dtype)
-                        w, c = _meta(K + G, D, dtype=dtype), _meta(K, D, dtype=dtype)
-                        b = _meta(K + G, dtype=dtype) if masked else None
-                        mask = _meta(B, M, dtype=torch.bool) if masked else None
+                    for masked in (True, False):
+                        inputs = _netvlad_inputs(_meta(B, M, D, dtype=dtype), K, G, masked)
                         label = f"netvlad D={D} K={K} G={G} {dtype} normalize={normalize}"
-                        yield label, dtype, _netvlad, (x, w, b, c, mask, G, normalize)
+                        yield label, dtype, _netvlad, (*inputs, G, normalize)
 
 
 def attention_calls():
@@ -156,18 +162,14 @@ def large_stride_calls():
             ((2, 3, 33), (3, 1, big + 8)),
             ((2, 3, 16), (big + 48, 16, 1)),
         ):
-            B, M, D = shape
             x = _strided(shape, strides, dtype)
             for masked in (True, False):
-                K, G = 4, 1
-                w, c = _meta(K + G, D, dtype=dtype), _meta(K, D, dtype=dtype)
-                b = _meta(K + G, dtype=dtype) if masked else None
-                mask = _meta(B, M, dtype=torch.bool) if masked else None
+                inputs = _netvlad_inputs(x, 4, 1, masked)
                 for normalize in (True, False):
                     label = f"large strides netvlad {strides} {dtype} masked={masked} normalize={normalize}"
-                    yield label, dtype, _netvlad, (x, w, b, c, mask, G, normalize)
+                    yield label, dtype, _netvlad, (*inputs, 1, normalize)
                 label = f"large strides attention {strides} {dtype} masked={masked}"
-                yield label, dtype, _attention, (x, _meta(2, D, dtype=dtype), mask, masked)
+                yield label, dtype, _attention, (x, _meta(2, shape[2], dtype=dtype), inputs[4], masked)
         for channels_last in (False, True):
             x = _meta(2, 64, 128, 512, 512, dtype=dtype, channels_last=channels_last)
             for training in (True, False):
