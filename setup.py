@@ -19,7 +19,7 @@ import sys
 from setuptools import setup
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
-DEFAULT_CUDA_ARCHS = "8.0;8.6;8.9;9.0"
+DEFAULT_CUDA_ARCHS = "8.0;8.6;8.9;9.0+PTX"
 
 
 def log(msg):

@@ -17,6 +17,7 @@ error that lists why, never a silent fallback.
 from __future__ import annotations
 
 import contextlib
+import functools
 import importlib.metadata
 import importlib.util
 import logging
@@ -166,7 +167,18 @@ def _device_reasons(name: str, device: torch.device) -> list[str]:
             )
         elif device.type != "cuda":
             reasons.append(f"the cuda backend runs on CUDA tensors, not {device.type}")
+        elif _GPU:
+            why = _cuda_arch_reason(torch.cuda.current_device() if device.index is None else device.index)
+            if why is not None:
+                reasons.append(why)
     return reasons
+
+
+@functools.cache
+def _cuda_arch_reason(index: int) -> str | None:
+    """Why the built CUDA kernels cannot run on GPU ``index``, or None when they can."""
+    capability = torch.cuda.get_device_capability(index)
+    return _ext.arch_reason(capability, _ext.BUILD["archs"], _ext.BUILD["ptx"])
 
 
 def backends(device: str | torch.device | None = None) -> dict[str, dict]:

@@ -34,8 +34,9 @@ LOADED = _C is not None
 
 
 def build_info() -> dict:
-    """What the extension was compiled with: ``{"loaded", "cpu", "cuda", "cuda_version", "archs",
-    "error"}``."""
+    """What the extension was compiled with: ``{"loaded", "cpu", "cuda", "cuda_version", "archs", "ptx",
+    "error"}``; ``archs`` are the compute capabilities with machine code ("8.0", ...), ``ptx`` those whose
+    PTX is embedded too (``TORCH_CUDA_ARCH_LIST`` entries with ``+PTX``), which newer GPUs compile at load."""
     if not LOADED:
         return {
             "loaded": False,
@@ -43,17 +44,41 @@ def build_info() -> dict:
             "cuda": False,
             "cuda_version": None,
             "archs": [],
+            "ptx": [],
             "error": ERROR,
         }
-    cuda_version, archs = _C.CUDA_VERSION, _C.CUDA_ARCHS
+    cuda_version, listed = _C.CUDA_VERSION, [a for a in _C.CUDA_ARCHS.split(",") if a]
     return {
         "loaded": True,
         "cpu": True,
         "cuda": bool(cuda_version),
         "cuda_version": cuda_version or None,
-        "archs": [a for a in archs.split(",") if a],
+        "archs": [a.removesuffix("+PTX") for a in listed],
+        "ptx": [a.removesuffix("+PTX") for a in listed if a.endswith("+PTX")],
         "error": None,
     }
+
+
+def _capability(arch: str) -> tuple[int, int]:
+    major, minor = arch.split(".")
+    return int(major), int(minor)
+
+
+def arch_reason(capability: tuple[int, int], archs: list[str], ptx: list[str]) -> str | None:
+    """Why no kernel of a build for ``archs`` (machine code) and ``ptx`` (PTX) runs on a GPU of compute
+    capability ``capability``, or None when one does. Machine code for X.y runs on X.z for z >= y; PTX for
+    X.y is compiled by the driver for any capability >= X.y."""
+    major, minor = capability
+    if any(a[0] == major and a[1] <= minor for a in map(_capability, archs)):
+        return None
+    if any(p <= capability for p in map(_capability, ptx)):
+        return None
+    built = ", ".join(archs) + (f" (PTX {', '.join(ptx)})" if ptx else "")
+    return (
+        f"mvfast._C's CUDA kernels were built for compute capabilities {built}, none of which runs on this "
+        f"GPU ({major}.{minor}): rebuild with TORCH_CUDA_ARCH_LIST={major}.{minor} "
+        "(`pip install -e . --no-build-isolation` on this machine picks it)"
+    )
 
 
 BUILD = build_info()

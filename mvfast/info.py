@@ -53,7 +53,10 @@ def report() -> str:
     )
     b = _ext.BUILD
     if b["loaded"]:
-        cuda = f"CUDA {b['cuda_version']} for sm {', '.join(b['archs'])}" if b["cuda"] else "no CUDA kernels"
+        cuda = "no CUDA kernels"
+        if b["cuda"]:
+            ptx = f" (PTX {', '.join(b['ptx'])})" if b["ptx"] else ""
+            cuda = f"CUDA {b['cuda_version']} for sm {', '.join(b['archs'])}{ptx}"
         add(f"mvfast._C: CPU kernels; {cuda}")
     else:
         add(f"mvfast._C: not loaded: {b['error']}")

@@ -206,6 +206,77 @@ def test_the_interpreter_reason_counts_only_under_the_interpreter(monkeypatch):
     assert "TRITON_INTERPRET=1, set before" in _backend._device_reasons("triton", torch.device("cpu"))[0]
 
 
+@pytest.mark.parametrize(
+    "capability, archs, ptx, runs",
+    [
+        ((9, 0), ["8.0", "8.6", "8.9", "9.0"], ["9.0"], True),  # H100/H200: its machine code
+        ((8, 7), ["8.0", "8.6", "8.9", "9.0"], [], True),  # Orin: 8.6's machine code runs on 8.7
+        ((10, 0), ["8.0", "8.6", "8.9", "9.0"], ["9.0"], True),  # B200: the driver compiles 9.0's PTX
+        ((12, 0), ["8.0", "8.6", "8.9", "9.0"], ["9.0"], True),
+        ((10, 0), ["8.0", "8.6", "8.9", "9.0"], [], False),  # machine code never crosses a major version
+        ((9, 0), ["8.0"], [], False),
+        ((7, 5), ["8.0", "8.6", "8.9", "9.0"], ["9.0"], False),  # PTX runs only on its arch and newer
+        ((8, 0), ["8.6"], [], False),  # nor runs on an older minor
+    ],
+)
+def test_which_gpus_the_cuda_build_runs_on(capability, archs, ptx, runs):
+    why = _ext.arch_reason(capability, archs, ptx)
+    assert (why is None) == runs, why
+    if not runs:
+        cc = f"{capability[0]}.{capability[1]}"
+        assert f"({cc})" in why and f"TORCH_CUDA_ARCH_LIST={cc}" in why and ", ".join(archs) in why, why
+
+
+def test_build_info_reads_the_ptx_archs(monkeypatch):
+    class FakeC:
+        CUDA_VERSION, CUDA_ARCHS = "13.0", "8.0,8.6,8.9,9.0+PTX"
+
+    monkeypatch.setattr(_ext, "_C", FakeC)
+    b = _ext.build_info()
+    assert b["cuda"] and b["archs"] == ["8.0", "8.6", "8.9", "9.0"] and b["ptx"] == ["9.0"], b
+    FakeC.CUDA_VERSION, FakeC.CUDA_ARCHS = "", ""
+    b = _ext.build_info()
+    assert not b["cuda"] and b["archs"] == [] and b["ptx"] == [], b
+
+
+def test_a_gpu_the_cuda_build_does_not_cover_is_refused_by_reason(monkeypatch, caplog):
+    """On a GPU no built arch runs on, the cuda backend is unavailable with the reason (its first launch
+    would fail with "no kernel image is available"), and auto moves on to the next backend."""
+    monkeypatch.setattr(_backend, "_GPU", True)
+    monkeypatch.setitem(_ext.BUILD, "loaded", True)
+    monkeypatch.setitem(_ext.BUILD, "cuda", True)
+    monkeypatch.setitem(_ext.BUILD, "archs", ["8.0", "9.0"])
+    monkeypatch.setitem(_ext.BUILD, "ptx", [])
+    monkeypatch.setattr(_ext, "LOADED", True)
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 1)
+    asked = []
+
+    def capability(index):
+        asked.append(index)
+        return {0: (9, 0), 1: (10, 0)}[index]
+
+    monkeypatch.setattr(torch.cuda, "get_device_capability", capability)
+    _backend._cuda_arch_reason.cache_clear()
+    try:
+        assert _backend._device_reasons("cuda", torch.device("cuda", 0)) == []
+        reasons = _backend._device_reasons("cuda", torch.device("cuda"))  # the current device: 1
+        assert len(reasons) == 1 and "none of which runs on this GPU (10.0)" in reasons[0], reasons
+        assert _backend.backends("cuda")["cuda"] == {"available": False, "reason": reasons[0]}
+        _backend._device_reasons("cuda", torch.device("cuda", 1))
+        assert asked == [0, 1], asked  # each GPU is asked once
+        with mvfast.backend("cuda"), pytest.raises(RuntimeError, match=r"backend 'cuda' cannot run.*10\.0"):
+            _backend.resolve("netvlad", torch.device("cuda", 1), lambda name: [])
+        # auto: Triton first where it can run (pretended away here), then cuda, refused, then the reference
+        monkeypatch.setattr(_backend, "_TRITON_REASON", "pretend Triton is missing")
+        monkeypatch.setattr(_backend, "_logged", set())
+        with caplog.at_level(logging.WARNING, logger="mvfast"):
+            assert _backend.resolve("netvlad", torch.device("cuda", 1), lambda name: []) == "reference"
+            assert _backend.resolve("netvlad", torch.device("cuda", 0), lambda name: []) == "cuda"
+        assert "cuda: mvfast._C's CUDA kernels were built for compute capabilities 8.0, 9.0" in caplog.text
+    finally:
+        _backend._cuda_arch_reason.cache_clear()
+
+
 def test_an_extension_built_against_another_torch_says_how_to_rebuild():
     # what the dynamic loader says of an _C compiled against another torch (pip's build isolation builds
     # against the newest torch it may install): the hint is the rebuild against this one, not the same install
