@@ -111,7 +111,7 @@ MVFAST_HD acc_t score_grad(acc_t a, acc_t g, acc_t c) {
 // anything else, a CUDA device guard included.
 //
 // Kernels provides:
-//   splits(B, L) -> S, how many parts the L rows of a sample are cut into
+//   splits(B, L) -> S, how many parts the L rows of a sample are cut into (capped here: capped_splits)
 //   partials(x, w (H,D) acc, mask or undefined, S, part_m (B,S,H), part_s (B,S,H), part_acc (B,S,H,D),
 //            scores (B,L,H) acc or undefined): one streaming pass over x; writes the raw scores when
 //            `scores` is defined (for the weights output)
@@ -120,6 +120,13 @@ MVFAST_HD acc_t score_grad(acc_t a, acc_t g, acc_t c) {
 //   backward(x, w, mask, lse, dv (B,H,D) acc, c (B,H) acc, grad_weights (B,L,H) acc or undefined, S,
 //            grad_x (B,L,D) in x's dtype, part_dw (B*S,H,D) acc)
 // x may have any strides for b and l; its last dimension is contiguous.
+
+// A backend's split count, capped so that the (B, S, H, D) partial sums (and the backward's weight-gradient
+// parts) hold at most about as many values as x: S * H <= L + H - 1. Without it many heads and many
+// threads or SMs at a small batch made them many times x (B = 1, H = 512, 264 splits on an H200).
+inline int64_t capped_splits(int64_t S, int64_t L, int64_t H) {
+  return std::max<int64_t>(1, std::min<int64_t>(S, H > 0 ? (L + H - 1) / H : S));
+}
 
 inline at::ScalarType acc_type(at::ScalarType t) {
   return t == at::kDouble ? at::kDouble : at::kFloat;
@@ -171,7 +178,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> forward(const at::Tensor& x_in, c
   const at::Tensor ma = mask.has_value() ? mask->contiguous() : at::Tensor();
   const auto acc_opts = x.options().dtype(acc);
 
-  const int64_t S = Kernels::splits(B, L);
+  const int64_t S = capped_splits(Kernels::splits(B, L), L, H);
   at::Tensor part_m = at::empty({B, S, H}, acc_opts);
   at::Tensor part_s = at::empty({B, S, H}, acc_opts);
   at::Tensor part_acc = at::empty({B, S, H, D}, acc_opts);
@@ -217,7 +224,7 @@ std::tuple<at::Tensor, at::Tensor> backward(const at::Tensor& grad_out, const st
   }
   c = c.contiguous();
 
-  const int64_t S = Kernels::splits(B, L);
+  const int64_t S = capped_splits(Kernels::splits(B, L), L, H);
   at::Tensor grad_x = at::empty({B, L, D}, x.options());
   at::Tensor part_dw = at::empty({B * S, H, D}, x.options().dtype(acc));
   Kernels::backward(x, wa, ma, la, dv, c, ga, S, grad_x, part_dw);

@@ -2,6 +2,11 @@
 (forward, weights and gradients), gradcheck, opcheck, torch.compile, memory saved for backward, and bad
 input."""
 
+import contextlib
+import os
+import subprocess
+import sys
+
 import pytest
 import torch
 from backend_params import kernel_backends
@@ -211,6 +216,62 @@ def test_long_set_on_the_cpu_kernel():
     ref64 = run("reference", *upcast((x, w, b, m)), return_weights=True)
     lowp = math_in_dtype(x, w, b, m, return_weights=True)
     check_close(got, ref64, lowp, torch.float32, names_for(True, True))
+
+
+@contextlib.contextmanager
+def _threads(n):
+    """torch's intra-op threads set to n in a with-block (the CPU kernel cuts a sample into more splits
+    with more threads)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
+def test_many_heads_at_batch_1_with_the_splits_capped():
+    """With 64 threads a sample of 8192 rows would be cut into 128 splits, each holding an (H, D) partial
+    sum: at H = 128 that is twice x. The splits are capped at ceil(L / H) = 64, and the result is right."""
+    if not mvfast.backends("cpu")["cpu"]["available"]:
+        pytest.skip(mvfast.backends("cpu")["cpu"]["reason"])
+    x, w, b, m = sample_inputs(torch.float32, B=1, L=8192, D=16, H=128)
+    with _threads(64):
+        got = run("cpu", x, w, b, m, return_weights=True)
+    ref64 = run("reference", *upcast((x, w, b, m)), return_weights=True)
+    lowp = math_in_dtype(x, w, b, m, return_weights=True)
+    check_close(got, ref64, lowp, torch.float32, names_for(True, True))
+
+
+# The peak resident memory of this process's memory map (VmHWM; ru_maxrss would also count what the forked
+# pytest process held before the exec).
+PEAK = """
+import re, torch, mvfast
+def peak_kib():
+    with open("/proc/self/status") as f:
+        return int(re.search(r"VmHWM:\\s*(\\d+) kB", f.read()).group(1))
+torch.set_num_threads(64)
+x, w = torch.randn(1, 16384, 256), torch.randn(256, 256) * 0.05
+with mvfast.backend("cpu"):
+    mvfast.ops.attention_pool(x[:, :64], w)  # the thread pool and the op, before the peak is read
+    before = peak_kib()
+    mvfast.ops.attention_pool(x, w)
+print(peak_kib() - before)
+"""
+
+
+def test_many_heads_at_batch_1_allocate_about_x_not_many_times_it():
+    """B = 1, L = 16384, D = 256, H = 256 with 64 threads: uncapped, the forward's 256 splits would hold a
+    (256, 256) float32 partial sum each, 64 MiB (4x the 16 MiB x); capped at 64 splits they hold 16 MiB.
+    The peak resident memory of the call, in a fresh process, stays under 2x x."""
+    if not mvfast.backends("cpu")["cpu"]["available"]:
+        pytest.skip(mvfast.backends("cpu")["cpu"]["reason"])
+    if not os.path.exists("/proc/self/status"):
+        pytest.skip("reads the peak resident memory from /proc/self/status (Linux)")
+    p = subprocess.run([sys.executable, "-c", PEAK], capture_output=True, text=True, timeout=300)
+    assert p.returncode == 0, p.stderr
+    grown_mib = int(p.stdout.split()[-1]) / 1024
+    assert grown_mib < 32, f"the call grew the peak resident memory by {grown_mib:.1f} MiB (x is 16 MiB)"
 
 
 def _compiled_backends():
