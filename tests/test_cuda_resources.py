@@ -35,8 +35,10 @@ HOT = [
     "conv3d_bn_relu::stats_kernel",
     "conv3d_bn_relu::stats_combine_kernel",
     "conv3d_bn_relu::apply_kernel",
+    "conv3d_bn_relu::apply_same_kernel",
     "conv3d_bn_relu::bwd_reduce_kernel",
     "conv3d_bn_relu::bwd_apply_kernel",
+    "conv3d_bn_relu::bwd_apply_same_kernel",
 ]
 
 

@@ -8,16 +8,21 @@
 //     (statistics: welford_combine per channel; sums: ATen). Both layouts are read coalesced: channels_last
 //     directly (a warp reads 32 adjacent channels of a position), NCDHW through a transposing tile in
 //     shared memory (a warp reads 32 adjacent positions of a channel). No index is divided per element;
-//   - apply and backward apply: a thread per element, walking z in its own memory order (coalesced), the
-//     other tensor (output or grad_out) addressed in its layout.
+//   - apply and backward apply: a thread per element, walking z in its own memory order (coalesced). Where
+//     the other tensor (output or grad_out) has z's layout and z has fewer than 2^31 elements (the usual
+//     case), the element's offset is its index in both and only its channel is computed, in 32 bits with
+//     ATen's multiply-shift division; otherwise (n, c, s) are decoded in 64 bits and the other tensor is
+//     addressed in its own layout.
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
 #include <ATen/cuda/CUDAContext.h>
+#include <ATen/cuda/detail/IntegerDivider.cuh>
 #include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <torch/library.h>
 
 #include <algorithm>
+#include <limits>
 
 #include "conv3d_bn_relu.h"
 
@@ -53,6 +58,24 @@ struct Layout {
 Layout layout_of(const at::Tensor& t) {
   const int64_t N = t.size(0), C = t.size(1);
   return {C, t.numel() / std::max<int64_t>(1, N * C), is_channels_last(t)};
+}
+
+// The channel of the i-th element in memory order of a dense tensor of layout L with fewer than 2^31
+// elements, by multiplications (ATen's IntDivider) instead of 64-bit divisions, which the GPU emulates.
+struct ChannelOf {
+  at::cuda::detail::IntDivider<unsigned int> by_c, by_s;
+  bool cl;
+  explicit ChannelOf(const Layout& L)
+      : by_c(static_cast<unsigned int>(L.C)), by_s(static_cast<unsigned int>(L.S)), cl(L.cl) {}
+  __device__ __forceinline__ unsigned int operator()(unsigned int i) const {
+    return cl ? by_c.mod(i) : by_c.mod(by_s.div(i));
+  }
+};
+
+// Whether the apply kernels may take the 32-bit path: z and the other tensor in one layout (the same
+// offset for every element; with C = 1 or S = 1 both layouts are one), under 2^31 elements.
+bool same_layout_32bit(const Layout& a, const Layout& b, int64_t numel) {
+  return numel <= std::numeric_limits<int32_t>::max() && (a.cl == b.cl || a.C == 1 || a.S == 1);
 }
 
 // The reductions' tiling: a block of (kTileC, kTileRows) threads walks kSpan positions of one sample in
@@ -136,17 +159,44 @@ __global__ void stats_kernel(const scalar_t* __restrict__ z, int64_t C, int64_t 
   }
 }
 
-// Thread per channel: combines the blocks' partials (blocks, C), read coalesced across channels.
+// Block per tile of 32 channels, kCombineRows threads per channel: each thread combines every
+// kCombineRows-th of the blocks' partials (blocks, C), read coalesced across channels, then a tree over the
+// block's rows of threads, as stats_kernel's. (A thread per channel walking all partials was one dependent
+// chain of N * ceil(S / kSpan) combines: 6272 at a 32 x 64 x 16 x 112 x 112 z.)
+constexpr int kCombineRows = 32;
+
 template <typename acc_t>
 __global__ void stats_combine_kernel(const acc_t* __restrict__ pn, const acc_t* __restrict__ pmean,
                                      const acc_t* __restrict__ pm2, int64_t parts, int64_t C,
                                      acc_t* __restrict__ mean, acc_t* __restrict__ m2) {
-  const int64_t c = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
-  if (c >= C) return;
+  __shared__ acc_t sn[kCombineRows][kTileC], smean[kCombineRows][kTileC], sm2[kCombineRows][kTileC];
+  const int tx = threadIdx.x, ty = threadIdx.y;
+  const int64_t c = static_cast<int64_t>(blockIdx.x) * kTileC + tx;
   acc_t n = 0, m = 0, s = 0;
-  for (int64_t k = 0; k < parts; ++k) welford_combine(n, m, s, pn[k * C + c], pmean[k * C + c], pm2[k * C + c]);
-  mean[c] = m;
-  m2[c] = s;
+  if (c < C) {
+    for (int64_t k = ty; k < parts; k += kCombineRows) {
+      welford_combine(n, m, s, pn[k * C + c], pmean[k * C + c], pm2[k * C + c]);
+    }
+  }
+  sn[ty][tx] = n;
+  smean[ty][tx] = m;
+  sm2[ty][tx] = s;
+  __syncthreads();
+#pragma unroll
+  for (int half = kCombineRows / 2; half > 0; half /= 2) {
+    if (ty < half) {
+      acc_t a = sn[ty][tx], b = smean[ty][tx], d = sm2[ty][tx];
+      welford_combine(a, b, d, sn[ty + half][tx], smean[ty + half][tx], sm2[ty + half][tx]);
+      sn[ty][tx] = a;
+      smean[ty][tx] = b;
+      sm2[ty][tx] = d;
+    }
+    __syncthreads();
+  }
+  if (ty == 0 && c < C) {
+    mean[c] = smean[0][tx];
+    m2[c] = sm2[0][tx];
+  }
 }
 
 template <typename scalar_t, typename acc_t>
@@ -158,6 +208,17 @@ __global__ void apply_kernel(const scalar_t* __restrict__ z, Layout Lz, scalar_t
   int64_t n, c, s;
   Lz.coords(i, n, c, s);
   out[Lo.offset(n, c, s)] = static_cast<scalar_t>(bn_relu(static_cast<acc_t>(z[i]), scale[c], shift[c], relu));
+}
+
+// z and out in one layout, numel < 2^31: out[i] from z[i].
+template <typename scalar_t, typename acc_t>
+__global__ void apply_same_kernel(const scalar_t* __restrict__ z, scalar_t* __restrict__ out, ChannelOf channel,
+                                  const acc_t* __restrict__ scale, const acc_t* __restrict__ shift, bool relu,
+                                  unsigned int numel) {
+  const unsigned int i = blockIdx.x * blockDim.x + threadIdx.x;
+  if (i >= numel) return;
+  const unsigned int c = channel(i);
+  out[i] = static_cast<scalar_t>(bn_relu(static_cast<acc_t>(z[i]), scale[c], shift[c], relu));
 }
 
 // Block (n * spans + span, channel tile), tiled as stats_kernel: sums of g and g * xhat over the span's
@@ -224,6 +285,21 @@ __global__ void bwd_apply_kernel(const scalar_t* __restrict__ gy, Layout Lg, con
   gz[i] = static_cast<scalar_t>(bn_backward(g, (zv - mean[c]) * invstd[c], scale[c], mean_g[c], mean_gx[c]));
 }
 
+// gy and z in one layout, numel < 2^31: gz[i] from gy[i] and z[i].
+template <typename scalar_t, typename acc_t>
+__global__ void bwd_apply_same_kernel(const scalar_t* __restrict__ gy, const scalar_t* __restrict__ z,
+                                      ChannelOf channel, scalar_t* __restrict__ gz, const acc_t* __restrict__ scale,
+                                      const acc_t* __restrict__ shift, const acc_t* __restrict__ mean,
+                                      const acc_t* __restrict__ invstd, const acc_t* __restrict__ mean_g,
+                                      const acc_t* __restrict__ mean_gx, bool relu, unsigned int numel) {
+  const unsigned int i = blockIdx.x * blockDim.x + threadIdx.x;
+  if (i >= numel) return;
+  const unsigned int c = channel(i);
+  const acc_t zv = static_cast<acc_t>(z[i]);
+  const acc_t g = relu_grad(static_cast<acc_t>(gy[i]), zv, scale[c], shift[c], relu);
+  gz[i] = static_cast<scalar_t>(bn_backward(g, (zv - mean[c]) * invstd[c], scale[c], mean_g[c], mean_gx[c]));
+}
+
 struct CudaKernels {
   // The grid of the tiled reductions over a 5-D tensor of layout L: (N * spans, channel tiles).
   static dim3 reduce_grid(int64_t N, const Layout& L, int64_t& spans) {
@@ -254,7 +330,7 @@ struct CudaKernels {
       kernel<<<grid, block, 0, stream>>>(z.data_ptr<scalar_t>(), L.C, L.S, spans, pn.data_ptr<acc_t>(),
                                          pmean.data_ptr<acc_t>(), pm2.data_ptr<acc_t>());
       C10_CUDA_KERNEL_LAUNCH_CHECK();
-      stats_combine_kernel<acc_t><<<ceil_div(L.C, kThreads), kThreads, 0, stream>>>(
+      stats_combine_kernel<acc_t><<<ceil_div(L.C, kTileC), dim3(kTileC, kCombineRows), 0, stream>>>(
           pn.data_ptr<acc_t>(), pmean.data_ptr<acc_t>(), pm2.data_ptr<acc_t>(), parts, L.C, mean.data_ptr<acc_t>(),
           m2.data_ptr<acc_t>());
       C10_CUDA_KERNEL_LAUNCH_CHECK();
@@ -268,9 +344,16 @@ struct CudaKernels {
     auto stream = at::cuda::getCurrentCUDAStream();
     AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, z.scalar_type(), "conv3d_bn_relu_apply_cuda", [&] {
       using acc_t = at::opmath_type<scalar_t>;
-      apply_kernel<scalar_t, acc_t><<<ceil_div(numel, kThreads), kThreads, 0, stream>>>(
-          z.data_ptr<scalar_t>(), layout_of(z), out.data_ptr<scalar_t>(), layout_of(out), scale.data_ptr<acc_t>(),
-          shift.data_ptr<acc_t>(), relu, numel);
+      const Layout Lz = layout_of(z), Lo = layout_of(out);
+      if (same_layout_32bit(Lz, Lo, numel)) {
+        apply_same_kernel<scalar_t, acc_t><<<ceil_div(numel, kThreads), kThreads, 0, stream>>>(
+            z.data_ptr<scalar_t>(), out.data_ptr<scalar_t>(), ChannelOf(Lz), scale.data_ptr<acc_t>(),
+            shift.data_ptr<acc_t>(), relu, static_cast<unsigned int>(numel));
+      } else {
+        apply_kernel<scalar_t, acc_t><<<ceil_div(numel, kThreads), kThreads, 0, stream>>>(
+            z.data_ptr<scalar_t>(), Lz, out.data_ptr<scalar_t>(), Lo, scale.data_ptr<acc_t>(), shift.data_ptr<acc_t>(),
+            relu, numel);
+      }
       C10_CUDA_KERNEL_LAUNCH_CHECK();
     });
   }
@@ -317,10 +400,18 @@ struct CudaKernels {
     AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, z.scalar_type(), "conv3d_bn_relu_bwd_apply_cuda", [&] {
       using acc_t = at::opmath_type<scalar_t>;
       const at::Tensor mg = mean_g.contiguous(), mgx = mean_gx.contiguous();
-      bwd_apply_kernel<scalar_t, acc_t><<<ceil_div(numel, kThreads), kThreads, 0, stream>>>(
-          gy.data_ptr<scalar_t>(), layout_of(gy), z.data_ptr<scalar_t>(), layout_of(z), gz.data_ptr<scalar_t>(),
-          scale.data_ptr<acc_t>(), shift.data_ptr<acc_t>(), mean.data_ptr<acc_t>(), invstd.data_ptr<acc_t>(),
-          mg.data_ptr<acc_t>(), mgx.data_ptr<acc_t>(), relu, numel);
+      const Layout Lg = layout_of(gy), Lz = layout_of(z);
+      if (same_layout_32bit(Lz, Lg, numel)) {
+        bwd_apply_same_kernel<scalar_t, acc_t><<<ceil_div(numel, kThreads), kThreads, 0, stream>>>(
+            gy.data_ptr<scalar_t>(), z.data_ptr<scalar_t>(), ChannelOf(Lz), gz.data_ptr<scalar_t>(),
+            scale.data_ptr<acc_t>(), shift.data_ptr<acc_t>(), mean.data_ptr<acc_t>(), invstd.data_ptr<acc_t>(),
+            mg.data_ptr<acc_t>(), mgx.data_ptr<acc_t>(), relu, static_cast<unsigned int>(numel));
+      } else {
+        bwd_apply_kernel<scalar_t, acc_t><<<ceil_div(numel, kThreads), kThreads, 0, stream>>>(
+            gy.data_ptr<scalar_t>(), Lg, z.data_ptr<scalar_t>(), Lz, gz.data_ptr<scalar_t>(), scale.data_ptr<acc_t>(),
+            shift.data_ptr<acc_t>(), mean.data_ptr<acc_t>(), invstd.data_ptr<acc_t>(), mg.data_ptr<acc_t>(),
+            mgx.data_ptr<acc_t>(), relu, numel);
+      }
       C10_CUDA_KERNEL_LAUNCH_CHECK();
     });
   }
