@@ -125,7 +125,9 @@ def onnx_stack_problem() -> str | None:
     0.2.7 exports the model, with protobuf < 7 (protobuf 7's int fields refuse 0.2's booleans).
 
     torch 2.5's exporter fails on this model with both onnxscript versions tried: 0.7.2 as 2.6's does, 0.2.7
-    building a constant from a list ("unhashable type: 'list'"). torch 2.4 was not tried.
+    building a constant from a list ("unhashable type: 'list'"). torch 2.4's torch.onnx.export has no
+    ``dynamo`` and ``dynamic_shapes`` arguments (they came with 2.5), so it cannot export from torch.export's
+    program with the named dynamic dimensions (batch, audio windows, title tokens).
     """
     try:
         import onnxscript
@@ -138,6 +140,12 @@ def onnx_stack_problem() -> str | None:
             f"torch {torch.__version__}'s ONNX exporter fails with onnxscript {onnxscript.__version__} (0.3 "
             "and newer, even on a plain Conv3d + BatchNorm3d); onnxscript 0.2.7 works: "
             "pip install 'onnxscript<0.3' 'protobuf<7', or update torch"
+        )
+    if torch.__version__ < (2, 5):
+        return (
+            f"torch {torch.__version__}'s torch.onnx.export has no dynamo exporter with dynamic shapes "
+            "(its dynamo= and dynamic_shapes= came with torch 2.5); mvfast's ONNX export works with "
+            "torch 2.6 and onnxscript<0.3, and with torch 2.14: update torch for model.onnx"
         )
     if (2, 5) <= torch.__version__ < (2, 6):
         return (
@@ -156,6 +164,9 @@ def export_onnx(wrapper, example: tuple, path: Path) -> Path:
         import onnxscript  # noqa: F401  torch.onnx's exporter needs it
     except ImportError:
         raise CLIError('ONNX export needs onnx and onnxscript: pip install "mvfast[export]"') from None
+
+    if torch.__version__ < (2, 5):  # the call would fail: "unexpected keyword argument 'dynamic_shapes'"
+        raise ExportError(f"cannot export model.onnx (torch.onnx): {onnx_stack_problem()}")
 
     def run():
         # (torch.onnx warns once per axis that its name is shared by inputs, which is how they are meant)
