@@ -286,7 +286,7 @@ def test_many_heads_on_the_compiled_kernels(backend, dtype, H):
     """More heads than the Triton kernels take (16), up to the CUDA kernels' 512: their shared-memory tile
     holds fewer rows as H grows (32 rows at 40 heads, 15 at 130, 4 at 512, fewer rows than the block has
     warps), over L = 300 rows in several tiles and, on a GPU, three splits of 100 rows (ragged against the
-    tile)."""
+    tile) at 40 and 130 heads, one at 512 (the splits are capped at ceil(L / H))."""
     name, device = backend
     inputs = sample_inputs(dtype, device, B=2, L=300, D=33, H=H)
     got = run(name, *inputs, return_weights=True)

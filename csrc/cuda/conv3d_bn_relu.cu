@@ -166,7 +166,7 @@ __global__ void stats_kernel(const scalar_t* __restrict__ z, int64_t C, int64_t 
 constexpr int kCombineRows = 32;
 
 template <typename acc_t>
-__global__ void stats_combine_kernel(const acc_t* __restrict__ pn, const acc_t* __restrict__ pmean,
+__global__ void __launch_bounds__(kTileC * kCombineRows) stats_combine_kernel(const acc_t* __restrict__ pn, const acc_t* __restrict__ pmean,
                                      const acc_t* __restrict__ pm2, int64_t parts, int64_t C,
                                      acc_t* __restrict__ mean, acc_t* __restrict__ m2) {
   __shared__ acc_t sn[kCombineRows][kTileC], smean[kCombineRows][kTileC], sm2[kCombineRows][kTileC];
