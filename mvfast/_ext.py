@@ -8,6 +8,7 @@ build it.
 from __future__ import annotations
 
 import logging
+import re
 
 import torch  # loads libtorch and libc10, which _C links against
 
@@ -59,19 +60,26 @@ def build_info() -> dict:
     }
 
 
-def _capability(arch: str) -> tuple[int, int]:
-    major, minor = arch.split(".")
-    return int(major), int(minor)
+def _capability(arch: str) -> tuple[int, int, bool] | None:
+    """(major, minor, specific) of a TORCH_CUDA_ARCH_LIST entry such as "8.6" or "9.0a" (specific: the
+    a/f variants, whose machine code runs on that capability only); None for what is not of that form (a
+    name such as "Hopper")."""
+    m = re.fullmatch(r"(\d+)\.(\d+)([af]?)", arch.strip())
+    return (int(m.group(1)), int(m.group(2)), bool(m.group(3))) if m else None
 
 
 def arch_reason(capability: tuple[int, int], archs: list[str], ptx: list[str]) -> str | None:
     """Why no kernel of a build for ``archs`` (machine code) and ``ptx`` (PTX) runs on a GPU of compute
-    capability ``capability``, or None when one does. Machine code for X.y runs on X.z for z >= y; PTX for
-    X.y is compiled by the driver for any capability >= X.y."""
+    capability ``capability``, or None when one does, or when an entry cannot be read (the launch then
+    says). Machine code for X.y runs on X.z for z >= y (X.y only for the a/f variants); PTX for X.y is
+    compiled by the driver for any capability >= X.y."""
     major, minor = capability
-    if any(a[0] == major and a[1] <= minor for a in map(_capability, archs)):
+    code, text = [_capability(a) for a in archs], [_capability(p) for p in ptx]
+    if None in code or None in text:
         return None
-    if any(p <= capability for p in map(_capability, ptx)):
+    if any(a == major and (b == minor if specific else b <= minor) for a, b, specific in code):
+        return None
+    if any((a, b) <= (major, minor) for a, b, _ in text):
         return None
     built = ", ".join(archs) + (f" (PTX {', '.join(ptx)})" if ptx else "")
     return (

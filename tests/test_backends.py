@@ -217,6 +217,10 @@ def test_the_interpreter_reason_counts_only_under_the_interpreter(monkeypatch):
         ((9, 0), ["8.0"], [], False),
         ((7, 5), ["8.0", "8.6", "8.9", "9.0"], ["9.0"], False),  # PTX runs only on its arch and newer
         ((8, 0), ["8.6"], [], False),  # nor runs on an older minor
+        ((9, 0), ["9.0a"], [], True),  # the arch-specific variant runs on its own capability
+        ((10, 0), ["10.0a"], [], True),
+        ((10, 3), ["10.0a"], [], False),  # and only there
+        ((10, 0), ["8.0", "Hopper"], [], True),  # an entry it cannot read: the launch will say
     ],
 )
 def test_which_gpus_the_cuda_build_runs_on(capability, archs, ptx, runs):
