@@ -189,6 +189,27 @@ def test_all_masked_sample_gives_zeros(backend, dtype, normalize):
     assert (gx[1] == 0).all()
 
 
+@pytest.mark.parametrize("backend", kernel_backends())
+@pytest.mark.parametrize("normalize", [True, False])
+def test_no_features_give_empty_descriptors_and_zero_gradients(backend, normalize):
+    """D = 0: the logits are the bias alone; the descriptor and every gradient are empty or zero. The
+    Triton backward's bias gradient came from a buffer that no program writes at D = 0 (the dw grid has no
+    D tiles): freed NaN memory is offered to it first."""
+    name, device = backend
+    x = torch.randn(2, 5, 0, device=device, requires_grad=True)
+    w = torch.randn(4, 0, device=device, requires_grad=True)
+    b = torch.randn(4, device=device, requires_grad=True)
+    c = torch.randn(3, 0, device=device, requires_grad=True)
+    poison = [torch.full((64, 4), float("nan"), device=device) for _ in range(4)]
+    del poison  # memory full of NaN, for an allocator to hand back
+    with mvfast.backend(name):
+        y = mvfast.ops.netvlad(x, w, b, c, ghost_clusters=1, normalize=normalize)
+    assert y.shape == ((2, 0) if normalize else (2, 3, 0))
+    gx, gw, gb, gc = torch.autograd.grad(y.sum(), (x, w, b, c), allow_unused=True)
+    assert gx.shape == x.shape and gw.shape == w.shape and gc.shape == c.shape
+    assert gb is not None and torch.equal(gb, torch.zeros_like(b)), gb
+
+
 @pytest.mark.parametrize("backend", [p for p in kernel_backends() if p.id == "cpu"])
 @pytest.mark.parametrize("normalize", [True, False])
 def test_cpu_flows_agree(backend, normalize):

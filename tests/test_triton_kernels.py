@@ -366,7 +366,38 @@ def test_batches_beyond_the_grid_go_to_another_backend(backend):
         mvfast.ops.conv3d_bn_relu(xg, wg, None, g1, g0, g0.clone(), g1.clone(), groups=65536)
     conv_bn = importlib.import_module("mvfast.ops._conv_bn")
     bn = conv_bn.BN(ones, zeros, None, None, True, 0.1, 1e-5, None)
-    assert conv_bn.op_reasons("triton", xc[1:], conv_bn.Conv([1] * 3, [0] * 3, [1] * 3, 65535), bn) == []
+    assert conv_bn.op_reasons("triton", xc[1:], wc, conv_bn.Conv([1] * 3, [0] * 3, [1] * 3, 65535), bn) == []
+
+
+@pytest.mark.parametrize("backend", TRITON)
+def test_features_and_channels_beyond_the_grid_go_to_another_backend(backend):
+    """The grid axis of D's tiles (NetVLAD's aggregate, dx and dw kernels) and of the output channels'
+    tiles (every conv kernel) holds at most 65535 programs: D or out_channels past 65535 tiles are refused
+    by triton with the reason; one fewer is not."""
+    _, device = backend
+    most = 65535 * nv_module.D_TILE
+    x, w = torch.randn(1, 1, most + 1, device=device), torch.randn(1, most + 1, device=device)
+    with mvfast.backend("triton"), pytest.raises(RuntimeError, match=f"D <= {most}; D is {most + 1}"):
+        mvfast.ops.netvlad(x, w, None, w)
+    assert nv_module._op_reasons("triton", _meta(1, 1, most), _meta(1, most)) == []
+    sm90 = _BIG_TARGETS[1]
+    assert not _oversized(nv_module.triton_plan(1, 1, most, 1, 0, torch.float32, True, sm90, "ieee"))
+    assert _oversized(nv_module.triton_plan(1, 1, most + 1, 1, 0, torch.float32, True, sm90, "ieee"))
+    assert nv_module.MAX_KG * most < 2**31  # so the kernels' 32-bit offsets into weight stay in range
+
+    conv_bn = importlib.import_module("mvfast.ops._conv_bn")
+    most = 65535 * conv_bn.CHANNEL_TILE
+    conv = conv_bn.Conv([1] * 3, [0] * 3, [1] * 3, 1)
+    bn = conv_bn.BN(None, None, None, None, True, 0.1, 1e-5, None)
+    x = _meta(2, 1, 1, 1, 1)
+    reasons = conv_bn.op_reasons("triton", x, _meta(most + 1, 1, 1, 1, 1), conv, bn)
+    assert reasons and f"out_channels <= {most}; it is {most + 1}" in reasons[0], reasons
+    assert conv_bn.op_reasons("triton", x, _meta(most, 1, 1, 1, 1), conv, bn) == []
+    for training in (True, False):
+        args = ((2, 1, 1, 1, 1), (most, 1, 1, 1, 1), (2, most, 1, 1, 1), 1, torch.float32, training)
+        assert not _oversized(cbr_module.triton_plan(*args, sm90, "ieee"))
+        args = ((2, 1, 1, 1, 1), (most + 1, 1, 1, 1, 1), (2, most + 1, 1, 1, 1), 1, torch.float32, training)
+        assert _oversized(cbr_module.triton_plan(*args, sm90, "ieee"))
 
 
 # ---------------------------------------------------------------------------------------------------

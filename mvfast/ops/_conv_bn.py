@@ -21,6 +21,8 @@ from mvfast.ops import _checks
 from mvfast.ops._op import autocast_dtype, autocast_off, cast_all
 from mvfast.ops._triton import MAX_GRID
 
+CHANNEL_TILE = 64  # the most output channels a program of the Triton conv and BN kernels takes
+
 
 class Conv(NamedTuple):
     """The convolution's arguments besides its tensors (as nn.Conv3d's; lists of nd ints once checked)."""
@@ -60,16 +62,24 @@ def fused(op: str, nd: int, x, weight, bias, conv: Conv, bn: BN, relu: bool, ref
             x, weight, bias = cast_all((x, weight, bias), dtype)
             return fused(op, nd, x, weight, bias, conv, bn, relu, reference, kernels)
     conv = validate(op, nd, x, weight, bias, conv, bn)
-    name = _backend.resolve(op, x.device, lambda b: op_reasons(b, x, conv, bn))
+    name = _backend.resolve(op, x.device, lambda b: op_reasons(b, x, weight, conv, bn))
     if name == "reference":
         return reference(x, weight, bias, conv, bn, relu)
     return kernels(name, x, weight, bias, conv, bn, relu)
 
 
-def op_reasons(backend: str, x: Tensor, conv: Conv, bn: BN) -> list[str]:
+def op_reasons(backend: str, x: Tensor, weight: Tensor, conv: Conv, bn: BN) -> list[str]:
     if backend != "triton":
         return []
     reasons = []
+    # grid axis 1 holds the output channels' tiles (of at most CHANNEL_TILE) in every kernel
+    C = weight.shape[0]
+    if C > MAX_GRID[1] * CHANNEL_TILE:
+        reasons.append(
+            f"the triton kernels launch the output channels in tiles of {CHANNEL_TILE} along a grid axis of "
+            f"at most {MAX_GRID[1]} programs (CUDA's limit): out_channels <= {MAX_GRID[1] * CHANNEL_TILE}; "
+            f"it is {C}"
+        )
     if x.dtype == torch.float64:
         reasons.append("the triton kernels take float32, float16 and bfloat16, not float64")
     # grid axis 2 holds the groups in the conv kernel and the samples in the batch-statistics kernels

@@ -41,7 +41,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from mvfast.ops._conv_bn import BN, Conv, batch_stats, fused, out_spatial, reference
+from mvfast.ops._conv_bn import BN, CHANNEL_TILE, Conv, batch_stats, fused, out_spatial, reference
 from mvfast.ops._op import Op, OpSpec, acc_dtype, cast_all
 from mvfast.ops._triton import Launch, Target, conv_precision, next_pow2, pick, target, tl, triton
 from mvfast.utils import saved_tensor_hooks_keep_tensors
@@ -402,7 +402,7 @@ def triton_plan(
     block_w = 8 if WO <= 8 else 16 if WO <= 16 else 32
     # exact float32 products (FMA units, no TF32) hold a channel chunk of both operands in registers
     block_k = min(16 if prec == "ieee" else 32, next_pow2(cin_g))
-    block_h, block_n = 64 // block_w, min(64, next_pow2(cout_g))
+    block_h, block_n = 64 // block_w, min(CHANNEL_TILE, next_pow2(cout_g))
     th, tw = triton.cdiv(HO, block_h), triton.cdiv(WO, block_w)
     tiles = N * DO * th * tw
     per_stage = (block_h * block_w * block_k + block_k * block_n) * xb
@@ -437,7 +437,7 @@ def triton_plan(
         scalars=dict(T=T, C=C, CHUNK=T),
     )  # fmt: skip
     S = DO * HO * WO
-    block_m, block_c = 64, min(64, next_pow2(C))
+    block_m, block_c = 64, min(CHANNEL_TILE, next_pow2(C))
     grid = (triton.cdiv(S, block_m), triton.cdiv(C, block_c), N)
     rows = dict(BLOCK_M=block_m, BLOCK_C=block_c)
     plan["apply"] = Launch(_cbr_apply_kernel, grid, rows)

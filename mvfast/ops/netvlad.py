@@ -528,6 +528,7 @@ def _nv_dw_kernel(
 
 _EPS = 1e-12  # F.normalize's
 MAX_KG = 512  # the row kernels hold a row of K+G logits in registers
+D_TILE = 64  # the features per program of the aggregate, dx and dw kernels, whose grids' axis 1 is D's tiles
 MAX_B = MAX_GRID[1]  # the samples are grid axis 1 or 2 of all but the per-sample kernels
 # (BLOCK_D, stages) of the row kernels, fastest first. Exact float32 products run on the FMA units, which
 # hold a D chunk of both operands in registers: a chunk of 64 spilled there.
@@ -586,7 +587,7 @@ def triton_plan(
         warps,
         stages,
     )
-    block_k, block_m, block_d = min(next_pow2(K), 64), 32, 64
+    block_k, block_m, block_d = min(next_pow2(K), 64), 32, D_TILE
     plan["aggregate"] = Launch(
         _nv_aggregate_kernel,
         (triton.cdiv(K, block_k), triton.cdiv(D, block_d), B),
@@ -613,7 +614,7 @@ def triton_plan(
         warps,
         stages,
     )
-    block_m, block_d, block_c = 64, 64, 16 if prec == "ieee" else 32
+    block_m, block_d, block_c = 64, D_TILE, 16 if prec == "ieee" else 32
     plan["dx"] = Launch(
         _nv_dx_kernel,
         (triton.cdiv(M, block_m), triton.cdiv(D, block_d), B),
@@ -621,8 +622,8 @@ def triton_plan(
         8,
         _stages(block_c * (2 * block_m * 4 + block_d * (4 + xb)), budget),
     )
-    block_c, block_d, block_m = min(64, next_pow2(KG)), 64, 32
-    tiles_cd = triton.cdiv(KG, block_c) * triton.cdiv(D, block_d)
+    block_c, block_d, block_m = min(64, next_pow2(KG)), D_TILE, 32
+    tiles_cd = max(1, triton.cdiv(KG, block_c) * triton.cdiv(D, block_d))  # 0 at D = 0: no program runs
     mt = triton.cdiv(M, block_m)
     # Enough programs to fill the GPU twice over: the rows are split when the (K+G, D) tiles are few.
     per = max(1, triton.cdiv(B * mt, max(1, triton.cdiv(2 * target.sms, tiles_cd))))
@@ -684,7 +685,7 @@ def _triton_backward(grad_out, x, weight, centroids, assign, vlad, ghost_cluster
     dw = plan["dw"]
     splits = dw.grid[2]
     part_w = x.new_empty((splits, KG, D), dtype=torch.float32)
-    part_b = x.new_empty((splits, KG), dtype=torch.float32)
+    part_b = x.new_zeros((splits, KG), dtype=torch.float32)  # at D = 0 no program runs to write it
     dw(dev, ds, x, valid, part_w, part_b, M, D, KG, *x.stride())
     grad_w, grad_b = (part_w[0], part_b[0]) if splits == 1 else (part_w.sum(0), part_b.sum(0))
     # dC_k = -sum_b (sum_i a_bik) dV_bk: (B, K) x (B, K, D), small next to the rest
@@ -775,6 +776,13 @@ def _triton_reasons(x: Tensor, weight: Tensor) -> list[str]:
             f"the triton kernels launch the samples along a grid axis of at most {MAX_B} programs (CUDA's "
             f"limit); B is {x.shape[0]}"
         )
+    D = x.shape[2]
+    if D > MAX_GRID[1] * D_TILE:
+        reasons.append(
+            f"the triton kernels launch D's tiles of {D_TILE} along a grid axis of at most {MAX_GRID[1]} "
+            f"programs (CUDA's limit): D <= {MAX_GRID[1] * D_TILE}; D is {D}"
+        )
+    # (with K+G <= 512 this also keeps the 32-bit offsets into weight, (K+G) * D, below 2**31)
     return reasons
 
 
