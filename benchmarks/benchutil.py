@@ -3,6 +3,9 @@ performance bars each suite declares."""
 
 from __future__ import annotations
 
+import statistics
+import time
+
 import torch
 
 import mvfast
@@ -33,8 +36,13 @@ def sync(device: str) -> None:
         torch.cuda.synchronize()
 
 
-def measure(benchmark, fn, device: str, *, rounds: int, info: dict) -> None:
-    """Time fn() (synchronised on the GPU) with warm-up, and record what the report needs."""
+def measure(benchmark, fn, device: str, *, rounds: int, info: dict, against: dict | None = None) -> None:
+    """Time fn() (synchronised on the GPU) with warm-up, and record what the report needs.
+
+    With ``against`` ({impl: step} of the baselines of fn's group), fn and the baselines then also take
+    turns, round by round, and ``extra_info["turns_ms"]`` keeps each one's median over those rounds, which
+    the bars use: on a machine whose speed drifts between tests (a shared VM), each test's own median can
+    move by 30%, while steps that take turns see the same drift."""
 
     def target():
         fn()
@@ -42,3 +50,23 @@ def measure(benchmark, fn, device: str, *, rounds: int, info: dict) -> None:
 
     benchmark.extra_info.update(info)
     benchmark.pedantic(target, rounds=rounds, warmup_rounds=2, iterations=1)
+    if against and not benchmark.disabled:
+        benchmark.extra_info["turns_ms"] = take_turns({info["impl"]: fn, **against}, device, rounds)
+
+
+def take_turns(steps: dict, device: str, rounds: int) -> dict[str, float]:
+    """The median ms of each step over ``rounds`` rounds in which every step runs once, in an order that
+    rotates from round to round, after two warm-up calls each."""
+    names = list(steps)
+    for name in names:
+        for _ in range(2):
+            steps[name]()
+        sync(device)
+    times: dict[str, list[float]] = {name: [] for name in names}
+    for r in range(rounds):
+        for name in names[r % len(names) :] + names[: r % len(names)]:
+            t0 = time.perf_counter()
+            steps[name]()
+            sync(device)
+            times[name].append((time.perf_counter() - t0) * 1e3)
+    return {name: statistics.median(t) for name, t in times.items()}

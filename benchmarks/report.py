@@ -5,7 +5,9 @@
 
 Each benchmark carries ``extra_info`` = {op, case, device, mode, impl, saved_bytes}; rows are grouped by
 (op, case, device, mode), and every implementation is compared with the eager PyTorch reference and
-torch.compile of it measured in the same run. A ratio above 1 means faster than that baseline.
+torch.compile of it measured in the same run. A ratio above 1 means faster than that baseline. Where a
+kernel's benchmark also ran the baselines taking turns with it (``turns_ms``), its ratios come from those
+rounds; the median column is each benchmark's own.
 """
 
 from __future__ import annotations
@@ -29,7 +31,11 @@ def table(benchmarks: list[dict]) -> str:
         if "impl" not in info or not b.get("stats"):
             continue
         key = (info["op"], info["case"], info["device"], info["mode"])
-        groups[key][info["impl"]] = {"median": b["stats"]["median"], "saved": info.get("saved_bytes")}
+        groups[key][info["impl"]] = {
+            "median": b["stats"]["median"],
+            "saved": info.get("saved_bytes"),
+            "turns": info.get("turns_ms") or {},
+        }
     lines = [
         "| op | case | device | mode | impl | median ms | vs eager | vs compile | saved for backward MiB |",
         "|---|---|---|---|---|---:|---:|---:|---:|",
@@ -42,7 +48,11 @@ def table(benchmarks: list[dict]) -> str:
             r = impls[impl]
             ratios = []
             for base in BASELINES:
-                ratios.append(f"{impls[base]['median'] / r['median']:.2f}x" if base in impls else "")
+                t = r["turns"]
+                if base in t and impl in t:  # the rounds in which they took turns
+                    ratios.append(f"{t[base] / t[impl]:.2f}x")
+                else:
+                    ratios.append(f"{impls[base]['median'] / r['median']:.2f}x" if base in impls else "")
             lines.append(
                 f"| {' | '.join(key)} | {impl} | {r['median'] * 1e3:.2f} | {' | '.join(ratios)} | "
                 f"{_mib(r['saved'])} |"
@@ -65,8 +75,28 @@ def median(benchmarks: list[dict], op: str, case: str, device: str, mode: str, i
     return None
 
 
+def turns(benchmarks: list[dict], op: str, case: str, device: str, mode: str, impl: str) -> dict:
+    """The medians (ms) of impl's benchmark and its baselines taking turns (benchutil.measure's
+    ``against``), or {} where that benchmark did not take turns."""
+    for b in benchmarks:
+        info = b.get("extra_info") or {}
+        if (info.get("op"), info.get("case"), info.get("device"), info.get("mode"), info.get("impl")) == (
+            op,
+            case,
+            device,
+            mode,
+            impl,
+        ):
+            return info.get("turns_ms") or {}
+    return {}
+
+
 def ratio(benchmarks: list[dict], op: str, case: str, device: str, mode: str, impl: str, base: str):
-    """median(base) / median(impl) for one group, or None when either is missing."""
+    """median(base) / median(impl) for one group, or None when either is missing: from the rounds in which
+    impl and base took turns where impl's benchmark ran them, else from their own benchmarks."""
+    t = turns(benchmarks, op, case, device, mode, impl)
+    if impl in t and base in t:
+        return t[base] / t[impl]
     mi = median(benchmarks, op, case, device, mode, impl)
     mb = median(benchmarks, op, case, device, mode, base)
     return None if mi is None or mb is None else mb / mi
@@ -82,7 +112,8 @@ def verdict(benchmarks: list[dict], bar: dict) -> str:
         if t is None:
             return f"{'not measured':<12}  {what} ({need})"
         return f"{'met' if t * 1e3 <= bar['max_ms'] else 'MISSED':<12}  {what}: {t * 1e3:.2f} ms ({need})"
-    what = f"{' '.join(where)}: {bar['impl']} vs {bar['base']}"
+    took_turns = bar["base"] in turns(benchmarks, *where, bar["impl"])
+    what = f"{' '.join(where)}: {bar['impl']} vs {bar['base']}{', taking turns' if took_turns else ''}"
     need = f"needs {bar['at_least']:.2f}x"
     r = ratio(benchmarks, *where, bar["impl"], bar["base"])
     if r is None:

@@ -92,6 +92,13 @@ def case_step(device, case, mode, impl, dtype=torch.float32):
     return step, info
 
 
+def _baselines(device, case, mode, impl) -> dict:
+    """The baselines a kernel's benchmark takes turns with (see benchutil.measure)."""
+    if impl in ("eager", "compile"):
+        return {}
+    return {b: case_step(device, case, mode, b)[0] for b in ("eager", "compile") if b in IMPLS[device]}
+
+
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("case", list(CASES))
 @pytest.mark.parametrize("mode", MODES)
@@ -102,4 +109,11 @@ def test_attention_pool(benchmark, device, case, mode, impl):
         pytest.skip(reason)
     step, info = case_step(device, case, mode, impl)
     benchmark.group = f"attention_pool {case} {device} {mode}"
-    measure(benchmark, step, device, rounds=ROUNDS[device], info=info)
+    measure(
+        benchmark,
+        step,
+        device,
+        rounds=ROUNDS[device],
+        info=info,
+        against=_baselines(device, case, mode, impl),
+    )

@@ -103,6 +103,13 @@ def case_step(device, case, mode, impl, dtype=torch.float32):
     return step, info
 
 
+def _baselines(device, case, mode, impl) -> dict:
+    """The baselines a kernel's benchmark takes turns with (see benchutil.measure)."""
+    if impl in ("eager", "compile"):
+        return {}
+    return {b: case_step(device, case, mode, b)[0] for b in ("eager", "compile") if b in IMPLS[device]}
+
+
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("case", list(CASES))
 @pytest.mark.parametrize("mode", MODES)
@@ -116,7 +123,14 @@ def test_conv3d_bn_relu(benchmark, device, case, mode, impl):
     if impl in ("cpu", "cuda", "triton") and mode == "fwd+bwd":
         # the issue: at least 30% fewer bytes saved for backward than the eager chain
         assert info["saved_vs_eager"] <= 0.7, info
-    measure(benchmark, step, device, rounds=ROUNDS[device], info=info)
+    measure(
+        benchmark,
+        step,
+        device,
+        rounds=ROUNDS[device],
+        info=info,
+        against=_baselines(device, case, mode, impl),
+    )
 
 
 R3D_IMPLS = {"cpu": ["eager", "cpu"], "cuda": ["eager", "cuda", "triton"]}
@@ -150,7 +164,8 @@ def test_r3d_18_eval(benchmark, device, impl):
         pytest.skip(reason)
     step, info = r3d_18_step(device, impl)
     benchmark.group = f"r3d_18 N1-16x112x112 {device} fwd"
-    measure(benchmark, step, device, rounds=ROUNDS[device], info=info)
+    against = {} if impl == "eager" else {"eager": r3d_18_step(device, "eager")[0]}
+    measure(benchmark, step, device, rounds=ROUNDS[device], info=info, against=against)
 
 
 R3D_TRAIN_IMPLS = {"cpu": ["eager", "cpu", "cpu-ncdhw"], "cuda": ["eager", "cuda", "triton"]}
