@@ -54,6 +54,14 @@ def measure(benchmark, fn, device: str, *, rounds: int, info: dict, against: dic
         benchmark.extra_info["turns_ms"] = take_turns({info["impl"]: fn, **against}, device, rounds)
 
 
+def baselines(case_step, impls: dict, device: str, case: str, mode: str, impl: str) -> dict:
+    """The eager and compile steps of a case that a kernel's benchmark takes turns with (``against`` of
+    :func:`measure`), from the suite's ``case_step(device, case, mode, impl)``; {} for those two."""
+    if impl in ("eager", "compile"):
+        return {}
+    return {b: case_step(device, case, mode, b)[0] for b in ("eager", "compile") if b in impls[device]}
+
+
 def take_turns(steps: dict, device: str, rounds: int) -> dict[str, float]:
     """The median ms of each step over ``rounds`` rounds in which every step runs once, in an order that
     rotates from round to round, after two warm-up calls each."""

@@ -60,8 +60,8 @@ def table(benchmarks: list[dict]) -> str:
     return "\n".join(lines)
 
 
-def median(benchmarks: list[dict], op: str, case: str, device: str, mode: str, impl: str):
-    """The median time in seconds of one implementation in one group, or None when it was not measured."""
+def _find(benchmarks: list[dict], op: str, case: str, device: str, mode: str, impl: str) -> dict | None:
+    """The measured benchmark (with stats) of one implementation in one group, or None."""
     for b in benchmarks:
         info = b.get("extra_info") or {}
         if (info.get("op"), info.get("case"), info.get("device"), info.get("mode"), info.get("impl")) == (
@@ -71,24 +71,21 @@ def median(benchmarks: list[dict], op: str, case: str, device: str, mode: str, i
             mode,
             impl,
         ) and b.get("stats"):
-            return b["stats"]["median"]
+            return b
     return None
+
+
+def median(benchmarks: list[dict], op: str, case: str, device: str, mode: str, impl: str):
+    """The median time in seconds of one implementation in one group, or None when it was not measured."""
+    b = _find(benchmarks, op, case, device, mode, impl)
+    return None if b is None else b["stats"]["median"]
 
 
 def turns(benchmarks: list[dict], op: str, case: str, device: str, mode: str, impl: str) -> dict:
     """The medians (ms) of impl's benchmark and its baselines taking turns (benchutil.measure's
     ``against``), or {} where that benchmark did not take turns."""
-    for b in benchmarks:
-        info = b.get("extra_info") or {}
-        if (info.get("op"), info.get("case"), info.get("device"), info.get("mode"), info.get("impl")) == (
-            op,
-            case,
-            device,
-            mode,
-            impl,
-        ):
-            return info.get("turns_ms") or {}
-    return {}
+    b = _find(benchmarks, op, case, device, mode, impl)
+    return (b.get("extra_info") or {}).get("turns_ms") or {} if b is not None else {}
 
 
 def ratio(benchmarks: list[dict], op: str, case: str, device: str, mode: str, impl: str, base: str):

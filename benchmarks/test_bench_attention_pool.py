@@ -6,7 +6,7 @@ and torch.compile of the reference, in the same run. CUDA cases run where a GPU 
 
 import pytest
 import torch
-from benchutil import BARS, GPU, measure, saved_bytes, unavailable
+from benchutil import BARS, GPU, baselines, measure, saved_bytes, unavailable
 
 import mvfast
 from mvfast.ops.attention_pool import attention_pool_reference
@@ -92,13 +92,6 @@ def case_step(device, case, mode, impl, dtype=torch.float32):
     return step, info
 
 
-def _baselines(device, case, mode, impl) -> dict:
-    """The baselines a kernel's benchmark takes turns with (see benchutil.measure)."""
-    if impl in ("eager", "compile"):
-        return {}
-    return {b: case_step(device, case, mode, b)[0] for b in ("eager", "compile") if b in IMPLS[device]}
-
-
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("case", list(CASES))
 @pytest.mark.parametrize("mode", MODES)
@@ -115,5 +108,5 @@ def test_attention_pool(benchmark, device, case, mode, impl):
         device,
         rounds=ROUNDS[device],
         info=info,
-        against=_baselines(device, case, mode, impl),
+        against=baselines(case_step, IMPLS, device, case, mode, impl),
     )

@@ -12,7 +12,7 @@ import copy
 
 import pytest
 import torch
-from benchutil import BARS, GPU, measure, saved_bytes, unavailable
+from benchutil import BARS, GPU, baselines, measure, saved_bytes, unavailable
 
 import mvfast
 from mvfast.ops.conv3d_bn_relu import conv3d_bn_relu_reference
@@ -103,13 +103,6 @@ def case_step(device, case, mode, impl, dtype=torch.float32):
     return step, info
 
 
-def _baselines(device, case, mode, impl) -> dict:
-    """The baselines a kernel's benchmark takes turns with (see benchutil.measure)."""
-    if impl in ("eager", "compile"):
-        return {}
-    return {b: case_step(device, case, mode, b)[0] for b in ("eager", "compile") if b in IMPLS[device]}
-
-
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("case", list(CASES))
 @pytest.mark.parametrize("mode", MODES)
@@ -129,7 +122,7 @@ def test_conv3d_bn_relu(benchmark, device, case, mode, impl):
         device,
         rounds=ROUNDS[device],
         info=info,
-        against=_baselines(device, case, mode, impl),
+        against=baselines(case_step, IMPLS, device, case, mode, impl),
     )
 
 
