@@ -70,12 +70,12 @@ def _capability(arch: str) -> tuple[int, int, bool] | None:
 
 def arch_reason(capability: tuple[int, int], archs: list[str], ptx: list[str]) -> str | None:
     """Why no kernel of a build for ``archs`` (machine code) and ``ptx`` (PTX) runs on a GPU of compute
-    capability ``capability``, or None when one does, or when an entry cannot be read (the launch then
-    says). Machine code for X.y runs on X.z for z >= y (X.y only for the a/f variants); PTX for X.y is
-    compiled by the driver for any capability >= X.y."""
+    capability ``capability``, or None when one does, or when the list is empty or an entry cannot be
+    read (the launch then says). Machine code for X.y runs on X.z for z >= y (X.y only for the a/f
+    variants); PTX for X.y is compiled by the driver for any capability >= X.y."""
     major, minor = capability
     code, text = [_capability(a) for a in archs], [_capability(p) for p in ptx]
-    if None in code or None in text:
+    if None in code or None in text or not code:  # unknown: a build that did not record its archs
         return None
     if any(a == major and (b == minor if specific else b <= minor) for a, b, specific in code):
         return None

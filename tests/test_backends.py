@@ -221,6 +221,7 @@ def test_the_interpreter_reason_counts_only_under_the_interpreter(monkeypatch):
         ((10, 0), ["10.0a"], [], True),
         ((10, 3), ["10.0a"], [], False),  # and only there
         ((10, 0), ["8.0", "Hopper"], [], True),  # an entry it cannot read: the launch will say
+        ((10, 0), [], [], True),  # nor a build that recorded no archs
     ],
 )
 def test_which_gpus_the_cuda_build_runs_on(capability, archs, ptx, runs):
