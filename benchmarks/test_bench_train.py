@@ -40,20 +40,12 @@ def _backend(impl):
     return "reference" if impl == "eager" else impl
 
 
-@pytest.mark.parametrize("device", DEVICES)
-@pytest.mark.parametrize("impl", ["eager", "cpu", "cuda", "triton"])
-@pytest.mark.parametrize("mode", ["train step", "infer", "infer+decode"])
-def test_model(benchmark, data, device, impl, mode):
-    if impl not in IMPLS[device]:
-        pytest.skip(f"{impl} does not run on {device}")
-    if impl != "eager" and not mvfast.backends(device)[impl]["available"]:
-        pytest.skip(f"{impl}: {mvfast.backends(device)[impl]['reason']}")
+def _step(data, device, impl, mode):
+    """One timed step of ``mode`` with the tiny model (seeded: the same weights for every impl)."""
     cfg, train, batch = data
     torch.manual_seed(0)
     model = create_model("tiny", len(train.classes)).to(device)
     batch = {k: v.to(device) if torch.is_tensor(v) else v for k, v in batch.items()}
-    benchmark.group = f"e2e {CASE} {device} {mode}"
-    info = dict(op="e2e", case=CASE, device=device, mode=mode, impl=impl)
 
     if mode == "train step":
         model.train()
@@ -82,7 +74,23 @@ def test_model(benchmark, data, device, impl, mode):
             with mvfast.backend(_backend(impl)):
                 predict_file(model, item.path, cfg, torch.device(device), item.title)
 
-    measure(benchmark, step, device, rounds=ROUNDS[device], info=info)
+    return step
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("impl", ["eager", "cpu", "cuda", "triton"])
+@pytest.mark.parametrize("mode", ["train step", "infer", "infer+decode"])
+def test_model(benchmark, data, device, impl, mode):
+    if impl not in IMPLS[device]:
+        pytest.skip(f"{impl} does not run on {device}")
+    if impl != "eager" and not mvfast.backends(device)[impl]["available"]:
+        pytest.skip(f"{impl}: {mvfast.backends(device)[impl]['reason']}")
+    cfg = data[0]
+    benchmark.group = f"e2e {CASE} {device} {mode}"
+    info = dict(op="e2e", case=CASE, device=device, mode=mode, impl=impl)
+    step = _step(data, device, impl, mode)
+    against = {} if impl == "eager" else {"eager": _step(data, device, "eager", mode)}
+    measure(benchmark, step, device, rounds=ROUNDS[device], info=info, against=against)
     if benchmark.stats is None:  # --benchmark-disable: one pass, nothing timed
         return
     median = benchmark.stats.stats.median
