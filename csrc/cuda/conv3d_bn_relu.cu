@@ -115,6 +115,30 @@ __device__ __forceinline__ void load_tile(const scalar_t* __restrict__ t, int64_
   }
 }
 
+// The Welford triples (count, mean, m2) of a block's kRows rows of threads, one channel per lane x, combined
+// per lane by a tree over the rows in the shared arrays; row 0 then holds each lane's total. Every thread of
+// the block must call it.
+template <int kRows, typename acc_t>
+__device__ __forceinline__ void combine_rows(acc_t (&sn)[kRows][kTileC], acc_t (&smean)[kRows][kTileC],
+                                             acc_t (&sm2)[kRows][kTileC], acc_t n, acc_t mean, acc_t m2) {
+  const int tx = threadIdx.x, ty = threadIdx.y;
+  sn[ty][tx] = n;
+  smean[ty][tx] = mean;
+  sm2[ty][tx] = m2;
+  __syncthreads();
+#pragma unroll
+  for (int half = kRows / 2; half > 0; half /= 2) {
+    if (ty < half) {
+      acc_t a = sn[ty][tx], b = smean[ty][tx], d = sm2[ty][tx];
+      welford_combine(a, b, d, sn[ty + half][tx], smean[ty + half][tx], sm2[ty + half][tx]);
+      sn[ty][tx] = a;
+      smean[ty][tx] = b;
+      sm2[ty][tx] = d;
+    }
+    __syncthreads();
+  }
+}
+
 // Block (n * spans + span, channel tile): Welford over the span's positions, then a tree combine over the
 // block's rows of threads. Partials (blocks, C).
 template <bool kChannelsLast, typename scalar_t, typename acc_t>
@@ -135,21 +159,7 @@ __global__ void stats_kernel(const scalar_t* __restrict__ z, int64_t C, int64_t 
       if (s0 + ty + j * kTileRows < s_end) welford_combine(cnt, mean, m2, acc_t(1), v[j], acc_t(0));
     }
   }
-  sn[ty][tx] = cnt;
-  smean[ty][tx] = mean;
-  sm2[ty][tx] = m2;
-  __syncthreads();
-#pragma unroll
-  for (int half = kTileRows / 2; half > 0; half /= 2) {
-    if (ty < half) {
-      acc_t a = sn[ty][tx], b = smean[ty][tx], d = sm2[ty][tx];
-      welford_combine(a, b, d, sn[ty + half][tx], smean[ty + half][tx], sm2[ty + half][tx]);
-      sn[ty][tx] = a;
-      smean[ty][tx] = b;
-      sm2[ty][tx] = d;
-    }
-    __syncthreads();
-  }
+  combine_rows(sn, smean, sm2, cnt, mean, m2);
   const int64_t c = c0 + tx;
   if (ty == 0 && c < C) {
     const int64_t i = static_cast<int64_t>(blockIdx.x) * C + c;
@@ -160,15 +170,15 @@ __global__ void stats_kernel(const scalar_t* __restrict__ z, int64_t C, int64_t 
 }
 
 // Block per tile of 32 channels, kCombineRows threads per channel: each thread combines every
-// kCombineRows-th of the blocks' partials (blocks, C), read coalesced across channels, then a tree over the
-// block's rows of threads, as stats_kernel's. (A thread per channel walking all partials was one dependent
-// chain of N * ceil(S / kSpan) combines: 6272 at a 32 x 64 x 16 x 112 x 112 z.)
+// kCombineRows-th of the blocks' partials (blocks, C), read coalesced across channels, then the block's rows
+// are combined by combine_rows, as in stats_kernel. (A thread per channel walking all partials was one
+// dependent chain of N * ceil(S / kSpan) combines: 6272 at a 32 x 64 x 16 x 112 x 112 z.)
 constexpr int kCombineRows = 32;
 
 template <typename acc_t>
-__global__ void __launch_bounds__(kTileC * kCombineRows) stats_combine_kernel(const acc_t* __restrict__ pn, const acc_t* __restrict__ pmean,
-                                     const acc_t* __restrict__ pm2, int64_t parts, int64_t C,
-                                     acc_t* __restrict__ mean, acc_t* __restrict__ m2) {
+__global__ void __launch_bounds__(kTileC * kCombineRows)
+    stats_combine_kernel(const acc_t* __restrict__ pn, const acc_t* __restrict__ pmean, const acc_t* __restrict__ pm2,
+                         int64_t parts, int64_t C, acc_t* __restrict__ mean, acc_t* __restrict__ m2) {
   __shared__ acc_t sn[kCombineRows][kTileC], smean[kCombineRows][kTileC], sm2[kCombineRows][kTileC];
   const int tx = threadIdx.x, ty = threadIdx.y;
   const int64_t c = static_cast<int64_t>(blockIdx.x) * kTileC + tx;
@@ -178,21 +188,7 @@ __global__ void __launch_bounds__(kTileC * kCombineRows) stats_combine_kernel(co
       welford_combine(n, m, s, pn[k * C + c], pmean[k * C + c], pm2[k * C + c]);
     }
   }
-  sn[ty][tx] = n;
-  smean[ty][tx] = m;
-  sm2[ty][tx] = s;
-  __syncthreads();
-#pragma unroll
-  for (int half = kCombineRows / 2; half > 0; half /= 2) {
-    if (ty < half) {
-      acc_t a = sn[ty][tx], b = smean[ty][tx], d = sm2[ty][tx];
-      welford_combine(a, b, d, sn[ty + half][tx], smean[ty + half][tx], sm2[ty + half][tx]);
-      sn[ty][tx] = a;
-      smean[ty][tx] = b;
-      sm2[ty][tx] = d;
-    }
-    __syncthreads();
-  }
+  combine_rows(sn, smean, sm2, n, m, s);
   if (ty == 0 && c < C) {
     mean[c] = smean[0][tx];
     m2[c] = sm2[0][tx];
