@@ -54,12 +54,19 @@ def measure(benchmark, fn, device: str, *, rounds: int, info: dict, against: dic
         benchmark.extra_info["turns_ms"] = take_turns({info["impl"]: fn, **against}, device, rounds)
 
 
-def baselines(case_step, impls: dict, device: str, case: str, mode: str, impl: str) -> dict:
-    """The eager and compile steps of a case that a kernel's benchmark takes turns with (``against`` of
-    :func:`measure`), from the suite's ``case_step(device, case, mode, impl)``; {} for those two."""
-    if impl in ("eager", "compile"):
-        return {}
-    return {b: case_step(device, case, mode, b)[0] for b in ("eager", "compile") if b in impls[device]}
+def measure_case(benchmark, case_step, impls: dict, step, info: dict, *, rounds: int) -> None:
+    """:func:`measure` of the step of one case of an op suite (``info``: its op, case, device, mode and
+    impl), a kernel's taking turns with the case's eager and compile steps from the suite's
+    ``case_step(device, case, mode, impl)``."""
+    device, impl = info["device"], info["impl"]
+    against = {}
+    if impl not in ("eager", "compile"):
+        against = {
+            b: case_step(device, info["case"], info["mode"], b)[0]
+            for b in ("eager", "compile")
+            if b in impls[device]
+        }
+    measure(benchmark, step, device, rounds=rounds, info=info, against=against)
 
 
 def take_turns(steps: dict, device: str, rounds: int) -> dict[str, float]:

@@ -6,7 +6,7 @@ and torch.compile of the reference, in the same run. CUDA cases run where a GPU 
 
 import pytest
 import torch
-from benchutil import BARS, GPU, baselines, measure, saved_bytes, unavailable
+from benchutil import BARS, GPU, measure_case, saved_bytes, unavailable
 
 import mvfast
 from mvfast.ops.attention_pool import attention_pool_reference
@@ -102,11 +102,4 @@ def test_attention_pool(benchmark, device, case, mode, impl):
         pytest.skip(reason)
     step, info = case_step(device, case, mode, impl)
     benchmark.group = f"attention_pool {case} {device} {mode}"
-    measure(
-        benchmark,
-        step,
-        device,
-        rounds=ROUNDS[device],
-        info=info,
-        against=baselines(case_step, IMPLS, device, case, mode, impl),
-    )
+    measure_case(benchmark, case_step, IMPLS, step, info, rounds=ROUNDS[device])

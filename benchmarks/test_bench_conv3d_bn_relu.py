@@ -12,7 +12,7 @@ import copy
 
 import pytest
 import torch
-from benchutil import BARS, GPU, baselines, measure, saved_bytes, unavailable
+from benchutil import BARS, GPU, measure, measure_case, saved_bytes, unavailable
 
 import mvfast
 from mvfast.ops.conv3d_bn_relu import conv3d_bn_relu_reference
@@ -116,14 +116,7 @@ def test_conv3d_bn_relu(benchmark, device, case, mode, impl):
     if impl in ("cpu", "cuda", "triton") and mode == "fwd+bwd":
         # the issue: at least 30% fewer bytes saved for backward than the eager chain
         assert info["saved_vs_eager"] <= 0.7, info
-    measure(
-        benchmark,
-        step,
-        device,
-        rounds=ROUNDS[device],
-        info=info,
-        against=baselines(case_step, IMPLS, device, case, mode, impl),
-    )
+    measure_case(benchmark, case_step, IMPLS, step, info, rounds=ROUNDS[device])
 
 
 R3D_IMPLS = {"cpu": ["eager", "cpu"], "cuda": ["eager", "cuda", "triton"]}

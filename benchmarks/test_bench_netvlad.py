@@ -6,7 +6,7 @@ torch.compile of the reference, in the same run. CUDA cases run where a GPU is.
 
 import pytest
 import torch
-from benchutil import BARS, GPU, baselines, measure, saved_bytes, unavailable
+from benchutil import BARS, GPU, measure_case, saved_bytes, unavailable
 
 import mvfast
 from mvfast.ops.netvlad import netvlad_reference
@@ -87,11 +87,4 @@ def test_netvlad(benchmark, device, case, mode, impl):
         pytest.skip(reason)
     step, info = case_step(device, case, mode, impl)
     benchmark.group = f"netvlad {case} {device} {mode}"
-    measure(
-        benchmark,
-        step,
-        device,
-        rounds=ROUNDS[device],
-        info=info,
-        against=baselines(case_step, IMPLS, device, case, mode, impl),
-    )
+    measure_case(benchmark, case_step, IMPLS, step, info, rounds=ROUNDS[device])
