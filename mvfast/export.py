@@ -116,6 +116,12 @@ def export_aoti(program, path: Path) -> Path:
     )
 
 
+_ONNX_WORKS = (
+    "mvfast's ONNX export works with torch 2.6 and onnxscript<0.3, and with torch 2.14: update torch for "
+    "model.onnx"
+)
+
+
 def onnx_stack_problem() -> str | None:
     """Why this torch's ONNX exporter is known to fail with the installed onnxscript, or None.
 
@@ -144,14 +150,12 @@ def onnx_stack_problem() -> str | None:
     if torch.__version__ < (2, 5):
         return (
             f"torch {torch.__version__}'s torch.onnx.export has no dynamo exporter with dynamic shapes "
-            "(its dynamo= and dynamic_shapes= came with torch 2.5); mvfast's ONNX export works with "
-            "torch 2.6 and onnxscript<0.3, and with torch 2.14: update torch for model.onnx"
+            f"(its dynamo= and dynamic_shapes= came with torch 2.5); {_ONNX_WORKS}"
         )
     if (2, 5) <= torch.__version__ < (2, 6):
         return (
             f"torch {torch.__version__}'s ONNX exporter fails on this model with onnxscript "
-            f"{onnxscript.__version__} (0.2.7 and 0.7.2 were tried); mvfast's ONNX export works with "
-            "torch 2.6 and onnxscript<0.3, and with torch 2.14: update torch for model.onnx"
+            f"{onnxscript.__version__} (0.2.7 and 0.7.2 were tried); {_ONNX_WORKS}"
         )
     return None
 
